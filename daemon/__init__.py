@@ -1,0 +1,1 @@
+"""aisoc-plugind: the plugin lifecycle daemon of the AiSOC platform."""

@@ -1,0 +1,163 @@
+"""Import a verified bundle as a package from memory: no sys.path, no bytecode cache.
+
+Each load gets its own private package name (`_aisoc_plugins.g<N>`), so a reload imports a
+fresh copy beside the old one, which keeps serving until it is swapped out. A finder on
+`sys.meta_path` answers only for names under that prefix and only with the bundle's bytes,
+compiled with `compile()`: importlib's file loaders, which read and write `__pycache__`, are
+never involved, and nothing of the plugin directory is ever put on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import itertools
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+NAMESPACE = "_aisoc_plugins"
+_generation = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    path: str  # relative posix path inside the bundle
+    is_package: bool
+
+
+class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serve the modules of every loaded bundle from memory."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bundles: dict[str, tuple[Path, Mapping[str, bytes]]] = {}
+
+    def register(self, package: str, root: Path, sources: Mapping[str, bytes]) -> None:
+        with self._lock:
+            self._bundles[package] = (root, sources)
+
+    def unregister(self, package: str) -> None:
+        with self._lock:
+            self._bundles.pop(package, None)
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            sys.modules.pop(name, None)
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith(NAMESPACE + "."):
+            return None
+        found = self._locate(fullname)
+        if found is None:
+            return None
+        root, source = found
+        origin = str(root / source.path) if source.path else str(root)
+        spec = importlib.util.spec_from_loader(fullname, self, origin=origin,
+                                               is_package=source.is_package)
+        if spec is not None:
+            spec.has_location = bool(source.path)
+            if source.is_package:
+                spec.submodule_search_locations = []
+        return spec
+
+    def _locate(self, fullname: str) -> tuple[Path, _Source] | None:
+        parts = fullname.split(".")
+        package = ".".join(parts[:2])
+        with self._lock:
+            entry = self._bundles.get(package)
+        if entry is None:
+            return None
+        root, sources = entry
+        rel = "/".join(parts[2:])
+        return (root, s) if (s := _source_for(rel, sources)) is not None else None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return None  # default module creation
+
+    def exec_module(self, module: ModuleType) -> None:
+        found = self._locate(module.__name__)
+        if found is None:  # pragma: no cover - find_spec answered for it moments ago
+            raise ImportError(f"no verified source for {module.__name__}")
+        root, source = found
+        if not source.path:
+            return  # an implicit package directory: nothing to execute
+        data = self._bundles[".".join(module.__name__.split(".")[:2])][1][source.path]
+        filename = str(root / source.path)
+        module.__file__ = filename
+        code = compile(data, filename, "exec", dont_inherit=True)
+        exec(code, module.__dict__)  # noqa: S102 - the verified bytes of a trusted plugin
+
+    def get_source(self, fullname: str) -> str | None:
+        """Give tracebacks the verified source, not whatever is on disk now."""
+        found = self._locate(fullname)
+        if found is None or not found[1].path:
+            return None
+        package = ".".join(fullname.split(".")[:2])
+        return self._bundles[package][1][found[1].path].decode("utf-8", "replace")
+
+
+def _source_for(rel: str, sources: Mapping[str, bytes]) -> _Source | None:
+    """Map a dotted-relative module path to the bundle file that implements it."""
+    init = f"{rel}/__init__.py" if rel else "__init__.py"
+    if init in sources:
+        return _Source(init, True)
+    if rel and f"{rel}.py" in sources:
+        return _Source(f"{rel}.py", False)
+    # A directory holding Python files without __init__.py imports as an empty package.
+    if not rel or any(p.startswith(rel + "/") for p in sources):
+        return _Source("", True)
+    return None
+
+
+_importer = BundleImporter()
+_install_lock = threading.Lock()
+
+
+def _ensure_installed() -> BundleImporter:
+    with _install_lock:
+        if _importer not in sys.meta_path:
+            sys.meta_path.insert(0, _importer)
+        if NAMESPACE not in sys.modules:
+            ns = ModuleType(NAMESPACE, "Private namespace of aisoc-plugind plugin packages.")
+            ns.__path__ = []
+            sys.modules[NAMESPACE] = ns
+    return _importer
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImportedBundle:
+    """A bundle imported under its private package; `module` is the entry module."""
+
+    package: str
+    module: ModuleType
+
+    def release(self) -> None:
+        """Forget the package's modules so they can be garbage-collected."""
+        _importer.unregister(self.package)
+
+
+def entry_module_name(entry_point: str) -> str:
+    """Return the dotted name of an entry point path (`a/b.py` -> `a.b`)."""
+    return entry_point.removesuffix(".py").replace("/", ".")
+
+
+def import_bundle(root: Path, sources: Mapping[str, bytes], entry_point: str) -> ImportedBundle:
+    """Import `sources` as a fresh private package and return its entry module.
+
+    Raises whatever the plugin's module code raises; the caller translates it.
+    """
+    importer = _ensure_installed()
+    package = f"{NAMESPACE}.g{next(_generation)}"
+    importer.register(package, root, sources)
+    try:
+        importlib.import_module(package)
+        module = importlib.import_module(f"{package}.{entry_module_name(entry_point)}")
+    except BaseException:
+        importer.unregister(package)
+        raise
+    return ImportedBundle(package=package, module=module)

@@ -1,0 +1,255 @@
+"""Parse and validate plugin manifests (`plugin.yaml`, legacy `aisoc-plugin.json`).
+
+Pure: takes bytes, returns a frozen Manifest or raises ManifestError listing every problem.
+YAML is loaded with a safe loader that also refuses aliases (no "billion laughs") and
+duplicate keys; JSON refuses duplicate keys too, so two parsers never read one manifest
+two ways.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+import yaml.constructor
+import yaml.nodes
+
+from daemon.errors import ManifestError, Problem
+
+YAML_MANIFEST = "plugin.yaml"
+JSON_MANIFEST = "aisoc-plugin.json"
+MANIFEST_NAMES = (YAML_MANIFEST, JSON_MANIFEST)  # preference order: YAML wins
+MAX_MANIFEST_BYTES = 64 * 1024
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,63}$")
+PLUGIN_TYPES = frozenset({"enricher", "action", "connector", "responder", "detection", "widget"})
+REQUIRED = ("id", "name", "version", "plugin_type")
+_STR_FIELDS = ("name", "version", "description", "author", "homepage", "license",
+               "min_aisoc_version", "entry_point", "oci_image")
+_ENTRY_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*/)*[A-Za-z_][A-Za-z0-9_]*\.py$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """A validated manifest; `data` is the full parsed mapping (unknown keys kept)."""
+
+    id: str
+    name: str
+    version: str
+    plugin_type: str
+    entry_point: str
+    source: str
+    data: Mapping[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        """Return the manifest mapping as a plain JSON-ready dict."""
+        return _thaw(self.data)
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and duplicate mapping keys."""
+
+    def compose_node(self, parent: yaml.nodes.Node | None, index: object) -> yaml.nodes.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases are not allowed in manifests", event.start_mark)
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - strict safe loader
+    except yaml.constructor.ConstructorError as exc:
+        raise ManifestError([Problem(field="", code="manifest_unsafe_yaml",
+                                     message=f"refused YAML construct: {_one_line(exc)}")],
+                            source=YAML_MANIFEST) from exc
+    except yaml.YAMLError as exc:
+        raise ManifestError([Problem(field="", code="manifest_bad_syntax",
+                                     message=f"YAML does not parse: {_one_line(exc)}")],
+                            source=YAML_MANIFEST) from exc
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_json(text: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates,
+                          parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise ManifestError([Problem(field="", code="manifest_bad_syntax",
+                                     message=f"JSON does not parse: {_one_line(exc)}")],
+                            source=JSON_MANIFEST) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def parse(data: bytes, source: str = YAML_MANIFEST) -> Manifest:
+    """Parse manifest bytes read from `source` (a file name) and validate them."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError([Problem(field="", code="manifest_too_large",
+                                     message=f"{len(data)} bytes, the limit is "
+                                             f"{MAX_MANIFEST_BYTES}")], source=source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError([Problem(field="", code="manifest_bad_syntax",
+                                     message="not UTF-8 text")], source=source) from exc
+    loaded = _load_json(text) if source.endswith(".json") else _load_yaml(text)
+    return validate(loaded, source=source)
+
+
+def validate(loaded: Any, *, source: str = YAML_MANIFEST) -> Manifest:
+    """Validate an already-parsed manifest mapping; list every problem in one error."""
+    if not isinstance(loaded, dict):
+        raise ManifestError([Problem(field="", code="manifest_not_mapping",
+                                     message="the manifest must be a mapping of keys")],
+                            source=source)
+    problems = list(_problems(loaded))
+    if problems:
+        raise ManifestError(problems, source=source)
+    return Manifest(
+        id=loaded["id"], name=loaded["name"], version=loaded["version"],
+        plugin_type=loaded["plugin_type"], entry_point=loaded.get("entry_point", "plugin.py"),
+        source=source, data=_freeze(loaded),
+    )
+
+
+def _problems(m: dict[str, Any]) -> list[Problem]:
+    out: list[Problem] = []
+    for check in _CHECKS:
+        out.extend(check(m))
+    return out
+
+
+def _check_required(m: dict[str, Any]) -> list[Problem]:
+    return [Problem(field=k, code="manifest_missing_field", message="required field is missing")
+            for k in REQUIRED if k not in m]
+
+
+def _check_strings(m: dict[str, Any]) -> list[Problem]:
+    return [Problem(field=k, code="manifest_bad_field",
+                    message=f"must be a non-empty string, found {type(m[k]).__name__}"
+                    + (" (quote it in YAML)" if isinstance(m[k], int | float) else ""))
+            for k in ("id", "plugin_type", *_STR_FIELDS)
+            if k in m and (not isinstance(m[k], str) or not m[k].strip())]
+
+
+def _check_id(m: dict[str, Any]) -> list[Problem]:
+    value = m.get("id")
+    if isinstance(value, str) and not ID_RE.fullmatch(value):
+        return [Problem(field="id", code="manifest_bad_id",
+                        message=f"{value!r} must match {ID_RE.pattern}")]
+    return []
+
+
+def _check_type(m: dict[str, Any]) -> list[Problem]:
+    value = m.get("plugin_type")
+    if isinstance(value, str) and value not in PLUGIN_TYPES:
+        return [Problem(field="plugin_type", code="manifest_bad_type",
+                        message=f"{value!r} is not one of {', '.join(sorted(PLUGIN_TYPES))}")]
+    return []
+
+
+def _check_entry_point(m: dict[str, Any]) -> list[Problem]:
+    value = m.get("entry_point")
+    if isinstance(value, str) and not _ENTRY_RE.fullmatch(value):
+        return [Problem(field="entry_point", code="manifest_bad_field",
+                        message=f"{value!r} must be a relative path of Python identifiers "
+                                "ending in .py (no '..', no absolute path)")]
+    return []
+
+
+def _check_optional_shapes(m: dict[str, Any]) -> list[Problem]:
+    out: list[Problem] = []
+    tags = m.get("tags")
+    if tags is not None and (not isinstance(tags, list)
+                             or not all(isinstance(t, str) for t in tags)):
+        out.append(Problem(field="tags", code="manifest_bad_field",
+                           message="must be a list of strings"))
+    schema = m.get("config_schema")
+    if schema is not None and not isinstance(schema, dict):
+        out.append(Problem(field="config_schema", code="manifest_bad_field",
+                           message="must be a JSON Schema object"))
+    return out
+
+
+def _check_json_values(m: dict[str, Any]) -> list[Problem]:
+    bad = _non_json_path(m, "")
+    if bad is None:
+        return []
+    return [Problem(field=bad, code="manifest_bad_field",
+                    message="value has no JSON form (dates, binary, non-string keys and "
+                            "NaN cannot be signed); quote it")]
+
+
+_CHECKS: tuple[Callable[[dict[str, Any]], list[Problem]], ...] = (
+    _check_required, _check_strings, _check_id, _check_type, _check_entry_point,
+    _check_optional_shapes, _check_json_values,
+)
+
+
+def _non_json_path(value: Any, path: str) -> str | None:
+    """Return the dotted path of the first value JSON cannot represent, or None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{path}.{k!r}".lstrip(".")
+            found = _non_json_path(v, f"{path}.{k}".lstrip("."))
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _non_json_path(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    ok = value is None or isinstance(value, str | int | float | bool)
+    return None if ok else path
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
