@@ -48,28 +48,30 @@ class Manifest:
 
     def as_json(self) -> dict[str, Any]:
         """Return the manifest mapping as a plain JSON-ready dict."""
-        return _thaw(self.data)
+        thawed: dict[str, Any] = _thaw(self.data)
+        return thawed
 
 
 class _StrictSafeLoader(yaml.SafeLoader):
     """SafeLoader that refuses aliases and duplicate mapping keys."""
 
-    def compose_node(self, parent: yaml.nodes.Node | None, index: object) -> yaml.nodes.Node | None:
+    def compose_node(self, parent: yaml.nodes.Node | None, index: int) -> yaml.nodes.Node | None:
         if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+            event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(
                 None, None, "aliases are not allowed in manifests", event.start_mark)
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def _load_yaml(text: str) -> Any:

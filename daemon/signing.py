@@ -130,7 +130,8 @@ def load_private_key(pem: bytes) -> nacl.signing.SigningKey:
 def _pem(label: str, der: bytes) -> bytes:
     body = base64.b64encode(der).decode("ascii")
     lines = [body[i:i + 64] for i in range(0, len(body), 64)]
-    return ("\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"]) + "\n").encode()
+    text = "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"])
+    return (text + "\n").encode("ascii")
 
 
 def public_key_pem(key: nacl.signing.VerifyKey) -> bytes:

@@ -1,0 +1,85 @@
+"""Load the trusted Ed25519 public keys from `trust.keys_dir`; key id = file stem.
+
+A malformed, non-Ed25519 or unreadable key file is skipped and reported to the caller (which
+emits an event); it never stops the daemon. Key files are read with O_NOFOLLOW: a symlink in
+the keys dir is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import nacl.signing
+
+from daemon.errors import KeyFileError
+from daemon.signing import load_public_key
+
+KEY_SUFFIXES = (".pem", ".pub")
+MAX_KEY_FILE_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SkippedKey:
+    """A key file that could not be used, and why."""
+
+    path: Path
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Keyring:
+    """The trusted keys by id, plus the files that were skipped."""
+
+    keys: Mapping[str, nacl.signing.VerifyKey] = field(
+        default_factory=lambda: MappingProxyType({}))
+    skipped: tuple[SkippedKey, ...] = ()
+    directory: Path | None = None
+
+    def fingerprints(self) -> dict[str, str]:
+        """Return `{key id: hex of the raw public key}`, to compare two keyrings."""
+        return {k: bytes(v).hex() for k, v in self.keys.items()}
+
+
+def load_keyring(directory: Path) -> Keyring:
+    """Read every `*.pem` / `*.pub` in `directory`; a missing directory gives no keys."""
+    try:
+        names = sorted(p.name for p in directory.iterdir() if p.suffix in KEY_SUFFIXES)
+    except FileNotFoundError:
+        return Keyring(directory=directory)
+    except OSError as exc:
+        return Keyring(directory=directory, skipped=(SkippedKey(
+            path=directory, code="keys_dir_unreadable", message=exc.strerror or str(exc)),))
+    keys: dict[str, nacl.signing.VerifyKey] = {}
+    skipped: list[SkippedKey] = []
+    for name in names:
+        path = directory / name
+        if Path(name).stem in keys:
+            skipped.append(SkippedKey(path=path, code="key_duplicate_id",
+                                      message=f"key id {Path(name).stem!r} is already taken"))
+            continue
+        try:
+            keys[Path(name).stem] = load_public_key(_read_key_file(path))
+        except KeyFileError as exc:
+            skipped.append(SkippedKey(path=path, code=exc.code, message=exc.message))
+    return Keyring(keys=MappingProxyType(keys), skipped=tuple(skipped), directory=directory)
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        code = "key_symlink" if path.is_symlink() else "key_unreadable"
+        raise KeyFileError(f"cannot open: {exc.strerror}", code=code) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE_BYTES:
+            raise KeyFileError("not a regular file of at most 16 KiB", code="key_unreadable")
+        return os.read(fd, MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)

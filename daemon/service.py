@@ -1,0 +1,138 @@
+"""Compose the daemon: audit sink, keys, manager, control API, watcher, signals, sd_notify.
+
+One task group owns every task. SIGTERM/SIGINT stop the daemon (drain in-flight runs up to
+`daemon.shutdown_grace_s`, tear every plugin down, flush the audit file); SIGHUP reopens the
+audit file, re-reads tokens and trusted keys, and re-checks loaded plugins against the keys.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import TextIO
+
+import anyio
+import anyio.abc
+
+from daemon import __version__
+from daemon import events as ev
+from daemon.config import Settings, preflight
+from daemon.events import AuditSink, EventLog
+from daemon.keyring import Keyring, load_keyring
+from daemon.manager import SYSTEM, PluginManager
+
+# A component (control API, watcher, sd_notify) runs inside the service as an async context
+# manager; what it yields is an optional callback for SIGHUP.
+HangupHook = Callable[[], Awaitable[None]]
+Component = Callable[["Service", PluginManager], AbstractAsyncContextManager[HangupHook | None]]
+
+
+class Service:
+    """The running daemon; `run()` returns when a stop signal has been handled."""
+
+    def __init__(self, settings: Settings, *, components: Sequence[Component] = (),
+                 stream: TextIO | None = None) -> None:
+        self.settings = settings
+        self.components = tuple(components)
+        self.audit = AuditSink(settings.audit_path, settings.audit_fsync)
+        self.events = EventLog(audit=self.audit, log_format=settings.log_format, stream=stream)
+        self.manager: PluginManager | None = None
+        self.ready = anyio.Event()
+        self._stop = anyio.Event()
+        self._hangup_hooks: list[HangupHook] = []
+        self.stop_reason = "requested"
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask the service to shut down gracefully."""
+        self.stop_reason = reason
+        self._stop.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Start everything, serve until stopped, then shut down in order."""
+        self.audit.open()
+        self.events.emit(ev.DAEMON_STARTED, version=__version__, pid=os.getpid(),
+                         trust_mode=self.settings.trust_mode.value,
+                         plugins_dir=str(self.settings.plugins_dir),
+                         config_file=str(self.settings.config_file or ""),
+                         environment=self.settings.environment)
+        for warning in preflight(self.settings):
+            self.events.emit(ev.CONFIG_WARNING, level="warning", error_code=warning.code,
+                             error=warning.message)
+        keyring = self._load_keys()
+        try:
+            async with PluginManager(self.settings, self.events, keyring) as manager, \
+                    anyio.create_task_group() as tg:
+                self.manager = manager
+                tg.start_soon(self._signals, tg.cancel_scope)
+                async with self._components(manager):
+                    await manager.discover()
+                    self._mark_ready()
+                    task_status.started()
+                    await self._stop.wait()
+                    await self._drain(manager)
+                tg.cancel_scope.cancel()
+        finally:
+            self.events.emit(ev.DAEMON_STOPPED, reason=self.stop_reason)
+            self.audit.close()
+
+    def _mark_ready(self) -> None:
+        assert self.manager is not None
+        records = self.manager.records()
+        self.events.emit(ev.DAEMON_READY, plugins=len(records),
+                         failed=sum(r.state.value == "failed" for r in records),
+                         keys=len(self.manager.keyring.keys))
+        self.ready.set()
+
+    @asynccontextmanager
+    async def _components(self, manager: PluginManager) -> AsyncIterator[None]:
+        """Start the parts that serve (API, watcher) and stop them in reverse order."""
+        async with AsyncExitStack() as stack:
+            for start in self.components:
+                hook = await stack.enter_async_context(start(self, manager))
+                if hook is not None:
+                    self._hangup_hooks.append(hook)
+            yield
+
+    async def _drain(self, manager: PluginManager) -> None:
+        self.events.emit(ev.DAEMON_STOPPING, reason=self.stop_reason,
+                         inflight=manager.inflight)
+        with anyio.move_on_after(self.settings.shutdown_grace_s) as scope:
+            await manager.wait_idle()
+        if scope.cancelled_caught:
+            self.events.emit(ev.DAEMON_STOPPING, level="warning", reason="drain_deadline",
+                             inflight=manager.inflight)
+
+    def _load_keys(self) -> Keyring:
+        keyring = load_keyring(self.settings.keys_dir)
+        for skipped in keyring.skipped:
+            self.events.emit(ev.KEY_SKIPPED, level="warning", path=str(skipped.path),
+                             error_code=skipped.code, error=skipped.message)
+        return keyring
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                if signum == signal.SIGHUP:
+                    await self.hangup()
+                else:
+                    self.request_stop(signal.Signals(signum).name)
+
+    async def hangup(self) -> None:
+        """Reopen the audit file, re-read keys and re-check plugins, run component hooks."""
+        self.audit.reopen()
+        self.events.emit(ev.AUDIT_REOPENED, path=str(self.audit.path))
+        assert self.manager is not None
+        before = self.manager.keyring.fingerprints()
+        keyring = self._load_keys()
+        changed = await self.manager.adopt_keyring(keyring, SYSTEM)
+        after = keyring.fingerprints()
+        if before != after or changed:
+            self.events.emit(ev.KEYS_CHANGED, keys=sorted(after),
+                             added=sorted(set(after) - set(before)),
+                             removed=sorted(set(before) - set(after)), plugins_affected=changed)
+        for hook in self._hangup_hooks:
+            await hook()
+
