@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from daemon import __version__
 from daemon.config import Settings, load_settings, preflight
 from daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from daemon.service import Component
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -85,7 +89,7 @@ def _run(settings: Settings) -> int:
     return EXIT_OK
 
 
-def default_components() -> list[Callable[..., object]]:
+def default_components() -> list[Component]:
     """Return the service components of a production daemon, in start order."""
     return []
 

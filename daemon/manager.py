@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
-import anyio.abc
 import jsonschema
 
 from daemon import events as ev
@@ -115,6 +114,7 @@ class _Live:
     imported: ImportedBundle
     inflight: int = 0
     retired: bool = False
+    torn_down: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,23 +169,17 @@ class PluginManager:
         self._rejects = _Rejects()
         self._lock = anyio.Lock()
         self._run_limiter = anyio.CapacityLimiter(settings.run_concurrency)
-        self._tg: anyio.abc.TaskGroup | None = None
         self._idle = anyio.Event()
         self._inflight_total = 0
 
     async def __aenter__(self) -> Self:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
+    ) -> None:
         with anyio.CancelScope(shield=True):
             await self.teardown_all()
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(et, exc, tb)
 
     # ---- queries -------------------------------------------------------------------------
 
@@ -415,14 +409,18 @@ class PluginManager:
                           if d.status is SignatureStatus.VERIFIED else None)
         self._rejects.drop(prepared.bundle.path)
         if old is not None:
-            self._retire(old)
+            old.retired = True
 
-    def _retire(self, live: _Live) -> None:
-        live.retired = True
-        if live.inflight == 0 and self._tg is not None:
-            self._tg.start_soon(self._teardown, live)
+    async def _retire_if_idle(self, live: _Live | None, plugin_id: str) -> None:
+        """Tear down a replaced version once nothing runs on it (whoever sees that does it)."""
+        if live is not None and live.retired and live.inflight == 0:
+            with anyio.CancelScope(shield=True):
+                await self._teardown(live, plugin_id)
 
     async def _teardown(self, live: _Live, plugin_id: str | None = None) -> None:
+        if live.torn_down:
+            return
+        live.torn_down = True
         try:
             await self._call_hook(live.instance, "teardown", "plugin_teardown_failed")
         except PluginDError as exc:
@@ -460,8 +458,7 @@ class PluginManager:
             live, slot.live = slot.live, None
             if live is not None:
                 live.retired = True
-                if live.inflight == 0:
-                    await self._teardown(live, plugin_id)
+                await self._retire_if_idle(live, plugin_id)
             self._emit_state(ev.PLUGIN_UNLOADED, slot.record, before, caller)
             return slot.record
 
@@ -511,7 +508,9 @@ class PluginManager:
                              error_code=exc.code, error=exc.message,
                              duration_ms=_ms(started), **caller.fields())
             raise
+        old = slot.live
         self._install(slot, prepared)
+        await self._retire_if_idle(old, slot.record.id)
         self.events.emit(ev.PLUGIN_RELOAD_COMPLETED, plugin_id=slot.record.id,
                          path=slot.record.path, version=slot.record.version,
                          from_version=old_version, state=slot.record.state.value,
@@ -585,7 +584,8 @@ class PluginManager:
                              duration_ms=_ms(started), **caller.fields())
             raise
         finally:
-            self._run_finished(live, plugin_id)
+            self._run_finished(live)
+            await self._retire_if_idle(live, plugin_id)
         duration = _ms(started)
         self.events.emit(ev.PLUGIN_RUN_COMPLETED, plugin_id=plugin_id, version=record.version,
                          duration_ms=duration, **caller.fields())
@@ -602,14 +602,12 @@ class PluginManager:
             raise PluginStateConflict(f"plugin {slot.record.id!r} is {state.value}", code=code)
         return slot.live
 
-    def _run_finished(self, live: _Live, plugin_id: str) -> None:
+    def _run_finished(self, live: _Live) -> None:
         live.inflight -= 1
         self._inflight_total -= 1
         if self._inflight_total == 0:
             self._idle.set()
             self._idle = anyio.Event()
-        if live.retired and live.inflight == 0 and self._tg is not None:
-            self._tg.start_soon(self._teardown, live, plugin_id)
 
     async def _invoke(self, live: _Live, payload: dict[str, Any], context: dict[str, Any]
                       ) -> dict[str, Any]:

@@ -52,6 +52,10 @@ class Manifest:
         return thawed
 
 
+class _DuplicateKeyError(yaml.YAMLError, ValueError):
+    """A mapping repeats a key (raised by both the YAML and the JSON reader)."""
+
+
 class _StrictSafeLoader(yaml.SafeLoader):
     """SafeLoader that refuses aliases and duplicate mapping keys."""
 
@@ -67,8 +71,7 @@ class _StrictSafeLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise _DuplicateKeyError(f"duplicate key {key!r} {key_node.start_mark}")
             seen.add(key)
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return mapping
@@ -77,6 +80,8 @@ class _StrictSafeLoader(yaml.SafeLoader):
 def _load_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - strict safe loader
+    except _DuplicateKeyError as exc:
+        raise _duplicate(exc, YAML_MANIFEST) from exc
     except yaml.constructor.ConstructorError as exc:
         raise ManifestError([Problem(field="", code="manifest_unsafe_yaml",
                                      message=f"refused YAML construct: {_one_line(exc)}")],
@@ -91,7 +96,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise _DuplicateKeyError(f"duplicate key {key!r}")
         out[key] = value
     return out
 
@@ -104,10 +109,18 @@ def _load_json(text: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_reject_duplicates,
                           parse_constant=_reject_constant)
+    except _DuplicateKeyError as exc:
+        raise _duplicate(exc, JSON_MANIFEST) from exc
     except ValueError as exc:
         raise ManifestError([Problem(field="", code="manifest_bad_syntax",
                                      message=f"JSON does not parse: {_one_line(exc)}")],
                             source=JSON_MANIFEST) from exc
+
+
+def _duplicate(exc: BaseException, source: str) -> ManifestError:
+    return ManifestError([Problem(field="", code="manifest_duplicate_key",
+                                  message=f"{_one_line(exc)}: a key may appear only once")],
+                         source=source)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,0 +1,150 @@
+"""Manifest parsing: every bad input is a ManifestError with a stable code, never a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from daemon import manifest
+from daemon.errors import ManifestError
+
+GOOD = "id: acme.shodan\nname: Shodan\nversion: 1.0.0\nplugin_type: enricher\n"
+
+
+def _codes(data: str | bytes, source: str = "plugin.yaml") -> set[str]:
+    raw = data.encode() if isinstance(data, str) else data
+    with pytest.raises(ManifestError) as info:
+        manifest.parse(raw, source)
+    return {p.code for p in info.value.problems}
+
+
+def test_valid_yaml_manifest_parses() -> None:
+    """A minimal manifest gives its fields and the default entry point."""
+    m = manifest.parse(GOOD.encode())
+    assert (m.id, m.name, m.version, m.plugin_type, m.entry_point) == (
+        "acme.shodan", "Shodan", "1.0.0", "enricher", "plugin.py")
+
+
+def test_unknown_keys_are_kept() -> None:
+    """Unknown keys are kept (and therefore signed), not rejected."""
+    m = manifest.parse((GOOD + "x_vendor: {a: 1}\n").encode())
+    assert m.as_json()["x_vendor"] == {"a": 1}
+
+
+def test_legacy_json_manifest_parses() -> None:
+    """aisoc-plugin.json is read as JSON."""
+    doc = {"id": "acme.x", "name": "X", "version": "1", "plugin_type": "widget"}
+    assert manifest.parse(json.dumps(doc).encode(), "aisoc-plugin.json").id == "acme.x"
+
+
+@pytest.mark.parametrize("field", ["id", "name", "version", "plugin_type"])
+def test_missing_required_field(field: str) -> None:
+    """Each required field missing is reported with its name."""
+    text = "\n".join(line for line in GOOD.splitlines() if not line.startswith(field + ":"))
+    with pytest.raises(ManifestError) as info:
+        manifest.parse(text.encode())
+    assert [(p.field, p.code) for p in info.value.problems] == [
+        (field, "manifest_missing_field")]
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    """Several problems come back together, under the umbrella code."""
+    with pytest.raises(ManifestError) as info:
+        manifest.parse(b"id: ../escape\nplugin_type: virus\nversion: 1.0\n")
+    fields = {p.field for p in info.value.problems}
+    assert {"id", "plugin_type", "name", "version"} <= fields
+    assert info.value.code == "manifest_invalid"
+
+
+@pytest.mark.parametrize("bad_id", ["../escape", "a", "-lead", "a/b", "x" * 65, "sp ace",
+                                    "nul\x00", "é-accent"])
+def test_bad_id_is_refused(bad_id: str) -> None:
+    """Ids outside ^[A-Za-z0-9][A-Za-z0-9._-]{1,63}$ are refused (no path tricks)."""
+    doc = {"id": bad_id, "name": "n", "version": "1", "plugin_type": "action"}
+    assert _codes(json.dumps(doc), "aisoc-plugin.json") == {"manifest_bad_id"}
+
+
+def test_bad_plugin_type_is_refused() -> None:
+    """plugin_type must be one of the six types."""
+    assert _codes(GOOD.replace("enricher", "rootkit")) == {"manifest_bad_type"}
+
+
+@pytest.mark.parametrize("entry", ["../x.py", "/etc/x.py", "a/../b.py", "x.pyc", "x-y.py"])
+def test_bad_entry_point_is_refused(entry: str) -> None:
+    """entry_point must be a relative module path inside the plugin."""
+    assert _codes(GOOD + f"entry_point: {json.dumps(entry)}\n") == {"manifest_bad_field"}
+
+
+def test_unquoted_number_version_is_refused_with_hint() -> None:
+    """`version: 1.0` is a float in YAML; the error says to quote it."""
+    with pytest.raises(ManifestError) as info:
+        manifest.parse(GOOD.replace("1.0.0", "1.0").encode())
+    assert "quote it" in info.value.message
+
+
+def test_bad_yaml_syntax() -> None:
+    """YAML that does not parse is manifest_bad_syntax."""
+    assert _codes("id: [unclosed\n") == {"manifest_bad_syntax"}
+
+
+def test_bad_json_syntax() -> None:
+    """JSON that does not parse is manifest_bad_syntax."""
+    assert _codes("{'id': 1}", "aisoc-plugin.json") == {"manifest_bad_syntax"}
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['id']",
+                                 "!!python/name:os.system", "!!python/object:object {}"])
+def test_yaml_python_tags_are_refused(tag: str) -> None:
+    """Python object tags never construct anything."""
+    assert _codes(GOOD + f"x: {tag}\n") == {"manifest_unsafe_yaml"}
+
+
+def test_yaml_alias_bomb_is_refused() -> None:
+    """Aliases are refused outright, so a billion-laughs document costs nothing."""
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    assert _codes(GOOD + bomb) == {"manifest_bad_syntax"}
+
+
+def test_oversized_manifest_is_refused_before_parsing() -> None:
+    """Manifests over 64 KiB are refused by size."""
+    assert _codes(GOOD + "# " + "x" * manifest.MAX_MANIFEST_BYTES) == {"manifest_too_large"}
+
+
+def test_duplicate_yaml_key_is_refused() -> None:
+    """Two parsers must not read one manifest two ways: duplicate keys are errors."""
+    assert _codes(GOOD + "id: other.id\n") == {"manifest_duplicate_key"}
+
+
+def test_duplicate_json_key_is_refused() -> None:
+    """Same for the legacy JSON manifest."""
+    text = '{"id":"a.b","id":"c.d","name":"n","version":"1","plugin_type":"action"}'
+    assert _codes(text, "aisoc-plugin.json") == {"manifest_duplicate_key"}
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "", "null\n"])
+def test_non_mapping_is_refused(text: str) -> None:
+    """A manifest must be a mapping."""
+    assert _codes(text) == {"manifest_not_mapping"}
+
+
+def test_value_without_json_form_is_refused() -> None:
+    """A YAML date cannot be signed canonically: refused, with the field named."""
+    with pytest.raises(ManifestError) as info:
+        manifest.parse((GOOD + "released: 2024-01-01\n").encode())
+    assert info.value.problems[0].field == "released"
+
+
+def test_non_utf8_is_refused() -> None:
+    """Manifests are UTF-8."""
+    assert _codes(b"id: \xff\xfe\n") == {"manifest_bad_syntax"}
+
+
+@pytest.mark.parametrize(("field", "value"), [("tags", "not-a-list"), ("tags", [1, 2]),
+                                              ("config_schema", ["x"]), ("name", " ")])
+def test_bad_field_shapes(field: str, value: object) -> None:
+    """Fields must have their documented shapes."""
+    base = "\n".join(line for line in GOOD.splitlines() if not line.startswith(field + ":"))
+    assert _codes(base + f"\n{field}: {json.dumps(value)}\n") == {"manifest_bad_field"}
