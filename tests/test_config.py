@@ -102,3 +102,17 @@ def test_non_loopback_listen_warns(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     s = Settings(plugins_dir=tmp_path, keys_dir=tmp_path, api_listen="0.0.0.0:8470")
     assert [w.code for w in preflight(s)] == ["api_listen_not_loopback"]
+
+
+def test_example_config_documents_every_key_and_loads() -> None:
+    """config.example.toml names every key config.py knows, and loads as-is."""
+    import tomllib
+
+    from daemon.config import KEYS
+
+    example = Path(__file__).resolve().parents[1] / "config.example.toml"
+    doc = tomllib.loads(example.read_text())
+    for key in KEYS:
+        table = doc.get(key.section, {}) if key.section else doc
+        assert key.key in table, f"{key.section}.{key.key} missing from config.example.toml"
+    assert load_settings(example, {}).trust_mode is TrustMode.STRICT
