@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ import anyio
 import jsonschema
 
 from daemon import events as ev
+from daemon import oci
 from daemon.bundle import Bundle, has_manifest, read_bundle, read_manifest
 from daemon.config import Settings
 from daemon.errors import (
@@ -104,6 +107,19 @@ class RunResult:
         """Return the API shape."""
         return {"plugin_id": self.plugin_id, "result": self.result,
                 "duration_ms": self.duration_ms}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstallResult:
+    """The outcome of one OCI install (`POST /install_from_oci`'s body)."""
+
+    plugin_id: str
+    oci_ref: str
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the API shape."""
+        return {"plugin_id": self.plugin_id, "oci_ref": self.oci_ref, "digest": self.digest}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -247,7 +263,9 @@ class PluginManager:
     def _candidate_dirs(self) -> list[Path]:
         root = self.settings.plugins_dir
         try:
-            dirs = sorted(p for p in root.iterdir() if has_manifest(p))
+            # Hidden directories are never plugins: OCI installs stage in `.staging-*`.
+            dirs = sorted(p for p in root.iterdir()
+                          if not p.name.startswith(".") and has_manifest(p))
         except OSError:
             return []
         serving = {Path(s.record.path) for s in self._slots.values() if s.record.state in SERVING}
@@ -358,7 +376,10 @@ class PluginManager:
         schema = manifest.as_json().get("config_schema")
         if isinstance(schema, dict):
             try:
-                jsonschema.validate(config, schema)
+                validator = jsonschema.validators.validator_for(
+                    schema, default=jsonschema.Draft202012Validator)
+                validator.check_schema(schema)
+                validator(schema).validate(config)
             except jsonschema.exceptions.SchemaError as exc:
                 raise PluginLoadError(f"config_schema is not a valid JSON Schema: {exc.message}",
                                       code="manifest_bad_config_schema") from exc
@@ -444,10 +465,21 @@ class PluginManager:
         async with self._lock:
             slot = self._slot(plugin_id)
             before = slot.record.state
+            if to is State.ENABLED:
+                self._check_may_enable(slot)
             if before is not to:
                 slot.record = slot.record.moved_to(to)
                 self._emit_state(event, slot.record, before, caller)
             return slot.record
+
+    def _check_may_enable(self, slot: _Slot) -> None:
+        """Refuse to enable code that the trust mode would not load now (a revoked key)."""
+        if (self.settings.trust_mode is TrustMode.STRICT and slot.record.state in SERVING
+                and slot.record.signature_status not in (SignatureStatus.VERIFIED.value, None)):
+            raise PluginStateConflict(
+                f"plugin {slot.record.id!r} is {slot.record.signature_status} under strict "
+                "trust (its signing key is no longer trusted); restore the key and SIGHUP, "
+                "or reload a version signed by a trusted key", code="plugin_untrusted")
 
     async def unload(self, plugin_id: str, caller: Caller = SYSTEM) -> PluginRecord:
         """Remove the plugin from memory (teardown, free modules); files stay on disk."""
@@ -563,6 +595,80 @@ class PluginManager:
         if strict and rec.state is not State.DISABLED:
             self._emit_state(ev.PLUGIN_DISABLED, slot.record, rec.state, caller)
         return True
+
+    # ---- OCI install ---------------------------------------------------------------------
+
+    async def install_from_oci(self, oci_ref: str, caller: Caller = SYSTEM) -> InstallResult:
+        """Pull a signed package, verify it in staging, move it into place, and load it.
+
+        Nothing reaches `plugins.dir/<id>` unless the signature inside the package passes the
+        trust mode; the load then verifies again what it imports. An existing directory of
+        that name is never overwritten (the platform never deletes plugin files).
+        """
+        started = time.perf_counter()
+        try:
+            pulled = await anyio.to_thread.run_sync(functools.partial(
+                oci.pull_package, oci_ref,
+                insecure_registries=self.settings.oci_allow_insecure_registries))
+            plugin_id = await self._install_layer(pulled.layer, caller)
+        except PluginDError as exc:
+            self.events.emit(ev.PLUGIN_INSTALL_FAILED, level="error", oci_ref=oci_ref,
+                             error_code=exc.code, error=exc.message,
+                             duration_ms=_ms(started), **caller.fields())
+            raise
+        self.events.emit(ev.PLUGIN_INSTALL_COMPLETED, plugin_id=plugin_id, oci_ref=oci_ref,
+                         digest=pulled.digest, duration_ms=_ms(started), **caller.fields())
+        return InstallResult(plugin_id=plugin_id, oci_ref=oci_ref, digest=pulled.digest)
+
+    async def _install_layer(self, layer: bytes, caller: Caller) -> str:
+        staging = await anyio.to_thread.run_sync(self._make_staging)
+        try:
+            await anyio.to_thread.run_sync(oci.extract_package, layer, staging)
+            bundle, manifest = await self._read(staging)
+            decision = self._decide(bundle, manifest, caller)
+            if not decision.allowed:
+                raise SignatureRefused(
+                    f"trust mode {self.settings.trust_mode.value} refuses the package: its "
+                    f"signature is {decision.status.value}: {decision.reason}",
+                    code=f"signature_{decision.status.value}")
+            async with self._lock:
+                target = await anyio.to_thread.run_sync(self._place, staging, manifest.id)
+                await self._load_installed(target, manifest.id, caller)
+            return manifest.id
+        finally:
+            await anyio.to_thread.run_sync(functools.partial(
+                shutil.rmtree, staging, ignore_errors=True))
+
+    def _make_staging(self) -> Path:
+        try:
+            return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.settings.plugins_dir))
+        except OSError as exc:
+            raise PluginLoadError(
+                f"cannot stage an install in {self.settings.plugins_dir}: {exc.strerror} (the "
+                "service needs write access to plugins.dir to install from OCI)",
+                code="plugin_dir_not_writable") from exc
+
+    def _place(self, staging: Path, plugin_id: str) -> Path:
+        target = self.settings.plugins_dir / plugin_id
+        if target.exists() or target.is_symlink():
+            raise PluginStateConflict(
+                f"{target} already exists; remove it (or install into a new directory and "
+                "reload) — installed plugin files are never overwritten",
+                code="plugin_dir_exists")
+        staging.chmod(0o755)
+        staging.rename(target)
+        return target
+
+    async def _load_installed(self, target: Path, plugin_id: str, caller: Caller) -> None:
+        slot = self._slots.get(plugin_id)
+        if slot is not None and slot.record.state in SERVING:
+            await self._reload_slot(slot, target, caller)
+            return
+        if slot is not None:  # failed or unloaded elsewhere: the installed copy takes over
+            del self._slots[plugin_id]
+        outcome = await self._load_new(target, caller)
+        if not isinstance(outcome, str) and outcome is not None:
+            raise PluginLoadError(outcome["error"], code=outcome["code"])
 
     # ---- runs ----------------------------------------------------------------------------
 
@@ -723,7 +829,7 @@ def _normalise(value: Any) -> dict[str, Any]:
     result = value if isinstance(value, dict) else {"result": value}
     try:
         json.dumps(result, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise PluginResultInvalid(f"the result is not JSON-serialisable: {exc}") from exc
     return result
 
