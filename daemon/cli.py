@@ -20,7 +20,7 @@ from daemon.config import Settings, load_settings, preflight
 from daemon.errors import ConfigError
 
 if TYPE_CHECKING:
-    from daemon.service import Component
+    from daemon.service import Component, Service
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -69,6 +69,13 @@ def run_plugind(argv: list[str]) -> int:
 
 
 def _check_config(settings: Settings) -> int:
+    from daemon.api import check_listen
+
+    try:
+        check_listen(settings)
+    except ConfigError as exc:
+        print(f"aisoc-plugind: error: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     print(json.dumps(settings.public_view(), indent=2, sort_keys=True))
     for warning in preflight(settings):
         print(f"warning: {warning.code}: {warning.message}", file=sys.stderr)
@@ -76,28 +83,52 @@ def _check_config(settings: Settings) -> int:
 
 
 def _run(settings: Settings) -> int:
+    from daemon.api import check_listen, tls_context
     from daemon.service import Service  # the service pulls in aiohttp; one-shots need not
 
+    try:
+        check_listen(settings)
+        tls_context(settings)
+    except ConfigError as exc:
+        print(f"aisoc-plugind: error: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     service = Service(settings, components=default_components())
     try:
-        anyio.run(service.run)
+        return _serve(service)
     except KeyboardInterrupt:
         return EXIT_OK
-    except OSError as exc:
-        print(f"aisoc-plugind: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+
+
+def _serve(service: Service) -> int:
+    failures: list[str] = []
+    try:
+        anyio.run(service.run)
+    except* (ConfigError, OSError) as group:
+        # Errors at bind time (port or socket in use, unreadable TLS key) end the daemon.
+        failures = [exc.message if isinstance(exc, ConfigError) else str(exc)
+                    for exc in group.exceptions]
+    for text in failures:
+        print(f"aisoc-plugind: error: {text}", file=sys.stderr)
+    return EXIT_FAILED if failures else EXIT_OK
 
 
 def default_components() -> list[Component]:
-    """Return the service components of a production daemon, in start order."""
-    return []
+    """Return the service components of a production daemon, in start order.
+
+    sd_notify comes last: it stops first (STOPPING=1 as shutdown begins) and its SIGHUP hook
+    (READY=1) runs after the API has re-read the tokens.
+    """
+    from daemon.api import api_component
+    from daemon.sdnotify import sdnotify_component
+    from daemon.watcher import watcher_component
+
+    return [api_component, watcher_component, sdnotify_component]
 
 
 def _token(argv: list[str]) -> int:
-    print("aisoc-plugind: error: token management is not available in this build",
-          file=sys.stderr)
-    return EXIT_FAILED
+    from daemon.auth import token_main
+
+    return token_main(argv)
 
 
 def aisoc_main(argv: Sequence[str] | None = None) -> None:
@@ -111,5 +142,17 @@ def run_aisoc(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage, file=sys.stdout if argv else sys.stderr)
         return EXIT_OK if argv else EXIT_USAGE
+    if argv[0] == "plugins":
+        from daemon.client import client_main
+
+        return client_main(argv[1:])
+    if argv[:2] == ["plugin", "push"]:
+        from daemon.oci import push_main
+
+        return push_main(argv[2:])
+    if argv[0] == "plugin":
+        from daemon.authoring import main as authoring_main
+
+        return authoring_main(argv[1:])
     print(f"aisoc: error: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
     return EXIT_USAGE

@@ -29,7 +29,7 @@ class Settings:
     environment: str = "production"
     plugins_dir: Path = Path("/opt/aisoc/plugins")
     watch: bool = True
-    watch_debounce_ms: int = 50
+    watch_debounce_ms: int = 30
     run_timeout_s: float = 30.0
     run_concurrency: int = 16
     trust_mode: TrustMode = TrustMode.STRICT

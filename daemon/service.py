@@ -22,6 +22,7 @@ from daemon.config import Settings, preflight
 from daemon.events import AuditSink, EventLog
 from daemon.keyring import Keyring, load_keyring
 from daemon.manager import SYSTEM, PluginManager
+from daemon.sdnotify import Notifier
 
 # A component (control API, watcher, sd_notify) runs inside the service as an async context
 # manager; what it yields is an optional callback for SIGHUP.
@@ -66,13 +67,17 @@ class Service:
             async with PluginManager(self.settings, self.events, keyring) as manager, \
                     anyio.create_task_group() as tg:
                 self.manager = manager
-                tg.start_soon(self._signals, tg.cancel_scope)
+                tg.start_soon(self._signals)
                 async with self._components(manager):
                     await manager.discover()
                     self._mark_ready()
                     task_status.started()
                     await self._stop.wait()
-                    await self._drain(manager)
+                    self.events.emit(ev.DAEMON_STOPPING, reason=self.stop_reason,
+                                     inflight=manager.inflight)
+                    # Leaving this block stops the components in reverse order: the API
+                    # stops accepting and lets in-flight requests finish.
+                await self._drain(manager)
                 tg.cancel_scope.cancel()
         finally:
             self.events.emit(ev.DAEMON_STOPPED, reason=self.stop_reason)
@@ -97,8 +102,7 @@ class Service:
             yield
 
     async def _drain(self, manager: PluginManager) -> None:
-        self.events.emit(ev.DAEMON_STOPPING, reason=self.stop_reason,
-                         inflight=manager.inflight)
+        """Let runs still in flight (not started over HTTP) finish, up to the grace period."""
         with anyio.move_on_after(self.settings.shutdown_grace_s) as scope:
             await manager.wait_idle()
         if scope.cancelled_caught:
@@ -112,7 +116,7 @@ class Service:
                              error_code=skipped.code, error=skipped.message)
         return keyring
 
-    async def _signals(self, scope: anyio.CancelScope) -> None:
+    async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for signum in sigs:
                 if signum == signal.SIGHUP:
@@ -121,7 +125,20 @@ class Service:
                     self.request_stop(signal.Signals(signum).name)
 
     async def hangup(self) -> None:
-        """Reopen the audit file, re-read keys and re-check plugins, run component hooks."""
+        """Reopen the audit file, re-read keys and re-check plugins, run component hooks.
+
+        sd_notify gets RELOADING=1 before the work; the sd_notify component's hook answers
+        READY=1 after it, even if part of the reload failed.
+        """
+        Notifier.from_environ().reloading()
+        self.events.emit(ev.DAEMON_RELOADING)
+        try:
+            await self._reload_audit_and_keys()
+        finally:
+            for hook in self._hangup_hooks:
+                await hook()
+
+    async def _reload_audit_and_keys(self) -> None:
         self.audit.reopen()
         self.events.emit(ev.AUDIT_REOPENED, path=str(self.audit.path))
         assert self.manager is not None
@@ -133,6 +150,3 @@ class Service:
             self.events.emit(ev.KEYS_CHANGED, keys=sorted(after),
                              added=sorted(set(after) - set(before)),
                              removed=sorted(set(before) - set(after)), plugins_affected=changed)
-        for hook in self._hangup_hooks:
-            await hook()
-

@@ -34,7 +34,7 @@ echo "== mypy (strict)"
 .venv/bin/mypy daemon
 echo "== pytest"
 set +e
-.venv/bin/python -m pytest --cov=daemon --cov-report=term:skip-covered -p no:cacheprovider "$@"
+.venv/bin/python -m pytest --cov=daemon --cov-report=term:skip-covered --cov-fail-under=90 -p no:cacheprovider "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -67,7 +67,8 @@ def _plant_pyc(source: Path, code: str) -> Path:
 
 def test_planted_pyc_does_not_run(plugins: PluginFactory) -> None:
     """A matching-header .pyc with other code is ignored: the verified source runs."""
-    path = plugins.write("pyc", code="class Plugin:\n    def run(self, p, c):\n        return 'src'\n")
+    path = plugins.write(
+        "pyc", code="class Plugin:\n    def run(self, p, c):\n        return 'src'\n")
     _plant_pyc(path / "plugin.py",
                "class Plugin:\n    def run(self, p, c):\n        return 'PLANTED'\n")
     b = bundle.read_bundle(path)

@@ -36,14 +36,16 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _wait_for(path: Path, name: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+def _wait_for(path: Path, name: str, count: int = 1, timeout: float = 15.0
+              ) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [e for e in _events(path) if e["event"] == name]
         if len(found) >= count:
             return found
         time.sleep(0.02)
-    raise AssertionError(f"{name} x{count} not seen in {path}: {[e['event'] for e in _events(path)]}")
+    seen = [e["event"] for e in _events(path)]
+    raise AssertionError(f"{name} x{count} not seen in {path}: {seen}")
 
 
 @pytest.fixture
@@ -133,3 +135,22 @@ def test_usage_error_exits_2() -> None:
     proc = subprocess.run([sys.executable, "-m", "daemon", "run", "--bogus"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
+
+
+def test_preflight_warnings_are_events(env: Env, plugins: PluginFactory) -> None:
+    """A group-writable plugins dir and trust mode `warn` in production are config.warning."""
+    env.plugins.chmod(0o775)
+    config = _config(env)
+    config.write_text(config.read_text().replace('environment = "development"',
+                                                 'environment = "production"'))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        env={**os.environ, "PLUGIN_TRUST_MODE": "warn"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(env.audit, "daemon.ready")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    codes = {e["error_code"] for e in _events(env.audit) if e["event"] == "config.warning"}
+    assert {"plugins_dir_writable", "trust_mode_warn_outside_development"} <= codes

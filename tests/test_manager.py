@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from daemon.errors import (
+    PluginDError,
     PluginLoadError,
     PluginNotFound,
     PluginResultInvalid,
@@ -119,7 +120,7 @@ async def test_actor_and_request_id_reach_events(env: Env, plugins: PluginFactor
     manager = await make_manager()
     await manager.discover()
     await manager.disable("test.a", Caller(actor="ops", request_id="r-1"))
-    event = [e for e in env.audit_events() if e["event"] == "plugin.disabled"][0]
+    event = next(e for e in env.audit_events() if e["event"] == "plugin.disabled")
     assert (event["actor"], event["request_id"], event["from_state"], event["to_state"]) == (
         "ops", "r-1", "enabled", "disabled")
 
@@ -351,7 +352,7 @@ async def test_failed_reload_keeps_old_version_serving(
     else:
         plugins.write("a", version="2.0.0", code="class Plugin:\n    async def setup(self):\n"
                       "        raise OSError('no db')\n    def run(self, p, c): return {}\n")
-    with pytest.raises(Exception) as info:
+    with pytest.raises(PluginDError) as info:
         await manager.reload("test.a")
     assert getattr(info.value, "http_status", None) in (409, 422)
     record = manager.get("test.a")
@@ -368,7 +369,7 @@ async def test_reload_after_fix_clears_error(plugins: PluginFactory,
     manager = await make_manager()
     await manager.discover()
     plugins.write("a", version="2.0.0", sign=False)
-    with pytest.raises(Exception, match="unsigned"):
+    with pytest.raises(PluginDError, match="unsigned"):
         await manager.reload("test.a")
     plugins.write("a", version="2.0.0")
     record = await manager.reload("test.a")
@@ -472,3 +473,21 @@ async def test_warn_mode_reload_to_unsigned_is_allowed(plugins: PluginFactory,
     await manager.discover()
     plugins.write("a", version="2.0.0", sign=False)
     assert (await manager.reload("test.a")).signature_status == "unsigned"
+
+
+async def test_strict_refuses_enabling_a_plugin_whose_key_was_revoked(
+        env: Env, plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """After the signing key is removed (disabled by SIGHUP's re-check), enable is refused."""
+    from daemon.keyring import load_keyring
+
+    plugins.write("a")
+    manager = await make_manager()
+    await manager.discover()
+    (env.keys / "vector-signer.pem").unlink()
+    assert await manager.adopt_keyring(load_keyring(env.keys)) == ["test.a"]
+    assert manager.get("test.a").state.value == "disabled"
+    with pytest.raises(PluginStateConflict) as info:
+        await manager.enable("test.a")
+    assert info.value.code == "plugin_untrusted"
+    with pytest.raises(PluginStateConflict):
+        await manager.run("test.a", {})

@@ -217,17 +217,15 @@ async def test_component_outside_systemd_yields_no_hook(monkeypatch: pytest.Monk
 async def test_service_reports_ready_reload_and_stopping(
     env: Env, plugins: PluginFactory, listener: Listener
 ) -> None:
-    """A real Service with the component: READY after discovery, READY after hangup, STOPPING."""
+    """A real Service: READY after discovery, RELOADING then READY around hangup, STOPPING."""
     plugins.write("a")
     service = Service(env.settings(), components=[sdnotify_component], stream=io.StringIO())
     async with anyio.create_task_group() as tg:
         await tg.start(service.run)
         assert await listener.next() == "READY=1\nSTATUS=serving 1 plugins (0 disabled, 0 failed)"
         await service.hangup()
+        assert (await listener.next()).startswith("RELOADING=1\nMONOTONIC_USEC=")
         message = await listener.next()
-        if message.startswith("RELOADING=1\nMONOTONIC_USEC="):
-            # Sent by Service.hangup() once it calls Notifier.reloading() first (wiring).
-            message = await listener.next()
         assert message == "READY=1\nSTATUS=serving 1 plugins (0 disabled, 0 failed)"
         service.request_stop("test")
     assert await listener.next() == "STOPPING=1\nSTATUS=stopping"
