@@ -340,12 +340,7 @@ class PluginManager:
 
     async def _prepare(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> _Prepared:
         """Verify, import, construct and set up one version; raise PluginDError on failure."""
-        decision = self._decide(bundle, manifest, caller)
-        if not decision.allowed:
-            raise SignatureRefused(
-                f"trust mode {self.settings.trust_mode.value} refuses a plugin whose signature "
-                f"is {decision.status.value}: {decision.reason}",
-                code=f"signature_{decision.status.value}")
+        decision = self._require_trust(bundle, manifest, caller)
         config = self._plugin_config(manifest)
         live = await self._instantiate(bundle, manifest, config)
         try:
@@ -354,6 +349,17 @@ class PluginManager:
             live.imported.release()
             raise
         return _Prepared(bundle=bundle, manifest=manifest, decision=decision, live=live)
+
+    def _require_trust(self, bundle: Bundle, manifest: Manifest, caller: Caller
+                       ) -> TrustDecision:
+        """Decide (and emit) the trust decision; raise SignatureRefused when it refuses."""
+        decision = self._decide(bundle, manifest, caller)
+        if not decision.allowed:
+            raise SignatureRefused(
+                f"trust mode {self.settings.trust_mode.value} refuses a plugin whose signature "
+                f"is {decision.status.value}: {decision.reason}",
+                code=f"signature_{decision.status.value}")
+        return decision
 
     def _decide(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> TrustDecision:
         digest = plugin_digest(manifest.as_json(), bundle.sources)
@@ -508,16 +514,17 @@ class PluginManager:
             return await self._reload_slot(slot, path, caller)
 
     async def _retry(self, slot: _Slot, path: Path | None, caller: Caller) -> PluginRecord:
+        """Load a failed or unloaded plugin afresh, from wherever its id now lives."""
+        plugin_id = slot.record.id
         if path is None:
             raise PluginLoadError(f"no directory under {self.settings.plugins_dir} holds "
-                                  f"plugin {slot.record.id!r}", code="plugin_dir_missing")
-        slot.record = slot.record.with_(state=State.DISCOVERED)
+                                  f"plugin {plugin_id!r}", code="plugin_dir_missing")
+        del self._slots[plugin_id]  # the new attempt owns the id, wherever its directory is
         outcome = await self._load_new(path, caller)
-        record = self._slots[slot.record.id].record if slot.record.id in self._slots \
-            else slot.record
+        self._slots.setdefault(plugin_id, slot)  # nothing parsed: keep the old record
         if not isinstance(outcome, str) and outcome is not None:
             raise PluginLoadError(outcome["error"], code=outcome["code"])
-        return record
+        return self._slots[plugin_id].record
 
     async def _reload_slot(self, slot: _Slot, path: Path | None, caller: Caller
                            ) -> PluginRecord:
@@ -625,12 +632,7 @@ class PluginManager:
         try:
             await anyio.to_thread.run_sync(oci.extract_package, layer, staging)
             bundle, manifest = await self._read(staging)
-            decision = self._decide(bundle, manifest, caller)
-            if not decision.allowed:
-                raise SignatureRefused(
-                    f"trust mode {self.settings.trust_mode.value} refuses the package: its "
-                    f"signature is {decision.status.value}: {decision.reason}",
-                    code=f"signature_{decision.status.value}")
+            self._require_trust(bundle, manifest, caller)
             async with self._lock:
                 target = await anyio.to_thread.run_sync(self._place, staging, manifest.id)
                 await self._load_installed(target, manifest.id, caller)
@@ -686,8 +688,9 @@ class PluginManager:
             result = await self._invoke(live, dict(payload or {}), dict(context or {}))
         except PluginDError as exc:
             self.events.emit(ev.PLUGIN_RUN_FAILED, level="warning", plugin_id=plugin_id,
-                             version=record.version, error_code=exc.code, error=exc.message,
-                             duration_ms=_ms(started), **caller.fields())
+                             version=record.version, error_code=exc.code,
+                             error=_audit_text(exc), duration_ms=_ms(started),
+                             **caller.fields())
             raise
         finally:
             self._run_finished(live)
@@ -734,6 +737,7 @@ class PluginManager:
         except PLUGIN_FAULTS as exc:
             raise PluginRunError(f"run raised {_describe(exc)}") from exc
         return _normalise(value)
+
 
     # ---- shutdown ------------------------------------------------------------------------
 
@@ -832,6 +836,15 @@ def _normalise(value: Any) -> dict[str, Any]:
     except (TypeError, ValueError, RecursionError) as exc:
         raise PluginResultInvalid(f"the result is not JSON-serialisable: {exc}") from exc
     return result
+
+
+def _audit_text(exc: PluginDError) -> str:
+    """Return what a run failure may say in an event: a plugin's exception text can quote the
+    payload, so only its type is kept there (the caller still gets the full message)."""
+    cause = exc.__cause__
+    if isinstance(exc, PluginRunError) and cause is not None:
+        return f"run raised {type(cause).__name__}"
+    return exc.message
 
 
 def _describe(exc: BaseException) -> str:

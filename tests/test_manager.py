@@ -491,3 +491,41 @@ async def test_strict_refuses_enabling_a_plugin_whose_key_was_revoked(
     assert info.value.code == "plugin_untrusted"
     with pytest.raises(PluginStateConflict):
         await manager.run("test.a", {})
+
+
+async def test_run_failure_event_never_quotes_the_payload(env: Env, plugins: PluginFactory,
+                                                          make_manager: ManagerFactory) -> None:
+    """A plugin whose exception text echoes the payload: the caller sees it, the audit not."""
+    plugins.write("a", code="class Plugin:\n    def run(self, p, c):\n"
+                            "        raise ValueError('bad ip ' + p['ip'])\n")
+    manager = await make_manager()
+    await manager.discover()
+    with pytest.raises(PluginRunError) as info:
+        await manager.run("test.a", {"ip": "10.66.77.88"})
+    assert "10.66.77.88" in info.value.message
+    assert "10.66.77.88" not in env.audit.read_text() + env.stdout.getvalue()
+    assert env.audit_events()[-1]["error"] == "run raised ValueError"
+
+
+async def test_reload_of_failed_plugin_from_a_new_directory(
+        plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """A failed plugin whose fixed copy lives in a new directory reloads from there."""
+    old = plugins.write("v1", plugin_id="acme.moved", sign=False)
+    manager = await make_manager()
+    await manager.discover()
+    shutil.rmtree(old)
+    new = plugins.write("v2", plugin_id="acme.moved", version="2.0.0")
+    record = await manager.reload("acme.moved")
+    assert (record.state.value, record.path, record.version) == ("enabled", str(new), "2.0.0")
+
+
+async def test_failed_retry_keeps_a_record(plugins: PluginFactory,
+                                          make_manager: ManagerFactory) -> None:
+    """A retry that still fails leaves the plugin known (failed), never forgotten."""
+    path = plugins.write("a", sign=False)
+    manager = await make_manager()
+    await manager.discover()
+    (path / "plugin.yaml").write_text("id: [broken\n")
+    with pytest.raises(PluginDError):
+        await manager.reload("test.a")
+    assert manager.get("test.a").state.value == "failed"
