@@ -251,9 +251,7 @@ async def reload_plugin(request: web.Request) -> web.Response:
     except PluginNotFound:
         raise
     except PluginDError as exc:
-        st.metrics.reload(ok=False)
         raise _reload_conflict(st.manager, plugin_id, exc) from exc
-    st.metrics.reload(ok=True)
     return _json(record.to_json())
 
 
@@ -729,6 +727,7 @@ def build_app(*, manager: PluginManager, events: EventLog, tokens: TokenStore,
                      spec=_dumps(openapi_document()).encode("utf-8"))
     for route in ROUTES:
         state.routes[app.router.add_route(route.method, route.path, route.handler)] = route
+    events.subscribe(state.metrics.observe)
     app[STATE] = state
     return app
 

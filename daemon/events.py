@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TextIO
@@ -134,6 +134,7 @@ class EventLog:
         stream: TextIO | None = None,
     ) -> None:
         self.audit = audit
+        self._listeners: list[Callable[[Mapping[str, Any]], None]] = []
         self._lock = threading.Lock()
         self._seq = 0
         self._logger = structlog.wrap_logger(
@@ -157,12 +158,18 @@ class EventLog:
             return ev["_line"]
         return render_json
 
+    def subscribe(self, listener: Callable[[Mapping[str, Any]], None]) -> None:
+        """Call `listener` with every event as written (for metrics); it must not raise."""
+        self._listeners.append(listener)
+
     def emit(self, event: str, *, level: str = "info", **fields: Any) -> dict[str, Any]:
         """Write one event; returns the event as written (without secrets)."""
         with self._lock:
             self._seq += 1
             out: dict[str, Any] = {}
             self._logger.msg(event, _level=level, _seq=self._seq, _out=out, **fields)
+        for listener in self._listeners:
+            listener(out)
         return out
 
     @staticmethod

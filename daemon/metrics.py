@@ -8,7 +8,8 @@ from the manager; runs, reloads and denials are counted as the API handles them.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -54,7 +55,9 @@ class ApiMetrics:
         self._run_seconds = Histogram("aisoc_plugind_run_duration_seconds",
                                       "Run latency as the API saw it.", ["plugin_id"],
                                       buckets=RUN_BUCKETS, registry=self.registry)
-        self._reloads = Counter("aisoc_plugind_reloads", "API reloads by outcome (ok, failed).",
+        self._reloads = Counter("aisoc_plugind_reloads",
+                                "Reloads by outcome (ok, failed), from the API, the watcher "
+                                "or an OCI install.",
                                 ["outcome"], registry=self.registry)
         self._denied = Counter("aisoc_plugind_api_denied", "Denied API requests by reason.",
                                ["reason"], registry=self.registry)
@@ -67,9 +70,14 @@ class ApiMetrics:
         self._runs.labels(plugin_id=plugin_id, outcome=outcome).inc()
         self._run_seconds.labels(plugin_id=plugin_id).observe(seconds)
 
-    def reload(self, ok: bool) -> None:
-        """Count one reload requested through the API."""
-        self._reloads.labels(outcome="ok" if ok else "failed").inc()
+    def observe(self, event: Mapping[str, Any]) -> None:
+        """Count what the event stream says (an EventLog listener): every reload, whoever
+        triggered it."""
+        name = event.get("event")
+        if name == "plugin.reload.completed":
+            self._reloads.labels(outcome="ok").inc()
+        elif name == "plugin.reload.failed":
+            self._reloads.labels(outcome="failed").inc()
 
     def denied(self, reason: str) -> None:
         """Count one denied request."""

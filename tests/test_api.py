@@ -760,3 +760,12 @@ def test_spec_is_a_valid_openapi_31_document() -> None:
     schemathesis.openapi.from_dict(openapi_document()).validate()
     for schema in openapi_document()["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(schema)
+
+
+async def test_metrics_count_reloads_not_made_through_the_api(api: Api) -> None:
+    """A reload by the watcher (or any non-API caller) shows in aisoc_plugind_reloads."""
+    await api.manager.reload(ECHO_ID)
+    async with await api.call("GET", "/metrics", "reader") as response:
+        text = await response.text()
+        assert response.status == 200
+    assert 'aisoc_plugind_reloads_total{outcome="ok"} 1.0' in text
