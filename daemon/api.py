@@ -434,7 +434,26 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise _too_large(st.settings)
     if route is not None and route.permission is not None:
         request[_PRINCIPAL] = _authorize(request, st, route.permission)
+        if route.permission in _NEED_AUDIT and _audit_down(st):
+            raise ApiError(
+                "the audit log cannot be written, so changes and runs are refused until it "
+                f"can ({st.events.audit.failure if st.events.audit else ''})",
+                code="audit_unavailable", status=503, reason="audit_unavailable")
     return await handler(request)
+
+
+# Changes and runs must leave an audit record (research item 25: fail closed); reads need not.
+_NEED_AUDIT = frozenset({ADMIN, EXECUTE})
+
+
+def _audit_down(st: ApiState) -> bool:
+    """Return True while the audit sink is failing and `audit.fail_closed` is set.
+
+    The denial event this leads to is itself a write attempt, so the state heals as soon as
+    the file can be written again.
+    """
+    audit = st.events.audit
+    return st.settings.audit_fail_closed and audit is not None and audit.probe() is not None
 
 
 def _authorize(request: web.Request, st: ApiState, permission: str) -> Principal:
@@ -583,7 +602,8 @@ _STATUS_TEXT = {
     413: "Body over api.max_body_bytes", 422: "The plugin was refused (signature, manifest "
     "or code)", 501: "Not available in this daemon",
     502: "The plugin raised or returned something that is not JSON, or the registry failed",
-    503: "Not ready", 504: "The plugin did not return within plugins.run_timeout_s",
+    503: "Not ready, or the audit log cannot be written (audit.fail_closed)",
+    504: "The plugin did not return within plugins.run_timeout_s",
 }
 _NULLABLE_STR = {"type": ["string", "null"]}
 _SCHEMAS: dict[str, Any] = {
@@ -648,6 +668,7 @@ def _responses(route: Route) -> dict[str, Any]:
     if route.ok != 204:
         out[str(route.ok)]["content"] = _media(route)
     statuses = list(route.errors) + ([401, 403] if route.permission else [])
+    statuses += [503] if route.permission in _NEED_AUDIT else []
     for status in sorted(set(statuses)):
         out[str(status)] = {"description": _STATUS_TEXT[status],
                             "content": {"application/json": {

@@ -43,6 +43,7 @@ class Settings:
     api_max_body_bytes: int = 1024 * 1024
     audit_path: Path = Path("/var/log/aisoc-plugind/audit.jsonl")
     audit_fsync: FsyncPolicy = FsyncPolicy.MUTATIONS
+    audit_fail_closed: bool = True
     log_format: str = "json"
     shutdown_grace_s: float = 20.0
     oci_allow_insecure_registries: tuple[str, ...] = ()
@@ -163,6 +164,7 @@ KEYS: tuple[_Key, ...] = (
     _Key("audit_path", "audit", "path", "AISOC_PLUGIND_AUDIT_LOG", _as_path),
     _Key("audit_fsync", "audit", "fsync", None,
          lambda v: FsyncPolicy(_choice(tuple(p.value for p in FsyncPolicy))(v))),
+    _Key("audit_fail_closed", "audit", "fail_closed", None, _as_bool),
     _Key("log_format", "log", "format", None, _choice(("json", "console"))),
     _Key("shutdown_grace_s", "daemon", "shutdown_grace_s", None, _positive(float)),
     _Key("oci_allow_insecure_registries", "oci", "allow_insecure_registries", None, _str_list),

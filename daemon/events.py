@@ -112,10 +112,25 @@ class AuditSink:
         if self.fsync is FsyncPolicy.ALWAYS or (durable and self.fsync is FsyncPolicy.MUTATIONS):
             os.fsync(self._fd)
 
+    def probe(self) -> str | None:
+        """Check (one stat) that the path still names an open, writable file; return the failure.
+
+        A moved or vanished file is reopened here, so a gone directory is noticed before a
+        change is made rather than after. A full disk shows only on the next write.
+        """
+        if self._fd is None or self._rotated():
+            try:
+                self.open()
+            except OSError as exc:
+                self.failure = f"{self.path}: {exc}"
+                return self.failure
+            self.failure = None  # reopened: the next write says whether it really works
+        return self.failure
+
     def _rotated(self) -> bool:
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except OSError:  # gone, or a path component is no longer a directory
             return True
         return (st.st_dev, st.st_ino) != self._ident
 

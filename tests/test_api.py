@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import socket
 import ssl
 import stat
@@ -769,3 +770,20 @@ async def test_metrics_count_reloads_not_made_through_the_api(api: Api) -> None:
         text = await response.text()
         assert response.status == 200
     assert 'aisoc_plugind_reloads_total{outcome="ok"} 1.0' in text
+
+
+async def test_changes_and_runs_fail_closed_while_audit_cannot_be_written(api: Api) -> None:
+    """Audit file unwritable: run/admin get 503 audit_unavailable, reads work; then it heals."""
+    log_dir = api.env.audit.parent
+    shutil.move(log_dir, api.env.tmp / "log-away")
+    log_dir.write_text("a file where the audit directory was: every write fails now")
+    status, body = await api.json("POST", f"/api/v1/plugins/{ECHO_ID}/run", "runner")
+    assert (status, body["error"]["code"]) == (503, "audit_unavailable")
+    status, body = await api.json("POST", f"/api/v1/plugins/{ECHO_ID}/disable", "admin")
+    assert status == 503
+    assert api.manager.get(ECHO_ID).state.value == "enabled"  # nothing changed unaudited
+    assert (await api.json("GET", f"/api/v1/plugins/{ECHO_ID}", "reader"))[0] == 200
+    log_dir.unlink()  # the directory can be created again
+    status, _ = await api.json("POST", f"/api/v1/plugins/{ECHO_ID}/run", "runner")
+    assert status == 200
+    assert "plugin.run.completed" in api.audit_text()
