@@ -150,6 +150,7 @@ class _Slot:
     record: PluginRecord
     live: _Live | None = None
     signature: bytes | None = None  # the raw signature that verified the live version
+    signature_file: bytes | None = None  # plugin.sig as read for the live version
 
 
 @dataclass(slots=True)
@@ -256,9 +257,30 @@ class PluginManager:
                 self._flag_missing()
                 self._rejects.drop(path)
             elif slot is not None and slot.record.state in SERVING:
-                await self._reload_slot(slot, path, caller)
+                if not await self._unchanged(slot, path):
+                    await self._reload_slot(slot, path, caller)
             else:
                 await self._load_new(path, caller)
+
+    def serving_dirs(self) -> list[Path]:
+        """Return the directories the serving plugins were loaded from."""
+        return sorted(Path(s.record.path) for s in self._slots.values()
+                      if s.record.state in SERVING)
+
+    async def _unchanged(self, slot: _Slot, path: Path) -> bool:
+        """Return True when `path` holds exactly the manifest, code and plugin.sig in memory.
+
+        Only the watcher asks: a `touch`, a rename into place or a catch-up costs a read and
+        a hash instead of a reload. An operator's `reload` always re-imports.
+        """
+        if slot.record.error is not None or Path(slot.record.path) != path:
+            return False
+        try:
+            bundle, manifest = await self._read(path)
+        except PluginDError:
+            return False
+        digest = plugin_digest(manifest.as_json(), bundle.sources).hex()
+        return digest == slot.record.digest and bundle.signature == slot.signature_file
 
     def _candidate_dirs(self) -> list[Path]:
         root = self.settings.plugins_dir
@@ -434,6 +456,7 @@ class PluginManager:
             error=None, path_missing=False)
         slot.signature = (parse_signature(prepared.bundle.signature or b"")
                           if d.status is SignatureStatus.VERIFIED else None)
+        slot.signature_file = prepared.bundle.signature
         self._rejects.drop(prepared.bundle.path)
         if old is not None:
             old.retired = True

@@ -240,11 +240,14 @@ class PluginWatcher:
                 return
 
     async def _catch_up(self) -> None:
-        """After a watch gap, load what appeared, retry what failed, flag what vanished."""
+        """After a watch gap, load what appeared, retry what failed, flag what vanished, and
+        reload serving plugins whose files changed meanwhile (unchanged ones cost a hash)."""
         try:
             await self.manager.discover(WATCHER)
         except PluginDError as exc:
             self._error(exc)
+        for path in self.manager.serving_dirs():
+            await self._sync(path)
 
     async def _sync(self, path: Path) -> None:
         try:

@@ -529,3 +529,34 @@ async def test_failed_retry_keeps_a_record(plugins: PluginFactory,
     with pytest.raises(PluginDError):
         await manager.reload("test.a")
     assert manager.get("test.a").state.value == "failed"
+
+
+async def test_sync_dir_skips_an_unchanged_directory(env: Env, plugins: PluginFactory,
+                                                     make_manager: ManagerFactory) -> None:
+    """The watcher's sync of a directory whose bytes did not change reloads nothing."""
+    path = plugins.write("a")
+    manager = await make_manager()
+    await manager.discover()
+    (path / "plugin.py").touch()
+    await manager.sync_dir(path)
+    assert "plugin.reload.completed" not in env.names()
+    plugins.write("a", version="2.0.0")
+    await manager.sync_dir(path)
+    assert manager.get("test.a").version == "2.0.0"
+    assert env.names().count("plugin.reload.completed") == 1
+
+
+async def test_sync_dir_retries_after_a_failed_reload(env: Env, plugins: PluginFactory,
+                                                      make_manager: ManagerFactory) -> None:
+    """Old version serving with an error: a sync of the same bytes retries, not skips."""
+    path = plugins.write("a")
+    manager = await make_manager()
+    await manager.discover()
+    plugins.write("a", version="2.0.0", sign=False)
+    with pytest.raises(PluginDError):  # refused: unsigned; 1.0.0 serves on with the error
+        await manager.sync_dir(path)
+    assert manager.get("test.a").error is not None
+    plugins.write("a", version="2.0.0")
+    await manager.sync_dir(path)
+    record = manager.get("test.a")
+    assert (record.version, record.error) == ("2.0.0", None)

@@ -420,3 +420,19 @@ async def test_leaving_the_component_stops_the_watch_promptly(env: Env) -> None:
         WATCHER_STARTED,
         "watcher.stopped",
     ]
+
+
+async def test_serving_plugin_changed_during_a_watch_outage_is_reloaded(
+    env: Env, plugins: PluginFactory
+) -> None:
+    """Files changed while nothing watched are picked up by the catch-up after the outage."""
+    plugins.write("kept", version="1.0.0")
+    async with watching(env) as watched:
+        assert await _served_version(watched.manager, "test.kept") == "1.0.0"
+        moved = env.tmp / "plugins-away"
+        env.plugins.rename(moved)  # the watch loses its directory
+        await watched.tap.wait_for(WATCHER_ERROR, error_code="plugins_dir_missing")
+        PluginFactory(moved).write("kept", version="2.0.0")  # edited during the outage
+        moved.rename(env.plugins)
+        await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.kept")
+        assert await _served_version(watched.manager, "test.kept") == "2.0.0"
