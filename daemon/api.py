@@ -114,7 +114,9 @@ _PRINCIPAL = web.RequestKey("aisoc_principal", Principal)
 
 
 def _dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    # ASCII escapes: a lone surrogate (from a non-UTF-8 directory name or a payload) must not
+    # make the UTF-8 encoding of the response fail.
+    return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -433,15 +433,18 @@ def _check_config_schema(source: str, mapping: Mapping[str, Any], flagged: set[s
     if "$schema" in schema and not isinstance(schema["$schema"], str):
         return [_error("config_schema_invalid", "must be a string URI",
                        field="config_schema.$schema", path=source)]
-    validator = jsonschema.validators.validator_for(
-        schema, default=jsonschema.Draft202012Validator)
     try:
-        validator.check_schema(schema)
+        validator = manifest_mod.config_validator(schema)
     except jsonschema.exceptions.SchemaError as exc:
         field = "config_schema" + exc.json_path.removeprefix("$")
         return [_error("config_schema_invalid", f"not a valid JSON Schema: {exc.message}",
                        field=field, path=source)]
-    empty = next(iter(validator(schema).iter_errors({})), None)
+    try:
+        empty = next(iter(validator.iter_errors({})), None)
+    except Exception as exc:  # an unresolvable or endless $ref: nothing is fetched
+        return [_error("config_schema_invalid",
+                       f"cannot be used ({type(exc).__name__}): only $refs inside the schema "
+                       "are resolved", field="config_schema", path=source)]
     if empty is None:
         return []
     return [_warning("config_required", f"an empty plugin config fails it ({empty.message}): "

@@ -166,7 +166,9 @@ class EventLog:
 
             def render_console(logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:
                 ev.pop("_line", None)
-                return console(logger, name, ev)
+                text = str(console(logger, name, ev))
+                # A path from a non-UTF-8 file name must not make printing the event fail.
+                return text.encode("utf-8", "backslashreplace").decode("utf-8")
             return render_console
 
         def render_json(logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:

@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
-import jsonschema
 
 from daemon import events as ev
 from daemon import oci
@@ -44,7 +43,7 @@ from daemon.errors import (
 from daemon.events import EventLog
 from daemon.keyring import Keyring
 from daemon.loader import ImportedBundle, import_bundle
-from daemon.manifest import Manifest
+from daemon.manifest import Manifest, config_problem
 from daemon.manifest import parse as parse_manifest
 from daemon.registry import SERVING, PluginRecord, State, utcnow
 from daemon.signing import (
@@ -238,7 +237,7 @@ class PluginManager:
             loaded: list[str] = []
             failed: list[dict[str, Any]] = []
             for path in await anyio.to_thread.run_sync(self._candidate_dirs):
-                outcome = await self._load_new(path, caller)
+                outcome = await self._load_guarded(path, caller)
                 if isinstance(outcome, str):
                     loaded.append(outcome)
                 elif outcome is not None:
@@ -260,7 +259,19 @@ class PluginManager:
                 if not await self._unchanged(slot, path):
                     await self._reload_slot(slot, path, caller)
             else:
-                await self._load_new(path, caller)
+                await self._load_guarded(path, caller)
+
+    async def _load_guarded(self, path: Path, caller: Caller) -> str | dict[str, Any] | None:
+        """Load one directory; an unexpected error fails that directory, never the scan."""
+        try:
+            return await self._load_new(path, caller)
+        except PluginDError:
+            raise
+        except Exception as exc:  # a bug or a parser we do not control: contain it here
+            error = PluginLoadError(f"loading failed unexpectedly ({type(exc).__name__})",
+                                    code="plugin_load_error")
+            self._emit_failure(None, path, error, caller)
+            return self._rejects.add(path, error, None)
 
     def serving_dirs(self) -> list[Path]:
         """Return the directories the serving plugins were loaded from."""
@@ -314,22 +325,23 @@ class PluginManager:
             return self._rejects.add(path, exc, None)
         owner = self._slots.get(manifest.id)
         if owner is not None and Path(owner.record.path) != path:
-            return self._other_owner(owner, path, manifest, caller)
+            if _keeps_id(owner.record):
+                return self._other_owner(owner, path, manifest, caller)
+            del self._slots[manifest.id]  # failed/unloaded and its directory is gone
         return await self._load_fresh(bundle, manifest, caller)
 
     def _other_owner(self, owner: _Slot, path: Path, manifest: Manifest, caller: Caller
                      ) -> dict[str, Any] | None:
+        """Report `path` as a duplicate of the id's owner, unless the owner merely moved."""
         if owner.record.state in SERVING and not Path(owner.record.path).is_dir():
             return None  # the plugin moved: `reload` switches to the new directory
-        if owner.record.state in SERVING or owner.record.state is State.FAILED:
-            error = DuplicatePluginId(
-                f"duplicate plugin id {manifest.id!r}: {path} declares the id already loaded "
-                f"from {owner.record.path}; the first one loaded wins")
-            self.events.emit(ev.PLUGIN_DUPLICATE_ID, level="warning", plugin_id=manifest.id,
-                             path=str(path), loaded_path=owner.record.path,
-                             error_code=error.code, error=error.message, **caller.fields())
-            return self._rejects.add(path, error, self._failed_record(manifest, path, error))
-        return None
+        error = DuplicatePluginId(
+            f"duplicate plugin id {manifest.id!r}: {path} declares the id already loaded "
+            f"from {owner.record.path}; the first one loaded wins")
+        self.events.emit(ev.PLUGIN_DUPLICATE_ID, level="warning", plugin_id=manifest.id,
+                         path=str(path), loaded_path=owner.record.path,
+                         error_code=error.code, error=error.message, **caller.fields())
+        return self._rejects.add(path, error, self._failed_record(manifest, path, error))
 
     async def _load_fresh(self, bundle: Bundle, manifest: Manifest, caller: Caller
                           ) -> str | dict[str, Any]:
@@ -402,19 +414,16 @@ class PluginManager:
     def _plugin_config(self, manifest: Manifest) -> dict[str, Any]:
         config = self.settings.config_for(manifest.id)
         schema = manifest.as_json().get("config_schema")
-        if isinstance(schema, dict):
-            try:
-                validator = jsonschema.validators.validator_for(
-                    schema, default=jsonschema.Draft202012Validator)
-                validator.check_schema(schema)
-                validator(schema).validate(config)
-            except jsonschema.exceptions.SchemaError as exc:
-                raise PluginLoadError(f"config_schema is not a valid JSON Schema: {exc.message}",
-                                      code="manifest_bad_config_schema") from exc
-            except jsonschema.exceptions.ValidationError as exc:
-                raise PluginLoadError(
-                    f'[plugin_config."{manifest.id}"] does not match config_schema: '
-                    f"{exc.message}", code="plugin_config_invalid") from exc
+        if not isinstance(schema, dict):
+            return config
+        try:
+            problem = config_problem(schema, config)
+        except ValueError as exc:
+            raise PluginLoadError(str(exc), code="manifest_bad_config_schema") from exc
+        if problem is not None:
+            raise PluginLoadError(
+                f'[plugin_config."{manifest.id}"] does not match config_schema: {problem}',
+                code="plugin_config_invalid")
         return config
 
     async def _instantiate(self, bundle: Bundle, manifest: Manifest, config: dict[str, Any]
@@ -543,8 +552,10 @@ class PluginManager:
             raise PluginLoadError(f"no directory under {self.settings.plugins_dir} holds "
                                   f"plugin {plugin_id!r}", code="plugin_dir_missing")
         del self._slots[plugin_id]  # the new attempt owns the id, wherever its directory is
-        outcome = await self._load_new(path, caller)
-        self._slots.setdefault(plugin_id, slot)  # nothing parsed: keep the old record
+        try:
+            outcome = await self._load_guarded(path, caller)
+        finally:
+            self._slots.setdefault(plugin_id, slot)  # nothing parsed: keep the old record
         if not isinstance(outcome, str) and outcome is not None:
             raise PluginLoadError(outcome["error"], code=outcome["code"])
         return self._slots[plugin_id].record
@@ -877,6 +888,11 @@ def _describe(exc: BaseException) -> str:
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _keeps_id(record: PluginRecord) -> bool:
+    """Return True when a plugin's id stays with it against another directory claiming it."""
+    return record.state in SERVING or Path(record.path).is_dir()
 
 
 def _manifest_id(path: Path) -> str | None:

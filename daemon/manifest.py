@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.protocols
+import jsonschema.validators
+import referencing
 import yaml
 import yaml.constructor
 import yaml.nodes
@@ -138,7 +143,12 @@ def parse(data: bytes, source: str = YAML_MANIFEST) -> Manifest:
     except UnicodeDecodeError as exc:
         raise ManifestError([Problem(field="", code="manifest_bad_syntax",
                                      message="not UTF-8 text")], source=source) from exc
-    loaded = _load_json(text) if source.endswith(".json") else _load_yaml(text)
+    try:
+        loaded = _load_json(text) if source.endswith(".json") else _load_yaml(text)
+    except RecursionError as exc:  # e.g. 2000 nested brackets: an error, not a crash
+        raise ManifestError([Problem(field="", code="manifest_too_deep",
+                                     message="nested too deeply to parse")],
+                            source=source) from exc
     return validate(loaded, source=source)
 
 
@@ -268,3 +278,36 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
     return value
+
+
+def config_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """Return a validator for a plugin's `config_schema` that never fetches anything.
+
+    jsonschema still retrieves remote `$ref` URLs by default (deprecated, for backwards
+    compatibility): a manifest could make the daemon send requests anywhere. An explicit empty
+    registry resolves only references inside the schema itself. Raises SchemaError.
+    """
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema, registry=referencing.Registry())
+
+
+def config_problem(schema: dict[str, Any], config: Mapping[str, Any]) -> str | None:
+    """Return why `config` fails `schema` without quoting any config value, or None.
+
+    Raises ValueError (with a reason) when the schema itself cannot be used: invalid, a
+    `$ref` that does not resolve locally, or nested past the recursion limit.
+    """
+    try:
+        error = jsonschema.exceptions.best_match(config_validator(schema).iter_errors(config))
+    except jsonschema.exceptions.SchemaError as exc:
+        raise ValueError(f"config_schema is not a valid JSON Schema: {exc.message}") from exc
+    except RecursionError as exc:
+        raise ValueError("config_schema refers to itself without end") from exc
+    except Exception as exc:  # referencing's Unresolvable and friends (no public base class)
+        raise ValueError(f"config_schema cannot be used ({type(exc).__name__}): only $refs "
+                         "inside the schema are resolved") from exc
+    if error is None:
+        return None
+    # Never exc.message: it quotes the offending value, and config holds secrets.
+    return f"{error.json_path} fails the schema keyword {error.validator!r}"

@@ -208,8 +208,9 @@ class PluginWatcher:
             self._delivered = False
             try:
                 await self._watch(settler)
-            except (OSError, RuntimeError) as exc:  # WatchfilesRustInternalError: RuntimeError
-                self._error(exc)
+            except* Exception as group:  # awatch wraps its thread's errors in a group
+                for exc in group.exceptions:
+                    self._error(exc)
             # A session that worked for a while starts the backoff over.
             delay = next_backoff(None if self._delivered else delay)
             with anyio.move_on_after(delay):

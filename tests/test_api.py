@@ -787,3 +787,23 @@ async def test_changes_and_runs_fail_closed_while_audit_cannot_be_written(api: A
     status, _ = await api.json("POST", f"/api/v1/plugins/{ECHO_ID}/run", "runner")
     assert status == 200
     assert "plugin.run.completed" in api.audit_text()
+
+
+async def test_non_utf8_directory_name_does_not_break_listing(api: Api) -> None:
+    """A plugin dir whose name is not UTF-8 is listed (escaped), never a 500."""
+    weird = os.fsencode(api.env.plugins) + b"/zz\xff"
+    os.mkdir(weird)
+    with open(weird + b"/plugin.yaml", "w") as fh:
+        fh.write('{"id": "zz.bad", "name": "x", "version": "1", "plugin_type": "widget"}')
+    status, body = await api.json("POST", "/api/v1/plugins/discover", "admin")
+    assert status == 200 and body["failed"][0]["code"] == "signature_unsigned"
+    assert (await api.json("GET", "/api/v1/plugins", "reader"))[0] == 200
+    assert (await api.json("GET", "/api/v1/plugins/zz.bad", "reader"))[0] == 200
+
+
+async def test_lone_surrogate_in_payload_is_not_a_500(api: Api) -> None:
+    """A payload string holding a lone surrogate round-trips escaped (the echo plugin)."""
+    status, body = await api.json("POST", f"/api/v1/plugins/{ECHO_ID}/run", "runner",
+                                  data='{"payload": {"a": "\\ud800"}}',
+                                  headers={"Content-Type": "application/json"})
+    assert status == 200, body

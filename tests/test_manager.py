@@ -560,3 +560,95 @@ async def test_sync_dir_retries_after_a_failed_reload(env: Env, plugins: PluginF
     await manager.sync_dir(path)
     record = manager.get("test.a")
     assert (record.version, record.error) == ("2.0.0", None)
+
+
+# ---- red-team regressions -------------------------------------------------------------------
+
+async def test_deeply_nested_manifest_fails_only_its_directory(
+        env: Env, plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """2000 nested brackets: that directory fails (manifest_too_deep), discovery carries on."""
+    bad = plugins.write("deep", sign=False)
+    (bad / "plugin.yaml").write_bytes(b"id: " + b"[" * 2000 + b"]" * 2000 + b"\n")
+    plugins.write("good")
+    manager = await make_manager()
+    result = await manager.discover()
+    assert result.discovered == ["test.good"]
+    assert [(f["path"], f["code"]) for f in result.failed] == [(str(bad), "manifest_too_deep")]
+
+
+async def test_config_values_never_appear_in_errors_or_events(
+        env: Env, plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """A plugin_config failing its schema is reported by path and keyword, never by value."""
+    schema = {"type": "object", "properties": {"api_key": {"type": "string",
+                                                           "pattern": "^sk-[0-9]+$"}}}
+    plugins.write("a", manifest_extra={"config_schema": schema})
+    manager = await make_manager(plugin_config={"test.a": {"api_key": "SUPERSECRET-live-1"}})
+    await manager.discover()
+    error = manager.get("test.a").error
+    assert error is not None and error["code"] == "plugin_config_invalid"
+    assert "$.api_key" in error["message"] and "pattern" in error["message"]
+    assert "SUPERSECRET" not in str(error) + env.audit.read_text() + env.stdout.getvalue()
+
+
+@pytest.mark.parametrize("schema", [{"$ref": "#/$defs/nope"}, {"$ref": "#"},
+                                    {"$ref": "urn:example:elsewhere"}])
+async def test_unusable_config_schema_fails_that_plugin_only(
+        schema: dict[str, str], plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """A $ref that does not resolve (or loops) fails the plugin, not discovery."""
+    plugins.write("a", manifest_extra={"config_schema": schema})
+    plugins.write("good")
+    manager = await make_manager()
+    result = await manager.discover()
+    assert result.discovered == ["test.good"]
+    error = manager.get("test.a").error
+    assert error is not None and error["code"] == "manifest_bad_config_schema"
+
+
+async def test_config_schema_never_fetches_a_remote_ref(
+        plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """A manifest cannot make the daemon send requests: a remote $ref is not retrieved."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"type": "object"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/schema.json"
+        plugins.write("a", manifest_extra={"config_schema": {"$ref": url}})
+        manager = await make_manager()
+        await manager.discover()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert hits == []
+    error = manager.get("test.a").error
+    assert error is not None and error["code"] == "manifest_bad_config_schema"
+
+
+async def test_second_directory_for_an_unloaded_id_is_reported(
+        env: Env, plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """An id whose plugin was unloaded (dir still there) is not silently claimed by another."""
+    plugins.write("b-first", plugin_id="acme.x")
+    manager = await make_manager()
+    await manager.discover()
+    await manager.unload("acme.x")
+    claimant = plugins.write("a-claimant", plugin_id="acme.x")
+    result = await manager.discover()
+    assert result.discovered == ["acme.x"]
+    assert manager.get("acme.x").path == str(env.plugins / "b-first")
+    assert [f["path"] for f in result.failed] == [str(claimant)]
+    assert "plugin.duplicate_id" in env.names()

@@ -148,3 +148,12 @@ def test_bad_field_shapes(field: str, value: object) -> None:
     """Fields must have their documented shapes."""
     base = "\n".join(line for line in GOOD.splitlines() if not line.startswith(field + ":"))
     assert _codes(base + f"\n{field}: {json.dumps(value)}\n") == {"manifest_bad_field"}
+
+
+@pytest.mark.parametrize(("data", "source"), [
+    (b"id: " + b"[" * 2000 + b"]" * 2000, "plugin.yaml"),
+    (b'{"id": ' + b"[" * 20000 + b"]" * 20000 + b"}", "aisoc-plugin.json"),
+])
+def test_deep_nesting_is_an_error_not_a_crash(data: bytes, source: str) -> None:
+    """Nesting past the recursion limit is manifest_too_deep (it used to escape as a crash)."""
+    assert _codes(data, source) == {"manifest_too_deep"}

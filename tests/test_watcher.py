@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import textwrap
 from collections.abc import AsyncIterator
@@ -436,3 +437,15 @@ async def test_serving_plugin_changed_during_a_watch_outage_is_reloaded(
         moved.rename(env.plugins)
         await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.kept")
         assert await _served_version(watched.manager, "test.kept") == "2.0.0"
+
+
+async def test_non_utf8_directory_name_does_not_stop_the_daemon(
+    env: Env, plugins: PluginFactory
+) -> None:
+    """A directory whose name is not UTF-8 is a watcher.error; other plugins keep working."""
+    plugins.write("good", version="1.0.0")
+    async with watching(env) as watched:
+        os.mkdir(os.fsencode(env.plugins) + b"/x\xff")
+        await watched.tap.wait_for(WATCHER_ERROR)
+        assert await _served_version(watched.manager, "test.good") == "1.0.0"
+        assert (await watched.manager.discover()).discovered == []
