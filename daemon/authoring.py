@@ -41,7 +41,7 @@ import yaml
 from daemon import manifest as manifest_mod
 from daemon import scaffold
 from daemon.bundle import MAX_DEPTH, SIGNATURE_FILE, Bundle, read_bundle
-from daemon.errors import BundleError, KeyFileError, ManifestError, PluginDError
+from daemon.errors import AuthoringError, BundleError, KeyFileError, ManifestError, PluginDError
 from daemon.keyring import SkippedKey, load_keyring
 from daemon.manifest import MANIFEST_NAMES, Manifest
 from daemon.signing import (
@@ -76,13 +76,6 @@ _UNSAFE_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9._+-]")
 # Manifest problems raised before the document was loaded as a mapping.
 _UNLOADABLE = frozenset({"manifest_bad_syntax", "manifest_unsafe_yaml", "manifest_too_large",
                          "manifest_not_mapping"})
-
-
-class AuthoringError(PluginDError):
-    """An authoring command cannot do what was asked (file exists, plugin invalid, ...)."""
-
-    code = "authoring_failed"
-    http_status = 400
 
 
 # ---- the plugin directory as files -------------------------------------------------------

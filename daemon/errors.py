@@ -12,7 +12,9 @@
     ├── PluginStateConflict           plugin_disabled / plugin_failed / plugin_unloaded  409
     ├── PluginRunError                plugin_error    502
     ├── PluginTimeout                 plugin_timeout  504
-    └── PluginResultInvalid           plugin_result_invalid 502
+    ├── PluginResultInvalid           plugin_result_invalid 502
+    ├── AuthoringError                authoring_failed (the `aisoc plugin` commands)
+    └── OciError (daemon.oci)         oci_*           502;  ArchiveError archive_* 422
 
 The `code` is what the API's error body, the audit log (`error_code`) and the CLI show;
 `http_status` is the API's answer for it. Foreign exceptions are translated at the boundary
@@ -144,3 +146,10 @@ class PluginResultInvalid(PluginDError):
 
     code = "plugin_result_invalid"
     http_status = 502
+
+
+class AuthoringError(PluginDError):
+    """An authoring command cannot do what was asked (file exists, plugin invalid, ...)."""
+
+    code = "authoring_failed"
+    http_status = 400
