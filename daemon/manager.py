@@ -369,7 +369,11 @@ class PluginManager:
     # ---- the load pipeline ---------------------------------------------------------------
 
     async def _read(self, path: Path) -> tuple[Bundle, Manifest]:
-        bundle = await anyio.to_thread.run_sync(read_bundle, path)
+        try:
+            bundle = await anyio.to_thread.run_sync(read_bundle, path)
+        except OSError as exc:  # e.g. a subdirectory that cannot be listed
+            raise BundleError(f"{path}: cannot read: {exc.strerror or exc}",
+                              code="bundle_unreadable") from exc
         return bundle, parse_manifest(bundle.manifest_bytes, bundle.manifest_name)
 
     async def _prepare(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> _Prepared:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -652,3 +653,19 @@ async def test_second_directory_for_an_unloaded_id_is_reported(
     assert manager.get("acme.x").path == str(env.plugins / "b-first")
     assert [f["path"] for f in result.failed] == [str(claimant)]
     assert "plugin.duplicate_id" in env.names()
+
+
+async def test_bad_entry_deep_inside_fails_only_that_reload(
+        plugins: PluginFactory, make_manager: ManagerFactory) -> None:
+    """A FIFO planted in a subpackage fails that plugin's reload; other plugins serve on."""
+    path = plugins.write("a", files={"pkg/__init__.py": ""})
+    plugins.write("good")
+    manager = await make_manager()
+    await manager.discover()
+    shutil.rmtree(path / "pkg")
+    (path / "pkg").mkdir()
+    os.mkfifo(path / "pkg" / "x.py")  # an unreadable entry deep inside
+    with pytest.raises(PluginDError) as info:
+        await manager.reload("test.a")
+    assert info.value.code == "bundle_not_regular"
+    assert (await manager.run("test.good", {})).result["version"] == "1.0.0"
