@@ -11,6 +11,7 @@ built from, so a route cannot exist without a declared permission and a spec ent
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -88,6 +89,49 @@ class Route:
     query: tuple[str, ...] = ()
 
 
+class DenialLimiter:
+    """Per-peer token buckets for requests that are denied anyway (research item 20).
+
+    Only denials spend from a bucket, so a client with a valid token is never slowed down by
+    a noisy neighbour on the same address (everything on loopback shares one). Past the
+    budget a would-be 401/403/413/421 is answered 429 and is not written to the audit file
+    one line each: the peer's first limited request is audited (`reason: rate_limited`), the
+    rest are counted in metrics and reported as `suppressed` on the peer's next audited
+    denial. This bounds how many audit lines (and fsyncs) an unauthenticated caller can cause.
+    """
+
+    __slots__ = ("_buckets", "_burst", "_rate", "_suppressed")
+
+    def __init__(self, burst: int, per_second: float) -> None:
+        self._burst, self._rate = float(burst), per_second
+        self._buckets: dict[str, tuple[float, float]] = {}
+        # Peers in the limited state -> denials answered 429 without an audit line so far.
+        self._suppressed: dict[str, int] = {}
+
+    def take(self, peer: str) -> bool:
+        """Spend one denial for `peer`; return False when its budget is exhausted."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(peer, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if len(self._buckets) > 10_000:  # bounded memory under many peers
+            self._buckets.clear()
+        allowed = tokens >= 1
+        self._buckets[peer] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+    def suppress(self, peer: str) -> bool:
+        """Record a limited denial; return True when it is the first one (to be audited)."""
+        if peer in self._suppressed:
+            self._suppressed[peer] += 1
+            return False
+        self._suppressed[peer] = 0
+        return True
+
+    def pending(self, peer: str) -> int:
+        """Leave the limited state; return how many denials went unaudited in it."""
+        return self._suppressed.pop(peer, 0)
+
+
 @dataclass(slots=True, kw_only=True)
 class ApiState:
     """What the handlers share: the manager, the event log, tokens, settings, metrics."""
@@ -100,6 +144,7 @@ class ApiState:
     metrics: ApiMetrics
     unix: bool
     allowed_hosts: frozenset[str]
+    limiter: DenialLimiter
     spec: bytes = b""
     routes: dict[AbstractRoute, Route] = field(default_factory=dict)
 
@@ -521,9 +566,9 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> web.Response:
 def _from_error(request: web.Request, exc: PluginDError) -> web.Response:
     headers: Mapping[str, str] = {}
     if isinstance(exc, ApiError):
-        headers = exc.headers
         if exc.reason is not None:
-            _denied(request, exc)
+            exc = _denied(request, exc)
+        headers = exc.headers
     return _error(exc.http_status, exc.code, exc.message, headers=headers)
 
 
@@ -548,16 +593,35 @@ def _peer(request: web.Request) -> str | None:
     return f"unix:uid={uid},gid={gid},pid={pid}"
 
 
-def _denied(request: web.Request, exc: ApiError) -> None:
+def _denied(request: web.Request, exc: ApiError) -> ApiError:
+    """Audit a denial, or, past the peer's budget, turn it into a counted 429."""
     st = _state(request)
+    peer = _peer(request) or "unknown"
+    suppressed: int | None = None
+    if st.limiter.take(peer):
+        suppressed = st.limiter.pending(peer) or None
+    else:
+        st.metrics.denied("rate_limited")
+        if not st.limiter.suppress(peer):
+            return _rate_limited(st)
+        exc = _rate_limited(st)  # the first limited request of a burst is audited
     route, principal = request.get(_ROUTE), request.get(_PRINCIPAL)
     reason = exc.reason or exc.code
-    st.metrics.denied(reason)
+    if reason != "rate_limited":
+        st.metrics.denied(reason)
     st.events.emit(API_DENIED, level="warning", route=_route_path(request),
                    method=_method(request), status=exc.http_status,
                    required_permission=route.permission if route else None, reason=reason,
-                   actor=principal.name if principal else None, peer=_peer(request),
-                   request_id=request[_RID])
+                   actor=principal.name if principal else None, peer=peer,
+                   request_id=request[_RID], suppressed=suppressed)
+    return exc
+
+
+def _rate_limited(st: ApiState) -> ApiError:
+    retry = max(1, math.ceil(1 / st.settings.api_denied_per_second))
+    return ApiError("too many denied requests from this address; slow down",
+                    code="too_many_denied_requests", status=429, reason="rate_limited",
+                    headers={"Retry-After": str(retry)})
 
 
 def _internal_error(request: web.Request, exc: Exception) -> None:
@@ -601,7 +665,8 @@ _STATUS_TEXT = {
     401: "Missing or invalid token", 403: "The token lacks the permission, or a browser "
     "request from another origin", 404: "No such plugin", 409: "Conflict with the "
     "plugin's state (failed reload: the old version serves on)",
-    413: "Body over api.max_body_bytes", 422: "The plugin was refused (signature, manifest "
+    413: "Body over api.max_body_bytes", 429: "Too many denied requests from this address "
+    "(api.denied_burst, api.denied_per_second)", 422: "The plugin was refused (signature, manifest "
     "or code)", 501: "Not available in this daemon",
     502: "The plugin raised or returned something that is not JSON, or the registry failed",
     503: "Not ready, or the audit log cannot be written (audit.fail_closed)",
@@ -669,7 +734,7 @@ def _responses(route: Route) -> dict[str, Any]:
     out: dict[str, Any] = {str(route.ok): {"description": _STATUS_TEXT[route.ok]}}
     if route.ok != 204:
         out[str(route.ok)]["content"] = _media(route)
-    statuses = list(route.errors) + ([401, 403] if route.permission else [])
+    statuses = list(route.errors) + ([401, 403, 429] if route.permission else [])
     statuses += [503] if route.permission in _NEED_AUDIT else []
     for status in sorted(set(statuses)):
         out[str(status)] = {"description": _STATUS_TEXT[status],
@@ -746,6 +811,8 @@ def build_app(*, manager: PluginManager, events: EventLog, tokens: TokenStore,
     state = ApiState(manager=manager, events=events, tokens=tokens, settings=settings,
                      ready=ready, metrics=ApiMetrics(manager.records),
                      unix=settings.api_listen.startswith("unix:"),
+                     limiter=DenialLimiter(settings.api_denied_burst,
+                                           settings.api_denied_per_second),
                      allowed_hosts=frozenset(h.strip().lower() for h in settings.api_allowed_hosts),
                      spec=_dumps(openapi_document()).encode("utf-8"))
     for route in ROUTES:

@@ -41,6 +41,8 @@ class Settings:
     api_allowed_hosts: tuple[str, ...] = ()
     api_allow_insecure_listen: bool = False
     api_max_body_bytes: int = 1024 * 1024
+    api_denied_burst: int = 50
+    api_denied_per_second: float = 10.0
     audit_path: Path = Path("/var/log/aisoc-plugind/audit.jsonl")
     audit_fsync: FsyncPolicy = FsyncPolicy.MUTATIONS
     audit_fail_closed: bool = True
@@ -161,6 +163,8 @@ KEYS: tuple[_Key, ...] = (
     _Key("api_allowed_hosts", "api", "allowed_hosts", None, _str_list),
     _Key("api_allow_insecure_listen", "api", "allow_insecure_listen", None, _as_bool),
     _Key("api_max_body_bytes", "api", "max_body_bytes", None, _positive(int)),
+    _Key("api_denied_burst", "api", "denied_burst", None, _positive(int)),
+    _Key("api_denied_per_second", "api", "denied_per_second", None, _positive(float)),
     _Key("audit_path", "audit", "path", "AISOC_PLUGIND_AUDIT_LOG", _as_path),
     _Key("audit_fsync", "audit", "fsync", None,
          lambda v: FsyncPolicy(_choice(tuple(p.value for p in FsyncPolicy))(v))),

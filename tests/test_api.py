@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import jsonschema
 import pytest
 import schemathesis
@@ -807,3 +808,30 @@ async def test_lone_surrogate_in_payload_is_not_a_500(api: Api) -> None:
                                   data='{"payload": {"a": "\\ud800"}}',
                                   headers={"Content-Type": "application/json"})
     assert status == 200, body
+
+
+async def test_denial_flood_is_limited_without_locking_out_valid_tokens(
+        env: Env, plugins: PluginFactory) -> None:
+    """120 bad-token requests: past the burst they get 429 and are audited in aggregate;
+    a valid token from the same address is served throughout."""
+    async with serve_api(env, plugins, api_denied_burst=20, api_denied_per_second=1) as api:
+        statuses = []
+        for n in range(120):
+            statuses.append((await api.json("GET", "/api/v1/plugins", None,
+                                            headers={"Authorization": "Bearer nope"}))[0])
+            if n % 30 == 0:
+                assert (await api.json("GET", "/api/v1/plugins", "reader"))[0] == 200
+        assert set(statuses[:20]) == {401}
+        assert statuses[-1] == 429
+        denied = api.events(API_DENIED)
+        assert len(denied) <= 20 + 3  # the burst, the first limited request, a refill or two
+        assert any(e["reason"] == "rate_limited" and e["status"] == 429 for e in denied)
+        async with await api.call("GET", "/metrics", "reader") as response:
+            metrics = await response.text()
+        limited = statuses.count(429)
+        assert f'aisoc_plugind_api_denied_total{{reason="rate_limited"}} {limited}.0' in metrics
+        await anyio.sleep(1.1)  # the budget refills one denial per second here
+        status, _ = await api.json("GET", "/api/v1/plugins", None,
+                                   headers={"Authorization": "Bearer nope"})
+        assert status == 401
+        assert api.events(API_DENIED)[-1]["suppressed"] >= 1  # the aggregate is reported
