@@ -509,8 +509,10 @@ def _authorize(request: web.Request, st: ApiState, permission: str) -> Principal
     if st.tokens.generation != generation:
         emit_tokens_loaded(st.events, st.tokens, trigger="file_changed")
     if principal is None:
-        reason = denial_reason(header)
-        text = "missing bearer token" if reason == "token_missing" else "invalid token"
+        expired = st.tokens.expired_name(header)
+        reason = "token_expired" if expired else denial_reason(header)
+        text = ("missing bearer token" if reason == "token_missing"
+                else f"token {expired!r} has expired" if expired else "invalid token")
         raise ApiError(f"{text}: send Authorization: Bearer <token>", code="unauthorized",
                        status=401, reason=reason,
                        headers={"WWW-Authenticate": 'Bearer realm="aisoc-plugind"'})

@@ -32,6 +32,7 @@ import tomllib
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,36 @@ class TokenEntry:
     sha256: str
     permissions: tuple[str, ...]
     created: str
+    expires: str = ""  # RFC 3339 UTC; empty: never
 
     def public(self) -> dict[str, Any]:
-        """Return what may be shown: name, permissions, created (never the hash)."""
+        """Return what may be shown: name, permissions, created, expires (never the hash)."""
         return {"name": self.name, "permissions": list(self.permissions),
-                "created": self.created}
+                "created": self.created, "expires": self.expires or None}
+
+    def expired(self, now: datetime) -> bool:
+        """Return True once `expires` has passed."""
+        return bool(self.expires) and now >= _parse_time(self.expires)
+
+
+def _parse_time(text: str) -> datetime:
+    """Parse the RFC 3339 UTC timestamps this file holds; raises ValueError."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError("a time zone is required")
+    return moment
+
+
+_DURATION_RE = re.compile(r"^([1-9][0-9]{0,5})([dhm])$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse `90d`, `12h` or `30m`; raises ValueError."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 90d, 12h or 30m")
+    unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+    return timedelta(**{unit: int(match.group(1))})
 
 
 # ---- tokens: pure --------------------------------------------------------------------------
@@ -160,7 +186,20 @@ def _entry(name: str, raw: Any) -> tuple[TokenEntry | None, str]:
         return None, f"permissions must be a non-empty list of {', '.join(PERMISSIONS)}"
     if not isinstance(created, str):
         return None, "created must be a string"
-    return TokenEntry(name=name, sha256=digest, permissions=tuple(perms), created=created), ""
+    expires = raw.get("expires", "")
+    if not _valid_expiry(expires):
+        return None, "expires must be an RFC 3339 time with a zone"
+    return TokenEntry(name=name, sha256=digest, permissions=tuple(perms), created=created,
+                      expires=expires), ""
+
+
+def _valid_expiry(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return not value or bool(_parse_time(value))
+    except ValueError:
+        return False
 
 
 def _toml_str(value: str) -> str:
@@ -176,6 +215,8 @@ def render_tokens(entries: Mapping[str, TokenEntry]) -> str:
         perms = ", ".join(_toml_str(p) for p in e.permissions)
         parts.append(f"\n[tokens.{_toml_str(name)}]\nsha256 = {_toml_str(e.sha256)}\n"
                      f"permissions = [{perms}]\ncreated = {_toml_str(e.created)}\n")
+        if e.expires:
+            parts.append(f"expires = {_toml_str(e.expires)}\n")
     return "".join(parts)
 
 
@@ -240,8 +281,20 @@ class TokenStore:
         return True
 
     def authenticate(self, header_value: str | None) -> Principal | None:
-        """Return the principal of an `Authorization` header value, or None."""
+        """Return the principal of an `Authorization` header value, or None (also when the
+        token has expired)."""
         self.refresh()
+        found = self._lookup(header_value)
+        if found is None or found.expired(utcnow()):
+            return None
+        return Principal(name=found.name, permissions=frozenset(found.permissions))
+
+    def expired_name(self, header_value: str | None) -> str | None:
+        """Return the name of the token in the header when it is known but expired."""
+        found = self._lookup(header_value)
+        return found.name if found is not None and found.expired(utcnow()) else None
+
+    def _lookup(self, header_value: str | None) -> TokenEntry | None:
         token = bearer_token(header_value)
         if token is None or not well_formed(token):
             return None
@@ -250,9 +303,7 @@ class TokenStore:
         for entry in self._entries.values():  # no early exit: same work for every token
             if hmac.compare_digest(entry.sha256, digest):
                 found = entry
-        if found is None:
-            return None
-        return Principal(name=found.name, permissions=frozenset(found.permissions))
+        return found
 
 
 # ---- the token CLI -------------------------------------------------------------------------
@@ -339,8 +390,11 @@ def _create(args: argparse.Namespace) -> int:
         if args.name in entries:
             raise TokenFileError(f"a token named {args.name!r} exists already; revoke it first")
         token = new_token()
+        now = utcnow()
+        expires = rfc3339(now + args.expires_in) if args.expires_in else ""
         entries[args.name] = TokenEntry(name=args.name, sha256=token_hash(token),
-                                        permissions=perms, created=rfc3339(utcnow()))
+                                        permissions=perms, created=rfc3339(now),
+                                        expires=expires)
         write_tokens_file(path, entries)
     print(token)
     print(f"created token {args.name!r} ({', '.join(perms)}) in {path}; it is shown once",
@@ -356,9 +410,10 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"tokens": shown}, indent=2))
         return EXIT_OK
-    rows = [("NAME", "PERMISSIONS", "CREATED")]
-    rows += [(t["name"], ",".join(t["permissions"]), t["created"]) for t in shown]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    rows = [("NAME", "PERMISSIONS", "CREATED", "EXPIRES")]
+    rows += [(t["name"], ",".join(t["permissions"]), t["created"], t["expires"] or "never")
+             for t in shown]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return EXIT_OK
@@ -376,6 +431,13 @@ def _revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _duration_arg(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _default_tokens_file() -> Path:
     return Path(os.environ.get(TOKENS_FILE_ENV) or DEFAULT_TOKENS_FILE)
 
@@ -389,6 +451,9 @@ def _token_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="token name (the audit log's actor)")
     create.add_argument("--permissions", required=True,
                         help=f"comma-separated, from: {', '.join(PERMISSIONS)}")
+    create.add_argument("--expires-in", type=_duration_arg, default=None, metavar="DURATION",
+                        help="refuse the token after this long: 90d, 12h or 30m "
+                             "(default: never)")
     listing = sub.add_parser("list", help="list names, permissions, creation times")
     listing.add_argument("--json", action="store_true", help="print JSON")
     revoke = sub.add_parser("revoke", help="delete a token by name")

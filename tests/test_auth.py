@@ -211,7 +211,7 @@ def test_duplicate_name_is_refused(tokens_file: Path,
 
 def test_list_never_shows_secrets_or_hashes(tokens_file: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """list (table and JSON) shows names, permissions and creation times only."""
+    """list (table and JSON) shows names, permissions, creation and expiry times only."""
     token = create(tokens_file, "ops", "plugins:read,plugins:admin", capsys).strip()
     assert token_main(["list", "--tokens-file", str(tokens_file)]) == 0
     table = capsys.readouterr().out
@@ -219,7 +219,7 @@ def test_list_never_shows_secrets_or_hashes(tokens_file: Path,
     listed = json.loads(capsys.readouterr().out)["tokens"]
     assert listed[0]["name"] == "ops"
     assert listed[0]["permissions"] == ["plugins:read", "plugins:admin"]
-    assert set(listed[0]) == {"name", "permissions", "created"}
+    assert set(listed[0]) == {"name", "permissions", "created", "expires"}
     assert "ops" in table
     assert "plugins:read,plugins:admin" in table
     for shown in (table, json.dumps(listed)):
@@ -301,3 +301,49 @@ def test_file_is_written_atomically(tokens_file: Path, capsys: pytest.CaptureFix
     assert tokens_file.read_bytes() == before
     assert [p.name for p in tokens_file.parent.iterdir()] == ["tokens.toml"]
     assert capsys.readouterr().out == ""
+
+
+# ---- expiry --------------------------------------------------------------------------------
+
+
+def test_create_with_expiry_records_and_lists_it(tokens_file: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--expires-in 30d stores an RFC 3339 expiry that `token list` shows."""
+    assert token_main(["create", "--tokens-file", str(tokens_file), "--name", "ci",
+                       "--permissions", "plugins:execute", "--expires-in", "30d"]) == 0
+    capsys.readouterr()
+    assert token_main(["list", "--tokens-file", str(tokens_file), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["tokens"][0]
+    assert listed["expires"].endswith("Z") and listed["expires"] > listed["created"]
+
+
+@pytest.mark.parametrize("duration", ["0d", "30", "1w", "-5d", "soon"])
+def test_bad_expiry_is_a_usage_error(tokens_file: Path, duration: str) -> None:
+    """Durations are 90d, 12h or 30m; anything else is exit 2."""
+    assert token_main(["create", "--tokens-file", str(tokens_file), "--name", "x",
+                       "--permissions", "plugins:read", "--expires-in", duration]) == 2
+
+
+def test_malformed_expiry_in_file_grants_nothing(tokens_file: Path) -> None:
+    """An entry whose `expires` does not parse is ignored, not treated as never expiring."""
+    tokens_file.write_text('[tokens.a]\nsha256 = "' + "0" * 64 + '"\n'
+                           'permissions = ["plugins:read"]\nexpires = "tomorrow"\n')
+    entries, problems = parse_tokens(tokens_file.read_bytes())
+    assert entries == {} and "expires" in problems[0]
+
+
+async def test_expired_token_is_refused_with_its_reason(env: Env, plugins: PluginFactory
+                                                        ) -> None:
+    """A token past its expiry gets 401 and an api.denied event with reason token_expired."""
+    from daemon.auth import TokenEntry, new_token, token_hash, write_tokens_file
+
+    async with serve_api(env, plugins) as api:
+        token = new_token()
+        write_tokens_file(api.tokens_file, {"old": TokenEntry(
+            name="old", sha256=token_hash(token), permissions=("plugins:read",),
+            created="2025-01-01T00:00:00.000000Z", expires="2025-02-01T00:00:00.000000Z")})
+        status, body = await api.json("GET", "/api/v1/plugins", None,
+                                      headers={"Authorization": f"Bearer {token}"})
+        denied = api.events("api.denied")
+    assert status == 401 and "expired" in body["error"]["message"]
+    assert denied[-1]["reason"] == "token_expired"
