@@ -28,6 +28,7 @@ from pathlib import Path
 
 import anyio
 import nacl.signing
+from benchdoc import replace_section
 
 from daemon import manifest as manifest_mod
 from daemon import signing
@@ -37,8 +38,6 @@ from daemon.keyring import load_keyring
 from daemon.manager import PluginManager
 from daemon.watcher import STEP_MS, watcher_component
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 MARK = "<!-- reload_latency debounce_ms={}:{} -->"
 PLUGIN_ID = "bench.reloader"
 TIMEOUT_S = 10.0
@@ -238,19 +237,7 @@ def render(result: Result, argv: list[str]) -> str:
 
 def update_doc(section: str, debounce_ms: int) -> None:
     """Replace this run's section in docs/benchmarks.md (other sections are kept)."""
-    text = (
-        DOC.read_text()
-        if DOC.exists()
-        else "# Benchmarks\n\nMeasured, never asserted "
-        "in unit tests. Re-run the command of a section to refresh it.\n"
-    )
-    begin, end = MARK.format(debounce_ms, "begin"), MARK.format(debounce_ms, "end")
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    replace_section(section, MARK.format(debounce_ms, "begin"), MARK.format(debounce_ms, "end"))
 
 
 def main() -> int:

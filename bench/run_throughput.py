@@ -29,13 +29,13 @@ from pathlib import Path
 
 import aiohttp
 import nacl.signing
+from benchdoc import replace_section
 
 from daemon import manifest, signing
 from daemon.auth import PERMISSIONS
 from daemon.bundle import read_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- run_throughput:begin -->", "<!-- run_throughput:end -->"
 DEADLINE_S = 120.0
 PLUGINS = {
@@ -187,13 +187,7 @@ def render(results: list[Result], requests: int, concurrency: int, argv: list[st
 
 def update_doc(section: str) -> None:
     """Replace the run-throughput section of docs/benchmarks.md (other sections are kept)."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+    replace_section(section, BEGIN, END)
 
 
 def run_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
