@@ -29,16 +29,12 @@ from daemon.signing import (
     sign_digest,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VECTORS = SHARED / "vectors"
+# The project's own copy of the signature vectors (INTERFACE §4): a clone runs its tests with
+# nothing beside it. tests/test_vectors_copy.py checks the copy against the format.
+VECTORS = Path(__file__).resolve().parent / "vectors"
 VECTOR_KEY = VECTORS / "keys" / "vector-signer.key"
 VECTOR_PUB = VECTORS / "keys" / "vector-signer.pem"
 UNTRUSTED_PUB = VECTORS / "untrusted-signer.pem"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not VECTORS.is_dir():
-        raise pytest.UsageError(f"signature vectors not found at {VECTORS} (../shared)")
 
 
 def copy_tree(src: Path, dst: Path) -> Path:
