@@ -30,13 +30,13 @@ import anyio
 import nacl.signing
 from benchdoc import replace_section
 
-from daemon import manifest as manifest_mod
-from daemon import signing
-from daemon.config import Settings
-from daemon.events import AuditSink, EventLog
-from daemon.keyring import load_keyring
-from daemon.manager import PluginManager
-from daemon.watcher import STEP_MS, watcher_component
+from aisoc_plugind.audit.log import AuditSink, EventLog
+from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.core import manifest as manifest_mod
+from aisoc_plugind.core import signing
+from aisoc_plugind.engine.keyring import load_keyring
+from aisoc_plugind.engine.manager import PluginManager
+from aisoc_plugind.service.watcher import STEP_MS, watcher_component
 
 MARK = "<!-- reload_latency debounce_ms={}:{} -->"
 PLUGIN_ID = "bench.reloader"

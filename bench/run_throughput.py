@@ -31,9 +31,9 @@ import aiohttp
 import nacl.signing
 from benchdoc import replace_section
 
-from daemon import manifest, signing
-from daemon.auth import PERMISSIONS
-from daemon.bundle import read_bundle
+from aisoc_plugind.api.tokens import PERMISSIONS
+from aisoc_plugind.core import manifest, signing
+from aisoc_plugind.engine.bundle import read_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- run_throughput:begin -->", "<!-- run_throughput:end -->"
@@ -85,7 +85,7 @@ def prepare(tmp: Path) -> tuple[Path, int]:
 def create_token(tmp: Path) -> str:
     """Create an all-permissions token with the real CLI."""
     out = subprocess.run(
-        [sys.executable, "-m", "daemon", "token", "create", "--tokens-file",
+        [sys.executable, "-m", "aisoc_plugind", "token", "create", "--tokens-file",
          str(tmp / "tokens.toml"), "--name", "bench", "--permissions", ",".join(PERMISSIONS)],
         check=True, capture_output=True, text=True)
     return out.stdout.strip()
@@ -193,7 +193,7 @@ def update_doc(section: str) -> None:
 def run_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start the daemon; its stdout (one event per line) goes to a file, not a pipe."""
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        return subprocess.Popen([sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 

@@ -31,10 +31,10 @@ fi
 echo "== ruff"
 .venv/bin/ruff check daemon tests bench
 echo "== mypy (strict)"
-.venv/bin/mypy daemon
+.venv/bin/mypy
 echo "== pytest"
 set +e
-.venv/bin/python -m pytest --cov=daemon --cov-report=term:skip-covered --cov-fail-under=90 -p no:cacheprovider "$@"
+.venv/bin/python -m pytest --cov=aisoc_plugind --cov-report=term:skip-covered --cov-fail-under=90 -p no:cacheprovider "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

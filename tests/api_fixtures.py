@@ -14,8 +14,8 @@ from typing import Any
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from daemon.api import API_ERROR, API_LISTENING, api_component, build_app
-from daemon.auth import (
+from aisoc_plugind.api.app import API_ERROR, API_LISTENING, api_component, build_app
+from aisoc_plugind.api.tokens import (
     PERMISSIONS,
     TokenEntry,
     TokenStore,
@@ -23,11 +23,11 @@ from daemon.auth import (
     token_hash,
     write_tokens_file,
 )
-from daemon.keyring import load_keyring
-from daemon.manager import PluginManager
-from daemon.registry import rfc3339, utcnow
-from daemon.service import HangupHook, Service
-from daemon.signing import TrustMode
+from aisoc_plugind.core.records import rfc3339, utcnow
+from aisoc_plugind.core.signing import TrustMode
+from aisoc_plugind.engine.keyring import load_keyring
+from aisoc_plugind.engine.manager import PluginManager
+from aisoc_plugind.service.daemon import HangupHook, Service
 from tests.conftest import VECTORS, Env, PluginFactory, copy_tree
 
 READ, ADMIN, EXECUTE = PERMISSIONS
@@ -69,7 +69,7 @@ def write_tokens(path: Path, grants: Mapping[str, tuple[str, ...]] = GRANTS) -> 
 
 def revoke(path: Path, name: str) -> None:
     """Remove one token from the tokens file (as `token revoke` does)."""
-    from daemon.auth import parse_tokens
+    from aisoc_plugind.api.tokens import parse_tokens
 
     entries, problems = parse_tokens(path.read_bytes())
     assert not problems

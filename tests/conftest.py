@@ -15,19 +15,19 @@ from typing import Any
 
 import pytest
 
-from daemon import manifest as manifest_mod
-from daemon.bundle import read_bundle
-from daemon.config import Settings
-from daemon.events import AuditSink, EventLog
-from daemon.keyring import load_keyring
-from daemon.manager import PluginManager
-from daemon.signing import (
+from aisoc_plugind.audit.log import AuditSink, EventLog
+from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.core import manifest as manifest_mod
+from aisoc_plugind.core.signing import (
     TrustMode,
     encode_signature,
     load_private_key,
     plugin_digest,
     sign_digest,
 )
+from aisoc_plugind.engine.bundle import read_bundle
+from aisoc_plugind.engine.keyring import load_keyring
+from aisoc_plugind.engine.manager import PluginManager
 
 # The project's own copy of the signature vectors (INTERFACE §4): a clone runs its tests with
 # nothing beside it. tests/test_vectors_copy.py checks the copy against the format.

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 import schemathesis
 
-from daemon.api import (
+from aisoc_plugind.api.app import (
     API_ERROR,
     API_REQUEST,
     API_TOKENS_LOADED,
@@ -30,8 +30,8 @@ from daemon.api import (
     openapi_yaml,
     request_id,
 )
-from daemon.errors import ConfigError
-from daemon.events import API_DENIED
+from aisoc_plugind.audit.log import API_DENIED
+from aisoc_plugind.errors import ConfigError
 from tests.api_fixtures import (
     ECHO_ID,
     SECRET_MARK,

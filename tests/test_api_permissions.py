@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from daemon.api import API_REQUEST, ROUTES, Route, build_app, openapi_document
-from daemon.auth import PERMISSIONS, new_token
-from daemon.events import API_DENIED
+from aisoc_plugind.api.app import API_REQUEST, ROUTES, Route, build_app, openapi_document
+from aisoc_plugind.api.tokens import PERMISSIONS, new_token
+from aisoc_plugind.audit.log import API_DENIED
 from tests.api_fixtures import ECHO_ID, Api, WithoutOci, serve_api
 from tests.conftest import Env, PluginFactory
 
@@ -115,7 +115,7 @@ async def test_app_routes_are_exactly_the_route_table(env: Env, plugins: PluginF
 
 
 def _tokens(api: Api) -> Any:
-    from daemon.auth import TokenStore
+    from aisoc_plugind.api.tokens import TokenStore
 
     return TokenStore(api.tokens_file)
 

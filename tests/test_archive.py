@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.oci import ArchiveError, Limits, OciError, extract_package, member_path
+from aisoc_plugind.delivery.oci import ArchiveError, Limits, OciError, extract_package, member_path
 
 TOP = "demo.plugin"
 MANIFEST = (b'{"id": "demo.plugin", "name": "Demo", "version": "1.0.0", '

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.api import API_TOKENS_LOADED
-from daemon.auth import (
+from aisoc_plugind.api.app import API_TOKENS_LOADED
+from aisoc_plugind.api.tokens import (
     PERMISSIONS,
     TokenEntry,
     TokenStore,
@@ -335,7 +335,7 @@ def test_malformed_expiry_in_file_grants_nothing(tokens_file: Path) -> None:
 async def test_expired_token_is_refused_with_its_reason(env: Env, plugins: PluginFactory
                                                         ) -> None:
     """A token past its expiry gets 401 and an api.denied event with reason token_expired."""
-    from daemon.auth import TokenEntry, new_token, token_hash, write_tokens_file
+    from aisoc_plugind.api.tokens import TokenEntry, new_token, token_hash, write_tokens_file
 
     async with serve_api(env, plugins) as api:
         token = new_token()

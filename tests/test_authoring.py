@@ -22,11 +22,12 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from daemon import authoring, scaffold
-from daemon.bundle import read_bundle
-from daemon.manifest import PLUGIN_TYPES
-from daemon.manifest import parse as parse_manifest
-from daemon.signing import plugin_digest
+from aisoc_plugind.authoring import commands as authoring
+from aisoc_plugind.authoring import scaffold
+from aisoc_plugind.core.manifest import PLUGIN_TYPES
+from aisoc_plugind.core.manifest import parse as parse_manifest
+from aisoc_plugind.core.signing import plugin_digest
+from aisoc_plugind.engine.bundle import read_bundle
 from tests.conftest import UNTRUSTED_PUB, VECTOR_KEY, VECTOR_PUB, VECTORS, copy_tree
 
 VECTOR_PLUGINS = ("geoip-enricher", "legacy-connector")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import bundle, loader
-from daemon.errors import BundleError
+from aisoc_plugind.engine import bundle
+from aisoc_plugind.engine.hosts import loader
+from aisoc_plugind.errors import BundleError
 from tests.conftest import VECTORS, PluginFactory, copy_tree
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from daemon.client import client_main, render_list
+from aisoc_plugind.cli.client import client_main, render_list
 from tests.api_fixtures import ECHO_ID, Api, running_component, serve_api
 from tests.conftest import Env, PluginFactory
 

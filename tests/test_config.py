@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Settings, load_settings, preflight
-from daemon.errors import ConfigError
-from daemon.signing import TrustMode
+from aisoc_plugind.config.settings import Settings, load_settings, preflight
+from aisoc_plugind.core.signing import TrustMode
+from aisoc_plugind.errors import ConfigError
 
 
 def _toml(tmp_path: Path, text: str) -> Path:
@@ -108,7 +108,7 @@ def test_example_config_documents_every_key_and_loads() -> None:
     """config.example.toml names every key config.py knows, and loads as-is."""
     import tomllib
 
-    from daemon.config import KEYS
+    from aisoc_plugind.config.settings import KEYS
 
     example = Path(__file__).resolve().parents[1] / "config.example.toml"
     doc = tomllib.loads(example.read_text())

@@ -52,7 +52,7 @@ def _wait_for(path: Path, name: str, count: int = 1, timeout: float = 15.0
 def daemon(env: Env, plugins: PluginFactory) -> Iterator[subprocess.Popen[str]]:
     plugins.write("a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "--config", str(_config(env))],
+        [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(_config(env))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     try:
@@ -114,7 +114,7 @@ def test_sighup_after_key_removal_disables_plugin(env: Env,
 def test_unknown_trust_mode_exits_1_with_message(env: Env) -> None:
     """An unknown PLUGIN_TRUST_MODE refuses to start: exit 1 and a clear message."""
     proc = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--config", str(_config(env))],
+        [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(_config(env))],
         env={**os.environ, "PLUGIN_TRUST_MODE": "permissive"}, capture_output=True, text=True,
         timeout=30)
     assert proc.returncode == 1
@@ -124,7 +124,7 @@ def test_unknown_trust_mode_exits_1_with_message(env: Env) -> None:
 
 def test_check_config_prints_effective_settings(env: Env) -> None:
     """check-config prints the settings as JSON and exits 0."""
-    proc = subprocess.run([sys.executable, "-m", "daemon", "check-config", "--config",
+    proc = subprocess.run([sys.executable, "-m", "aisoc_plugind", "check-config", "--config",
                            str(_config(env))], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["plugins_dir"] == str(env.plugins)
@@ -132,7 +132,7 @@ def test_check_config_prints_effective_settings(env: Env) -> None:
 
 def test_usage_error_exits_2() -> None:
     """Unknown options are usage errors (exit 2)."""
-    proc = subprocess.run([sys.executable, "-m", "daemon", "run", "--bogus"],
+    proc = subprocess.run([sys.executable, "-m", "aisoc_plugind", "run", "--bogus"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
 
@@ -144,7 +144,7 @@ def test_preflight_warnings_are_events(env: Env, plugins: PluginFactory) -> None
     config.write_text(config.read_text().replace('environment = "development"',
                                                  'environment = "production"'))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
         env={**os.environ, "PLUGIN_TRUST_MODE": "warn"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.events import AuditSink, EventLog, FsyncPolicy
+from aisoc_plugind.audit.log import AuditSink, EventLog, FsyncPolicy
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from daemon.signing import TrustMode
+from aisoc_plugind.core.signing import TrustMode
 from tests.conftest import Env, ManagerFactory
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

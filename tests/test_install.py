@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.authoring import build_package
-from daemon.errors import PluginDError
-from daemon.oci import push_package
+from aisoc_plugind.authoring.commands import build_package
+from aisoc_plugind.delivery.oci import push_package
+from aisoc_plugind.errors import PluginDError
 from tests.api_fixtures import serve_api
 from tests.conftest import Env, ManagerFactory, PluginFactory
 from tests.oci_registry import oci_registry_fixture  # noqa: F401 - the fixture

@@ -10,7 +10,9 @@ import time
 import anyio
 import pytest
 
-from daemon.errors import (
+from aisoc_plugind.core.signing import TrustMode
+from aisoc_plugind.engine.manager import Caller
+from aisoc_plugind.errors import (
     PluginDError,
     PluginLoadError,
     PluginNotFound,
@@ -19,8 +21,6 @@ from daemon.errors import (
     PluginStateConflict,
     PluginTimeout,
 )
-from daemon.manager import Caller
-from daemon.signing import TrustMode
 from tests.conftest import Env, ManagerFactory, PluginFactory
 
 TEARDOWN_CODE = """
@@ -479,7 +479,7 @@ async def test_warn_mode_reload_to_unsigned_is_allowed(plugins: PluginFactory,
 async def test_strict_refuses_enabling_a_plugin_whose_key_was_revoked(
         env: Env, plugins: PluginFactory, make_manager: ManagerFactory) -> None:
     """After the signing key is removed (disabled by SIGHUP's re-check), enable is refused."""
-    from daemon.keyring import load_keyring
+    from aisoc_plugind.engine.keyring import load_keyring
 
     plugins.write("a")
     manager = await make_manager()

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from daemon import manifest
-from daemon.errors import ManifestError
+from aisoc_plugind.core import manifest
+from aisoc_plugind.errors import ManifestError
 
 GOOD = "id: acme.shodan\nname: Shodan\nversion: 1.0.0\nplugin_type: enricher\n"
 

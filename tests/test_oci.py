@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from daemon import oci
-from daemon.cli import run_aisoc
-from daemon.errors import PluginDError
-from daemon.oci import (
+from aisoc_plugind.cli.main import run_aisoc
+from aisoc_plugind.delivery import oci
+from aisoc_plugind.delivery.oci import (
     ARTIFACT_TYPE,
     MEDIA_TYPE_LAYER,
     Limits,
@@ -33,6 +32,7 @@ from daemon.oci import (
     push_main,
     push_package,
 )
+from aisoc_plugind.errors import PluginDError
 from tests.conftest import Env, ManagerFactory, PluginFactory, sign_dir
 from tests.oci_registry import free_port, oci_registry_fixture  # noqa: F401 - the fixture
 

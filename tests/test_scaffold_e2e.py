@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from daemon import scaffold
-from daemon.authoring import main
-from daemon.config import Settings
-from daemon.events import EventLog
-from daemon.keyring import load_keyring
-from daemon.manager import PluginManager
-from daemon.manifest import PLUGIN_TYPES
-from daemon.signing import TrustMode
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.authoring import scaffold
+from aisoc_plugind.authoring.commands import main
+from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.core.manifest import PLUGIN_TYPES
+from aisoc_plugind.core.signing import TrustMode
+from aisoc_plugind.engine.keyring import load_keyring
+from aisoc_plugind.engine.manager import PluginManager
 
 TYPES = sorted(PLUGIN_TYPES)
 

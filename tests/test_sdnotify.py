@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import anyio
 import pytest
 
-from daemon.registry import PluginRecord, State
-from daemon.sdnotify import (
+from aisoc_plugind.core.records import PluginRecord, State
+from aisoc_plugind.service.daemon import Service
+from aisoc_plugind.service.sdnotify import (
     Notifier,
     monotonic_usec,
     sdnotify_component,
@@ -22,7 +23,6 @@ from daemon.sdnotify import (
     status_line,
     watchdog_interval,
 )
-from daemon.service import Service
 from tests.conftest import Env, PluginFactory
 
 WAIT_S = 5

@@ -83,7 +83,7 @@ def test_sigterm_lets_the_run_in_flight_finish(env: Env, plugins: PluginFactory)
         f'environment = "development"\n[plugins]\ndir = "{env.plugins}"\nwatch = false\n'
         f'[trust]\nkeys_dir = "{env.keys}"\n[audit]\npath = "{env.audit}"\n'
         f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{env.tmp}/tokens.toml"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     answer: dict[str, Any] = {}

@@ -9,11 +9,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 
-from daemon import manifest, signing
-from daemon.bundle import read_bundle
-from daemon.errors import KeyFileError
-from daemon.keyring import load_keyring
-from daemon.signing import SignatureStatus, TrustMode, decide
+from aisoc_plugind.core import manifest, signing
+from aisoc_plugind.core.signing import SignatureStatus, TrustMode, decide
+from aisoc_plugind.engine.bundle import read_bundle
+from aisoc_plugind.engine.keyring import load_keyring
+from aisoc_plugind.errors import KeyFileError
 from tests.conftest import UNTRUSTED_PUB, VECTOR_KEY, VECTOR_PUB, VECTORS
 
 VECTOR_DOC = json.loads((VECTORS / "vectors.json").read_text())

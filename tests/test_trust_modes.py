@@ -8,7 +8,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from daemon.signing import TrustMode, private_key_pem
+from aisoc_plugind.core.signing import TrustMode, private_key_pem
 from tests.conftest import Env, ManagerFactory, PluginFactory
 
 # (mode, case) -> (state, signature_status, event)
@@ -86,7 +86,7 @@ async def test_any_trusted_key_is_enough(env: Env, plugins: PluginFactory,
     other = nacl.signing.SigningKey.generate()
     key = env.tmp / "second.key"
     key.write_bytes(private_key_pem(other))
-    from daemon.signing import public_key_pem
+    from aisoc_plugind.core.signing import public_key_pem
 
     (env.keys / "second.pub").write_bytes(public_key_pem(other.verify_key))
     plugins.write("p", key_file=key)

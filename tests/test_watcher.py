@@ -17,11 +17,11 @@ import anyio
 import pytest
 from watchfiles import Change
 
-from daemon.events import AuditSink, EventLog
-from daemon.keyring import load_keyring
-from daemon.manager import PluginManager
-from daemon.signing import TrustMode
-from daemon.watcher import (
+from aisoc_plugind.audit.log import AuditSink, EventLog
+from aisoc_plugind.core.signing import TrustMode
+from aisoc_plugind.engine.keyring import load_keyring
+from aisoc_plugind.engine.manager import PluginManager
+from aisoc_plugind.service.watcher import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
     WATCHER_ERROR,

@@ -31,18 +31,18 @@ import yaml
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from daemon import __version__
-from daemon.auth import PERMISSIONS, Principal, TokenStore, denial_reason
-from daemon.config import Settings, is_loopback_host
-from daemon.errors import ConfigError, PluginDError, PluginNotFound
-from daemon.events import API_DENIED, EventLog
-from daemon.manager import Caller, PluginManager
-from daemon.manifest import ID_RE, PLUGIN_TYPES
-from daemon.metrics import CONTENT_TYPE, ApiMetrics
-from daemon.registry import SERVING, State
+from aisoc_plugind import __version__
+from aisoc_plugind.api.metrics import CONTENT_TYPE, ApiMetrics
+from aisoc_plugind.api.tokens import PERMISSIONS, Principal, TokenStore, denial_reason
+from aisoc_plugind.audit.log import API_DENIED, EventLog
+from aisoc_plugind.config.settings import Settings, is_loopback_host
+from aisoc_plugind.core.manifest import ID_RE, PLUGIN_TYPES
+from aisoc_plugind.core.records import SERVING, State
+from aisoc_plugind.engine.manager import Caller, PluginManager
+from aisoc_plugind.errors import ConfigError, PluginDError, PluginNotFound
 
 if TYPE_CHECKING:
-    from daemon.service import HangupHook, Service
+    from aisoc_plugind.service.daemon import HangupHook, Service
 
 API_REQUEST = "api.request"
 API_ERROR = "api.error"
@@ -795,8 +795,8 @@ def openapi_document() -> dict[str, Any]:
 
 def openapi_yaml() -> str:
     """Return `docs/openapi.yaml` as it must be (regenerate it from this)."""
-    header = ("# Generated from daemon/api.py ROUTES; do not edit. Regenerate with:\n"
-              "#   .venv/bin/python -c 'from daemon.api import openapi_yaml; "
+    header = ("# Generated from aisoc_plugind.api ROUTES; do not edit. Regenerate with:\n"
+              "#   .venv/bin/python -c 'from aisoc_plugind.api.app import openapi_yaml; "
               "print(openapi_yaml(), end=\"\")' > docs/openapi.yaml\n")
     return header + yaml.safe_dump(openapi_document(), sort_keys=False, allow_unicode=True,
                                    width=100)

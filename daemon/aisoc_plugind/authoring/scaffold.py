@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from daemon import manifest as manifest_mod
+from aisoc_plugind.core import manifest as manifest_mod
 
 ENTRY_POINT = "plugin.py"
 INITIAL_VERSION = "0.1.0"

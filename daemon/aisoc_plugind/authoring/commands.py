@@ -38,13 +38,10 @@ import jsonschema.validators
 import nacl.signing
 import yaml
 
-from daemon import manifest as manifest_mod
-from daemon import scaffold
-from daemon.bundle import MAX_DEPTH, SIGNATURE_FILE, Bundle, read_bundle
-from daemon.errors import AuthoringError, BundleError, KeyFileError, ManifestError, PluginDError
-from daemon.keyring import SkippedKey, load_keyring
-from daemon.manifest import MANIFEST_NAMES, Manifest
-from daemon.signing import (
+from aisoc_plugind.authoring import scaffold
+from aisoc_plugind.core import manifest as manifest_mod
+from aisoc_plugind.core.manifest import MANIFEST_NAMES, Manifest
+from aisoc_plugind.core.signing import (
     SignatureStatus,
     TrustDecision,
     TrustMode,
@@ -55,6 +52,15 @@ from daemon.signing import (
     private_key_pem,
     public_key_pem,
     sign_digest,
+)
+from aisoc_plugind.engine.bundle import MAX_DEPTH, SIGNATURE_FILE, Bundle, read_bundle
+from aisoc_plugind.engine.keyring import SkippedKey, load_keyring
+from aisoc_plugind.errors import (
+    AuthoringError,
+    BundleError,
+    KeyFileError,
+    ManifestError,
+    PluginDError,
 )
 
 PROG = "aisoc plugin"

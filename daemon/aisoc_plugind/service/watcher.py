@@ -14,12 +14,12 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from watchfiles import Change, awatch
 
-from daemon.errors import PluginDError
-from daemon.manager import Caller
+from aisoc_plugind.engine.manager import Caller
+from aisoc_plugind.errors import PluginDError
 
 if TYPE_CHECKING:
-    from daemon.manager import PluginManager
-    from daemon.service import HangupHook, Service
+    from aisoc_plugind.engine.manager import PluginManager
+    from aisoc_plugind.service.daemon import HangupHook, Service
 
 WATCHER_STARTED = "watcher.started"
 WATCHER_ERROR = "watcher.error"

@@ -22,7 +22,7 @@ from typing import Any
 import nacl.exceptions
 import nacl.signing
 
-from daemon.errors import KeyFileError
+from aisoc_plugind.errors import KeyFileError
 
 # Keys the digest leaves out of the manifest part.
 UNSIGNED_MANIFEST_KEYS = frozenset({"signature", "trust"})

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from daemon.registry import PluginRecord, State
+from aisoc_plugind.core.records import PluginRecord, State
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -25,7 +25,7 @@ import yaml
 import yaml.constructor
 import yaml.nodes
 
-from daemon.errors import ManifestError, Problem
+from aisoc_plugind.errors import ManifestError, Problem
 
 YAML_MANIFEST = "plugin.yaml"
 JSON_MANIFEST = "aisoc-plugin.json"

@@ -28,10 +28,10 @@ import urllib3.exceptions
 from oras.client import OrasClient
 from oras.container import Container
 
-from daemon import __version__
-from daemon import manifest as manifest_mod
-from daemon.bundle import read_manifest
-from daemon.errors import PluginDError
+from aisoc_plugind import __version__
+from aisoc_plugind.core import manifest as manifest_mod
+from aisoc_plugind.engine.bundle import read_manifest
+from aisoc_plugind.errors import PluginDError
 
 MEDIA_TYPE_LAYER = "application/vnd.aisoc.plugin.layer.v1.tar+gzip"
 ARTIFACT_TYPE = "application/vnd.aisoc.plugin.v1"

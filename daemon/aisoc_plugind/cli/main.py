@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from daemon import __version__
-from daemon.config import Settings, load_settings, preflight
-from daemon.errors import ConfigError
+from aisoc_plugind import __version__
+from aisoc_plugind.config.settings import Settings, load_settings, preflight
+from aisoc_plugind.errors import ConfigError
 
 if TYPE_CHECKING:
-    from daemon.service import Component, Service
+    from aisoc_plugind.service.daemon import Component, Service
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -69,7 +69,7 @@ def run_plugind(argv: list[str]) -> int:
 
 
 def _check_config(settings: Settings) -> int:
-    from daemon.api import check_listen
+    from aisoc_plugind.api.app import check_listen
 
     try:
         check_listen(settings)
@@ -83,8 +83,10 @@ def _check_config(settings: Settings) -> int:
 
 
 def _run(settings: Settings) -> int:
-    from daemon.api import check_listen, tls_context
-    from daemon.service import Service  # the service pulls in aiohttp; one-shots need not
+    from aisoc_plugind.api.app import check_listen, tls_context
+    from aisoc_plugind.service.daemon import (
+        Service,  # the service pulls in aiohttp; one-shots need not
+    )
 
     try:
         check_listen(settings)
@@ -118,15 +120,15 @@ def default_components() -> list[Component]:
     sd_notify comes last: it stops first (STOPPING=1 as shutdown begins) and its SIGHUP hook
     (READY=1) runs after the API has re-read the tokens.
     """
-    from daemon.api import api_component
-    from daemon.sdnotify import sdnotify_component
-    from daemon.watcher import watcher_component
+    from aisoc_plugind.api.app import api_component
+    from aisoc_plugind.service.sdnotify import sdnotify_component
+    from aisoc_plugind.service.watcher import watcher_component
 
     return [api_component, watcher_component, sdnotify_component]
 
 
 def _token(argv: list[str]) -> int:
-    from daemon.auth import token_main
+    from aisoc_plugind.api.tokens import token_main
 
     return token_main(argv)
 
@@ -143,15 +145,15 @@ def run_aisoc(argv: list[str]) -> int:
         print(usage, file=sys.stdout if argv else sys.stderr)
         return EXIT_OK if argv else EXIT_USAGE
     if argv[0] == "plugins":
-        from daemon.client import client_main
+        from aisoc_plugind.cli.client import client_main
 
         return client_main(argv[1:])
     if argv[:2] == ["plugin", "push"]:
-        from daemon.oci import push_main
+        from aisoc_plugind.delivery.oci import push_main
 
         return push_main(argv[2:])
     if argv[0] == "plugin":
-        from daemon.authoring import main as authoring_main
+        from aisoc_plugind.authoring.commands import main as authoring_main
 
         return authoring_main(argv[1:])
     print(f"aisoc: error: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)

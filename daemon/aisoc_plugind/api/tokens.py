@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon.registry import rfc3339, utcnow
+from aisoc_plugind.core.records import rfc3339, utcnow
 
 PERMISSIONS = ("plugins:read", "plugins:admin", "plugins:execute")
 TOKEN_PREFIX = "aisoc_pd_"  # noqa: S105 (a public prefix for secret scanners)

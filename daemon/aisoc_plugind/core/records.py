@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from daemon.errors import PluginStateConflict
+from aisoc_plugind.errors import PluginStateConflict
 
 
 class State(StrEnum):

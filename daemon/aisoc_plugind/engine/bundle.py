@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from daemon.errors import BundleError
-from daemon.manifest import MANIFEST_NAMES, MAX_MANIFEST_BYTES
-from daemon.signing import MAX_SIGNATURE_FILE_BYTES
+from aisoc_plugind.core.manifest import MANIFEST_NAMES, MAX_MANIFEST_BYTES
+from aisoc_plugind.core.signing import MAX_SIGNATURE_FILE_BYTES
+from aisoc_plugind.errors import BundleError
 
 SIGNATURE_FILE = "plugin.sig"
 MAX_SOURCE_BYTES = 4 * 1024 * 1024

@@ -16,13 +16,13 @@ from typing import TextIO
 import anyio
 import anyio.abc
 
-from daemon import __version__
-from daemon import events as ev
-from daemon.config import Settings, preflight
-from daemon.events import AuditSink, EventLog
-from daemon.keyring import Keyring, load_keyring
-from daemon.manager import SYSTEM, PluginManager
-from daemon.sdnotify import Notifier
+from aisoc_plugind import __version__
+from aisoc_plugind.audit import log as ev
+from aisoc_plugind.audit.log import AuditSink, EventLog
+from aisoc_plugind.config.settings import Settings, preflight
+from aisoc_plugind.engine.keyring import Keyring, load_keyring
+from aisoc_plugind.engine.manager import SYSTEM, PluginManager
+from aisoc_plugind.service.sdnotify import Notifier
 
 # A component (control API, watcher, sd_notify) runs inside the service as an async context
 # manager; what it yields is an optional callback for SIGHUP.

@@ -17,9 +17,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from daemon.errors import ConfigError
-from daemon.events import FsyncPolicy
-from daemon.signing import TrustMode
+from aisoc_plugind.audit.log import FsyncPolicy
+from aisoc_plugind.core.signing import TrustMode
+from aisoc_plugind.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

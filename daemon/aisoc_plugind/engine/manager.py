@@ -23,11 +23,26 @@ from typing import Any, Self
 
 import anyio
 
-from daemon import events as ev
-from daemon import oci
-from daemon.bundle import Bundle, has_manifest, read_bundle, read_manifest
-from daemon.config import Settings
-from daemon.errors import (
+from aisoc_plugind.audit import log as ev
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.core.manifest import Manifest, config_problem
+from aisoc_plugind.core.manifest import parse as parse_manifest
+from aisoc_plugind.core.records import SERVING, PluginRecord, State, utcnow
+from aisoc_plugind.core.signing import (
+    SignatureStatus,
+    TrustDecision,
+    TrustMode,
+    decide,
+    find_signer,
+    parse_signature,
+    plugin_digest,
+)
+from aisoc_plugind.delivery import oci
+from aisoc_plugind.engine.bundle import Bundle, has_manifest, read_bundle, read_manifest
+from aisoc_plugind.engine.hosts.loader import ImportedBundle, import_bundle
+from aisoc_plugind.engine.keyring import Keyring
+from aisoc_plugind.errors import (
     BundleError,
     DuplicatePluginId,
     ManifestError,
@@ -39,21 +54,6 @@ from daemon.errors import (
     PluginStateConflict,
     PluginTimeout,
     SignatureRefused,
-)
-from daemon.events import EventLog
-from daemon.keyring import Keyring
-from daemon.loader import ImportedBundle, import_bundle
-from daemon.manifest import Manifest, config_problem
-from daemon.manifest import parse as parse_manifest
-from daemon.registry import SERVING, PluginRecord, State, utcnow
-from daemon.signing import (
-    SignatureStatus,
-    TrustDecision,
-    TrustMode,
-    decide,
-    find_signer,
-    parse_signature,
-    plugin_digest,
 )
 
 # Exceptions a plugin may raise that must not end the daemon (sys.exit() in a plugin, ...).

@@ -16,8 +16,8 @@ from types import MappingProxyType
 
 import nacl.signing
 
-from daemon.errors import KeyFileError
-from daemon.signing import load_public_key
+from aisoc_plugind.core.signing import load_public_key
+from aisoc_plugind.errors import KeyFileError
 
 KEY_SUFFIXES = (".pem", ".pub")
 MAX_KEY_FILE_BYTES = 16 * 1024

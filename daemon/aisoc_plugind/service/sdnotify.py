@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 if TYPE_CHECKING:
-    from daemon.manager import PluginManager
-    from daemon.registry import PluginRecord
-    from daemon.service import HangupHook, Service
+    from aisoc_plugind.core.records import PluginRecord
+    from aisoc_plugind.engine.manager import PluginManager
+    from aisoc_plugind.service.daemon import HangupHook, Service
 
 
 def socket_address(value: str | None) -> str | None:

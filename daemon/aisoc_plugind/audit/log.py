@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from daemon.registry import rfc3339, utcnow
+from aisoc_plugind.core.records import rfc3339, utcnow
 
 DAEMON_STARTED = "daemon.started"
 DAEMON_READY = "daemon.ready"

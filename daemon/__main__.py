@@ -1,5 +1,0 @@
-"""Run `python -m daemon` as `aisoc-plugind`."""
-
-from daemon.cli import main
-
-main()
