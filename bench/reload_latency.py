@@ -30,7 +30,8 @@ import anyio
 import nacl.signing
 from benchdoc import replace_section
 
-from aisoc_plugind.audit.log import AuditSink, EventLog
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.audit.sink import AuditSink
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core import manifest as manifest_mod
 from aisoc_plugind.core import signing

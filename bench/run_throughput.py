@@ -193,7 +193,8 @@ def update_doc(section: str) -> None:
 def run_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start the daemon; its stdout (one event per line) goes to a file, not a pipe."""
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
+        return subprocess.Popen([sys.executable, "-m", "aisoc_plugind", "run", "--config",
+                                 str(config)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
 

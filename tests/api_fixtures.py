@@ -14,20 +14,17 @@ from typing import Any
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from aisoc_plugind.api.app import API_ERROR, API_LISTENING, api_component, build_app
-from aisoc_plugind.api.tokens import (
-    PERMISSIONS,
-    TokenEntry,
-    TokenStore,
-    new_token,
-    token_hash,
-    write_tokens_file,
-)
-from aisoc_plugind.core.records import rfc3339, utcnow
+from aisoc_plugind.api.app import HangupHook, build_app
+from aisoc_plugind.api.tokens import PERMISSIONS, TokenStore, new_token, token_hash
+from aisoc_plugind.api.tokens_file import TokenEntry, write_tokens_file
+from aisoc_plugind.audit.names import API_ERROR, API_LISTENING
+from aisoc_plugind.core.clock import rfc3339, utcnow
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.engine.keyring import load_keyring
 from aisoc_plugind.engine.manager import PluginManager
-from aisoc_plugind.service.daemon import HangupHook, Service
+from aisoc_plugind.service.components import api_component
+from aisoc_plugind.service.daemon import Service
+from aisoc_plugind.service.wiring import make_manager
 from tests.conftest import VECTORS, Env, PluginFactory, copy_tree
 
 READ, ADMIN, EXECUTE = PERMISSIONS
@@ -69,7 +66,7 @@ def write_tokens(path: Path, grants: Mapping[str, tuple[str, ...]] = GRANTS) -> 
 
 def revoke(path: Path, name: str) -> None:
     """Remove one token from the tokens file (as `token revoke` does)."""
-    from aisoc_plugind.api.tokens import parse_tokens
+    from aisoc_plugind.api.tokens_file import parse_tokens
 
     entries, problems = parse_tokens(path.read_bytes())
     assert not problems
@@ -149,7 +146,7 @@ async def serve_api(env: Env, plugins: PluginFactory, *,
     events = env.events()
     ready = threading.Event()
     ready.set()
-    async with PluginManager(settings, events, load_keyring(settings.keys_dir)) as manager:
+    async with make_manager(settings, events, load_keyring(settings.keys_dir)) as manager:
         await manager.discover()
         app = build_app(manager=wrap(manager) if wrap else manager, events=events,
                         tokens=TokenStore(tokens_file), settings=settings,
@@ -188,8 +185,7 @@ async def running_component(env: Env, plugins: PluginFactory, listen: str,
     tokens = write_tokens(tokens_file)
     settings = env.settings(api_listen=listen, tokens_file=tokens_file, **overrides)
     service = Service(settings, stream=env.stdout)
-    async with PluginManager(settings, service.events,
-                             load_keyring(settings.keys_dir)) as manager:
+    async with make_manager(settings, service.events, load_keyring(settings.keys_dir)) as manager:
         await manager.discover()
         async with api_component(service, manager) as hangup:
             yield Daemon(service=service, manager=manager, hangup=hangup, tokens=tokens,

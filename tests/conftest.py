@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from aisoc_plugind.audit.log import AuditSink, EventLog
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.audit.sink import AuditSink
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core import manifest as manifest_mod
 from aisoc_plugind.core.signing import (
@@ -28,6 +29,7 @@ from aisoc_plugind.core.signing import (
 from aisoc_plugind.engine.bundle import read_bundle
 from aisoc_plugind.engine.keyring import load_keyring
 from aisoc_plugind.engine.manager import PluginManager
+from aisoc_plugind.service.wiring import make_manager as wire_manager
 
 # The project's own copy of the signature vectors (INTERFACE §4): a clone runs its tests with
 # nothing beside it. tests/test_vectors_copy.py checks the copy against the format.
@@ -155,7 +157,7 @@ async def make_manager(env: Env) -> AsyncIterator[ManagerFactory]:
 
     async def start(trust_mode: TrustMode = TrustMode.STRICT, **overrides: Any) -> PluginManager:
         settings = env.settings(trust_mode=trust_mode, **overrides)
-        manager = PluginManager(settings, env.events(), load_keyring(settings.keys_dir))
+        manager = wire_manager(settings, env.events(), load_keyring(settings.keys_dir))
         await manager.__aenter__()
         opened.append(manager)
         return manager

@@ -19,18 +19,10 @@ import jsonschema
 import pytest
 import schemathesis
 
-from aisoc_plugind.api.app import (
-    API_ERROR,
-    API_REQUEST,
-    API_TOKENS_LOADED,
-    browser_refusal,
-    check_listen,
-    host_allowed,
-    openapi_document,
-    openapi_yaml,
-    request_id,
-)
-from aisoc_plugind.audit.log import API_DENIED
+from aisoc_plugind.api.guards import browser_refusal, host_allowed, request_id
+from aisoc_plugind.api.listen import check_listen
+from aisoc_plugind.api.openapi import openapi_document, openapi_yaml
+from aisoc_plugind.audit.names import API_DENIED, API_ERROR, API_REQUEST, API_TOKENS_LOADED
 from aisoc_plugind.errors import ConfigError
 from tests.api_fixtures import (
     ECHO_ID,

@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis.checks import content_type_conformance, response_schema_conformance
 
-from aisoc_plugind.api.app import openapi_document
+from aisoc_plugind.api.openapi import openapi_document
 from tests.api_fixtures import ECHO_ID, Api, WithoutOci, api_in_thread
 from tests.conftest import Env, PluginFactory
 

@@ -11,9 +11,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from aisoc_plugind.api.app import API_REQUEST, ROUTES, Route, build_app, openapi_document
+from aisoc_plugind.api.app import build_app
+from aisoc_plugind.api.context import Route
+from aisoc_plugind.api.openapi import openapi_document
+from aisoc_plugind.api.routes import ROUTES
 from aisoc_plugind.api.tokens import PERMISSIONS, new_token
-from aisoc_plugind.audit.log import API_DENIED
+from aisoc_plugind.audit.names import API_DENIED, API_REQUEST
 from tests.api_fixtures import ECHO_ID, Api, WithoutOci, serve_api
 from tests.conftest import Env, PluginFactory
 

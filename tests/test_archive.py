@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from aisoc_plugind.delivery.oci import ArchiveError, Limits, OciError, extract_package, member_path
+from aisoc_plugind.delivery.limits import Limits
+from aisoc_plugind.delivery.package import extract_package, member_path
+from aisoc_plugind.errors import ArchiveError, OciError
 
 TOP = "demo.plugin"
 MANIFEST = (b'{"id": "demo.plugin", "name": "Demo", "version": "1.0.0", '
@@ -149,7 +151,7 @@ def test_package_extracts_contents_with_fixed_modes(place: Place) -> None:
                f(f"{TOP}/data/nested/empty.txt", b"")]
     old_umask = os.umask(0o077)
     try:
-        assert extract_package(tgz(members), place.staging) == place.staging
+        assert extract_package(tgz(members), place.staging).top == "demo.plugin"
     finally:
         os.umask(old_umask)
     s = place.staging

@@ -9,20 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from aisoc_plugind.api.app import API_TOKENS_LOADED
 from aisoc_plugind.api.tokens import (
     PERMISSIONS,
-    TokenEntry,
     TokenStore,
     bearer_token,
     denial_reason,
     new_token,
-    parse_tokens,
-    render_tokens,
     token_hash,
-    token_main,
     well_formed,
 )
+from aisoc_plugind.api.tokens_file import TokenEntry, parse_tokens, render_tokens
+from aisoc_plugind.audit.names import API_TOKENS_LOADED
+from aisoc_plugind.cli.main import run_plugind
 from tests.api_fixtures import ECHO_ID, serve_api, write_tokens
 from tests.conftest import Env, PluginFactory
 
@@ -40,7 +38,7 @@ def _etc(tokens_file: Path) -> None:
 def create(tokens_file: Path, name: str, perms: str, capsys: pytest.CaptureFixture[str]
            ) -> str:
     """Run `token create` and return what it printed on stdout."""
-    code = token_main(["create", "--tokens-file", str(tokens_file), "--name", name,
+    code = run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", name,
                        "--permissions", perms])
     assert code == 0, capsys.readouterr().err
     return capsys.readouterr().out
@@ -192,7 +190,7 @@ def test_create_keeps_0600_and_other_tokens(tokens_file: Path,
 def test_create_refuses_bad_arguments(tokens_file: Path, capsys: pytest.CaptureFixture[str],
                                       args: list[str], code: int, message: str) -> None:
     """Unknown permissions list the valid ones (exit 1); missing arguments are usage (2)."""
-    assert token_main(["create", "--tokens-file", str(tokens_file), *args]) == code
+    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), *args]) == code
     captured = capsys.readouterr()
     assert captured.out == ""
     assert message in captured.err
@@ -203,7 +201,7 @@ def test_duplicate_name_is_refused(tokens_file: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Creating a name twice fails (exit 1) and leaves the first token valid."""
     token = create(tokens_file, "ops", "plugins:read", capsys).strip()
-    assert token_main(["create", "--tokens-file", str(tokens_file), "--name", "ops",
+    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "ops",
                        "--permissions", "plugins:admin"]) == 1
     assert "exists already" in capsys.readouterr().err
     assert TokenStore(tokens_file).authenticate(f"Bearer {token}") is not None
@@ -213,9 +211,9 @@ def test_list_never_shows_secrets_or_hashes(tokens_file: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """list (table and JSON) shows names, permissions, creation and expiry times only."""
     token = create(tokens_file, "ops", "plugins:read,plugins:admin", capsys).strip()
-    assert token_main(["list", "--tokens-file", str(tokens_file)]) == 0
+    assert run_plugind(["token", "list", "--tokens-file", str(tokens_file)]) == 0
     table = capsys.readouterr().out
-    assert token_main(["list", "--tokens-file", str(tokens_file), "--json"]) == 0
+    assert run_plugind(["token", "list", "--tokens-file", str(tokens_file), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["tokens"]
     assert listed[0]["name"] == "ops"
     assert listed[0]["permissions"] == ["plugins:read", "plugins:admin"]
@@ -232,8 +230,8 @@ def test_tokens_file_defaults_to_the_environment(tokens_file: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Without --tokens-file, AISOC_PLUGIND_TOKENS_FILE names the file."""
     monkeypatch.setenv("AISOC_PLUGIND_TOKENS_FILE", str(tokens_file))
-    assert token_main(["create", "--name", "ops", "--permissions", "plugins:read"]) == 0
-    assert token_main(["list"]) == 0
+    assert run_plugind(["token", "create", "--name", "ops", "--permissions", "plugins:read"]) == 0
+    assert run_plugind(["token", "list"]) == 0
     assert "ops" in capsys.readouterr().out
 
 
@@ -241,15 +239,16 @@ def test_revoke_unknown_name_fails(tokens_file: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Revoking a name that does not exist is exit 1."""
     create(tokens_file, "ops", "plugins:read", capsys)
-    assert token_main(["revoke", "--tokens-file", str(tokens_file), "--name", "nope"]) == 1
+    assert run_plugind(["token", "revoke", "--tokens-file", str(tokens_file),
+                        "--name", "nope"]) == 1
     assert "no token named" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     """No action or an unknown one is a usage error; --help is success."""
-    assert token_main([]) == 2
-    assert token_main(["mint"]) == 2
-    assert token_main(["--help"]) == 0
+    assert run_plugind(["token"]) == 2
+    assert run_plugind(["token", "mint"]) == 2
+    assert run_plugind(["token", "--help"]) == 0
     capsys.readouterr()
 
 
@@ -257,7 +256,7 @@ def test_a_damaged_file_is_not_overwritten(tokens_file: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """create refuses to rewrite a file it cannot parse (it would drop tokens)."""
     tokens_file.write_text("[tokens\n")
-    assert token_main(["create", "--tokens-file", str(tokens_file), "--name", "a",
+    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "a",
                        "--permissions", "plugins:read"]) == 1
     assert tokens_file.read_text() == "[tokens\n"
     assert capsys.readouterr().out == ""
@@ -271,12 +270,12 @@ async def test_created_token_works_and_revoke_takes_effect_without_restart(
     """token create -> 200; token revoke -> 401 on the very next request; an event says so."""
     async with serve_api(env, plugins) as api:
         args = ["--tokens-file", str(api.tokens_file)]
-        assert token_main(["create", *args, "--name", "ops",
+        assert run_plugind(["token", "create", *args, "--name", "ops",
                            "--permissions", "plugins:read"]) == 0
         token = capsys.readouterr().out.strip()
         headers = {"Authorization": f"Bearer {token}"}
         assert (await api.client.get(f"/api/v1/plugins/{ECHO_ID}", headers=headers)).status == 200
-        assert token_main(["revoke", *args, "--name", "ops"]) == 0
+        assert run_plugind(["token", "revoke", *args, "--name", "ops"]) == 0
         response = await api.client.get(f"/api/v1/plugins/{ECHO_ID}", headers=headers)
         loaded = api.events(API_TOKENS_LOADED)
         audit = api.audit_text()
@@ -296,7 +295,7 @@ def test_file_is_written_atomically(tokens_file: Path, capsys: pytest.CaptureFix
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail)
-    assert token_main(["create", "--tokens-file", str(tokens_file), "--name", "b",
+    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "b",
                        "--permissions", "plugins:read"]) == 1
     assert tokens_file.read_bytes() == before
     assert [p.name for p in tokens_file.parent.iterdir()] == ["tokens.toml"]
@@ -309,10 +308,10 @@ def test_file_is_written_atomically(tokens_file: Path, capsys: pytest.CaptureFix
 def test_create_with_expiry_records_and_lists_it(tokens_file: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """--expires-in 30d stores an RFC 3339 expiry that `token list` shows."""
-    assert token_main(["create", "--tokens-file", str(tokens_file), "--name", "ci",
+    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "ci",
                        "--permissions", "plugins:execute", "--expires-in", "30d"]) == 0
     capsys.readouterr()
-    assert token_main(["list", "--tokens-file", str(tokens_file), "--json"]) == 0
+    assert run_plugind(["token", "list", "--tokens-file", str(tokens_file), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["tokens"][0]
     assert listed["expires"].endswith("Z") and listed["expires"] > listed["created"]
 
@@ -320,7 +319,7 @@ def test_create_with_expiry_records_and_lists_it(tokens_file: Path,
 @pytest.mark.parametrize("duration", ["0d", "30", "1w", "-5d", "soon"])
 def test_bad_expiry_is_a_usage_error(tokens_file: Path, duration: str) -> None:
     """Durations are 90d, 12h or 30m; anything else is exit 2."""
-    assert token_main(["create", "--tokens-file", str(tokens_file), "--name", "x",
+    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "x",
                        "--permissions", "plugins:read", "--expires-in", duration]) == 2
 
 
@@ -335,7 +334,8 @@ def test_malformed_expiry_in_file_grants_nothing(tokens_file: Path) -> None:
 async def test_expired_token_is_refused_with_its_reason(env: Env, plugins: PluginFactory
                                                         ) -> None:
     """A token past its expiry gets 401 and an api.denied event with reason token_expired."""
-    from aisoc_plugind.api.tokens import TokenEntry, new_token, token_hash, write_tokens_file
+    from aisoc_plugind.api.tokens import new_token, token_hash
+    from aisoc_plugind.api.tokens_file import TokenEntry, write_tokens_file
 
     async with serve_api(env, plugins) as api:
         token = new_token()

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from aisoc_plugind.authoring import commands as authoring
-from aisoc_plugind.authoring import scaffold
+from aisoc_plugind.authoring import packaging, scaffold, validate
+from aisoc_plugind.cli.main import run_aisoc
 from aisoc_plugind.core.manifest import PLUGIN_TYPES
 from aisoc_plugind.core.manifest import parse as parse_manifest
 from aisoc_plugind.core.signing import plugin_digest
@@ -49,7 +49,7 @@ VALID_CODE = "class Plugin:\n    def run(self, payload, context):\n        retur
 
 def cli(*argv: str | Path) -> int:
     """Run `aisoc plugin ARGV` in-process and return its exit status."""
-    return authoring.main([str(a) for a in argv])
+    return run_aisoc(["plugin", *(str(a) for a in argv)])
 
 
 def copy_vector(tmp_path: Path, name: str) -> Path:
@@ -159,7 +159,8 @@ def test_failure_is_one_line_on_stderr(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_templates_exist_for_every_plugin_type() -> None:
     """Every manifest plugin type has a template."""
-    assert set(scaffold.TEMPLATES) == PLUGIN_TYPES
+    assert set(scaffold.PLUGIN_TYPES) == PLUGIN_TYPES
+    assert all(scaffold.template(t).code for t in scaffold.PLUGIN_TYPES)
 
 
 def test_new_creates_manifest_code_test_and_readme(
@@ -420,7 +421,7 @@ def test_validate_accepts_a_plugin_imported_from_a_helper(tmp_path: Path) -> Non
     root = valid_plugin(tmp_path)
     (root / "impl.py").write_text(VALID_CODE)
     (root / "plugin.py").write_text("from .impl import Plugin\n\n__all__ = ['Plugin']\n")
-    report = authoring.validate_plugin(root)
+    report = validate.validate_plugin(root)
     assert report.findings == ()
 
 
@@ -929,7 +930,7 @@ def test_package_archive_bytes_match_the_library_call(tmp_path: Path) -> None:
     """The CLI writes exactly what build_package returns."""
     plugin = signed_vector(tmp_path)
     assert cli("package", plugin, "-o", tmp_path / "p.tar.gz") == 0
-    built = authoring.build_package(plugin)
+    built = packaging.build_package(plugin)
     assert (tmp_path / "p.tar.gz").read_bytes() == built.data
     with gzip.open(io.BytesIO(built.data)) as gz:
         assert gz.read(100).startswith(b"example.geoip-enricher")

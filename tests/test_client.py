@@ -10,7 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aisoc_plugind.cli.client import client_main, render_list
+from aisoc_plugind.cli.main import run_aisoc
+from aisoc_plugind.cli.operator import render_list
 from tests.api_fixtures import ECHO_ID, Api, running_component, serve_api
 from tests.conftest import Env, PluginFactory
 
@@ -31,7 +32,7 @@ def as_root(api: Api, monkeypatch: pytest.MonkeyPatch) -> Api:
 
 async def aisoc(*argv: str) -> int:
     """Run the client in a worker thread (it blocks) while the server serves."""
-    return await anyio.to_thread.run_sync(functools.partial(client_main, list(argv)))
+    return await anyio.to_thread.run_sync(functools.partial(run_aisoc, ["plugins", *argv]))
 
 
 async def test_list_prints_a_table(as_root: Api, capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,13 +146,6 @@ async def test_install_reports_the_server_answer(as_root: Api,
     """`install REF` posts the reference; a failure is exit 1 with the server's message."""
     assert await aisoc("install", "127.0.0.1:9/plugins/none:1.0.0") == 1
     assert capsys.readouterr().err.startswith("aisoc plugins: error: ")
-
-
-async def test_leading_plugins_word_is_accepted(as_root: Api,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """client_main(["plugins", "list"]) works like client_main(["list"])."""
-    assert await aisoc("plugins", "list") == 0
-    assert ECHO_ID in capsys.readouterr().out
 
 
 def test_empty_list_renders_a_sentence() -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aisoc_plugind.config.settings import Settings, load_settings, preflight
+from aisoc_plugind.config.preflight import preflight
+from aisoc_plugind.config.settings import Settings, load_settings
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.errors import ConfigError
 

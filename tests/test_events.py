@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from aisoc_plugind.audit.log import AuditSink, EventLog, FsyncPolicy
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.audit.sink import AuditSink
+from aisoc_plugind.config.settings import FsyncPolicy
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

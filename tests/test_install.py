@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from aisoc_plugind.authoring.commands import build_package
+from aisoc_plugind.api.errors import status_for
+from aisoc_plugind.authoring.packaging import build_package
 from aisoc_plugind.delivery.oci import push_package
 from aisoc_plugind.errors import PluginDError
 from tests.api_fixtures import serve_api
@@ -83,7 +84,7 @@ async def test_existing_directory_is_never_overwritten(oci_registry: str, env: E
     before = (env.plugins / "acme.installed" / "plugin.py").read_bytes()
     with pytest.raises(PluginDError) as info:
         await manager.install_from_oci(ref)
-    assert (info.value.code, info.value.http_status) == ("plugin_dir_exists", 409)
+    assert (info.value.code, status_for(info.value)) == ("plugin_dir_exists", 409)
     assert (env.plugins / "acme.installed" / "plugin.py").read_bytes() == before
     assert _leftovers(env) == []
 

@@ -10,8 +10,9 @@ import time
 import anyio
 import pytest
 
+from aisoc_plugind.api.errors import status_for
 from aisoc_plugind.core.signing import TrustMode
-from aisoc_plugind.engine.manager import Caller
+from aisoc_plugind.engine.results import Caller
 from aisoc_plugind.errors import (
     PluginDError,
     PluginLoadError,
@@ -68,8 +69,8 @@ async def test_bad_manifest_is_reported_with_path(env: Env, plugins: PluginFacto
     (path / "plugin.yaml").write_text("id: ../escape\nname: x\nversion: '1'\nplugin_type: x\n")
     manager = await make_manager()
     result = await manager.discover()
-    assert result.failed[0]["path"] == str(path)
-    assert result.failed[0]["code"] == "manifest_invalid"
+    assert result.failed[0].to_json()["path"] == str(path)
+    assert result.failed[0].to_json()["code"] == "manifest_invalid"
     assert "plugin.load.failed" in env.names()
 
 
@@ -103,7 +104,7 @@ async def test_enable_failed_plugin_conflicts(plugins: PluginFactory,
     await manager.discover()
     with pytest.raises(PluginStateConflict) as info:
         await manager.enable("test.a")
-    assert info.value.code == "plugin_failed" and info.value.http_status == 409
+    assert info.value.code == "plugin_failed" and status_for(info.value) == 409
 
 
 async def test_unknown_id_is_not_found(make_manager: ManagerFactory) -> None:
@@ -181,7 +182,7 @@ async def test_async_plugin_that_never_returns_times_out(plugins: PluginFactory,
     await manager.discover()
     with pytest.raises(PluginTimeout) as info:
         await manager.run("test.a", {})
-    assert info.value.http_status == 504
+    assert status_for(info.value) == 504
     assert manager.inflight == 0
 
 
@@ -286,7 +287,7 @@ async def test_duplicate_id_first_wins(env: Env, plugins: PluginFactory,
     result = await manager.discover()
     assert result.discovered == ["acme.dup"]
     assert manager.get("acme.dup").path == str(first)
-    failure = result.failed[0]
+    failure = result.failed[0].to_json()
     assert failure["code"] == "duplicate_id"
     assert str(first) in failure["error"] and str(second) in failure["error"]
     assert "plugin.duplicate_id" in env.names()
@@ -355,7 +356,7 @@ async def test_failed_reload_keeps_old_version_serving(
                       "        raise OSError('no db')\n    def run(self, p, c): return {}\n")
     with pytest.raises(PluginDError) as info:
         await manager.reload("test.a")
-    assert getattr(info.value, "http_status", None) in (409, 422)
+    assert status_for(info.value) in (409, 422)
     record = manager.get("test.a")
     assert record.state.value == "enabled" and record.version == "1.0.0"
     assert record.error is not None
@@ -574,7 +575,8 @@ async def test_deeply_nested_manifest_fails_only_its_directory(
     manager = await make_manager()
     result = await manager.discover()
     assert result.discovered == ["test.good"]
-    assert [(f["path"], f["code"]) for f in result.failed] == [(str(bad), "manifest_too_deep")]
+    assert [(str(f.path), f.error.code) for f in result.failed] == [
+        (str(bad), "manifest_too_deep")]
 
 
 async def test_config_values_never_appear_in_errors_or_events(
@@ -651,7 +653,7 @@ async def test_second_directory_for_an_unloaded_id_is_reported(
     result = await manager.discover()
     assert result.discovered == ["acme.x"]
     assert manager.get("acme.x").path == str(env.plugins / "b-first")
-    assert [f["path"] for f in result.failed] == [str(claimant)]
+    assert [str(f.path) for f in result.failed] == [str(claimant)]
     assert "plugin.duplicate_id" in env.names()
 
 

@@ -19,20 +19,16 @@ from typing import Any
 
 import pytest
 
+from aisoc_plugind.api.errors import status_for
 from aisoc_plugind.cli.main import run_aisoc
-from aisoc_plugind.delivery import oci
-from aisoc_plugind.delivery.oci import (
-    ARTIFACT_TYPE,
-    MEDIA_TYPE_LAYER,
-    Limits,
-    OciError,
-    extract_package,
-    parse_reference,
-    pull_package,
-    push_main,
-    push_package,
-)
-from aisoc_plugind.errors import PluginDError
+from aisoc_plugind.delivery import artifact as oci
+from aisoc_plugind.delivery import oci as oci_client
+from aisoc_plugind.delivery.artifact import ARTIFACT_TYPE, MEDIA_TYPE_LAYER
+from aisoc_plugind.delivery.limits import Limits
+from aisoc_plugind.delivery.oci import pull_package, push_package
+from aisoc_plugind.delivery.package import extract_package
+from aisoc_plugind.delivery.reference import parse_reference
+from aisoc_plugind.errors import OciError, PluginDError
 from tests.conftest import Env, ManagerFactory, PluginFactory, sign_dir
 from tests.oci_registry import free_port, oci_registry_fixture  # noqa: F401 - the fixture
 
@@ -122,7 +118,7 @@ def artifact(host: str, repo: str, layers: list[tuple[str, bytes]], *,
     return doc
 
 
-def pull(host: str, ref: str, **kwargs: Any) -> oci.Pulled:
+def pull(host: str, ref: str, **kwargs: Any) -> oci_client.Pulled:
     return pull_package(f"{host}/{ref}", insecure_registries=[host], **kwargs)
 
 
@@ -154,7 +150,7 @@ def test_parse_reference_refuses(ref: str) -> None:
     with pytest.raises(OciError) as caught:
         parse_reference(ref)
     assert caught.value.code == "oci_bad_reference"
-    assert caught.value.http_status == 422
+    assert status_for(caught.value) == 422
 
 
 def _manifest(**changes: Any) -> bytes:
@@ -610,7 +606,7 @@ def test_push_main_prints_the_digest(oci_registry: str, package: Path,
 def test_push_main_without_insecure_refuses_plain_http(
         oci_registry: str, package: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Exit 1 with one `aisoc plugin push: error:` line."""
-    code = push_main([str(package), f"{oci_registry}/aisoc/cli:2"])
+    code = run_aisoc(["plugin", "push", str(package), f"{oci_registry}/aisoc/cli:2"])
     _, err = capsys.readouterr()
     assert code == 1
     assert err.startswith("aisoc plugin push: error: ")
@@ -624,19 +620,20 @@ def test_push_main_without_insecure_refuses_plain_http(
 ])
 def test_push_main_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Missing or malformed arguments exit 2 with usage on stderr."""
-    assert push_main(argv) == 2
+    assert run_aisoc(["plugin", "push", *argv]) == 2
     assert "usage: aisoc plugin push" in capsys.readouterr().err
 
 
 def test_push_main_help(capsys: pytest.CaptureFixture[str]) -> None:
     """--help prints usage and exits 0."""
-    assert push_main(["--help"]) == 0
+    assert run_aisoc(["plugin", "push", "--help"]) == 0
     assert "OCI_REF" in capsys.readouterr().out
 
 
 def test_push_main_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An unreadable FILE is exit 1, not a traceback."""
-    assert push_main([str(tmp_path / "nope.tar.gz"), "127.0.0.1:1/aisoc/x:1"]) == 1
+    assert run_aisoc(["plugin", "push", str(tmp_path / "nope.tar.gz"),
+                      "127.0.0.1:1/aisoc/x:1"]) == 1
     assert capsys.readouterr().err.startswith("aisoc plugin push: error: ")
 
 
@@ -644,13 +641,14 @@ def test_push_main_not_a_package(tmp_path: Path, capsys: pytest.CaptureFixture[s
     """A file that is not a tar.gz is refused before any network use."""
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(b"not a package")
-    assert push_main([str(junk), f"127.0.0.1:{free_port()}/aisoc/x:1", "--insecure"]) == 1
+    assert run_aisoc(["plugin", "push", str(junk), f"127.0.0.1:{free_port()}/aisoc/x:1",
+                      "--insecure"]) == 1
     assert "not a valid tar+gzip" in capsys.readouterr().err
 
 
 def test_pulled_repr_hides_the_layer() -> None:
     """Logging a Pulled never dumps megabytes of layer bytes."""
-    pulled = oci.Pulled(digest=sha(b"m"), layer=b"\x00" * 1000,
+    pulled = oci_client.Pulled(digest=sha(b"m"), layer=b"\x00" * 1000,
                         reference=parse_reference("ghcr.io/o/x:1"))
     assert "layer" not in repr(pulled)
 

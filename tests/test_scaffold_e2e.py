@@ -17,12 +17,13 @@ import pytest
 
 from aisoc_plugind.audit.log import EventLog
 from aisoc_plugind.authoring import scaffold
-from aisoc_plugind.authoring.commands import main
+from aisoc_plugind.cli.main import run_aisoc
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core.manifest import PLUGIN_TYPES
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.engine.keyring import load_keyring
 from aisoc_plugind.engine.manager import PluginManager
+from aisoc_plugind.service.wiring import make_manager
 
 TYPES = sorted(PLUGIN_TYPES)
 
@@ -43,9 +44,11 @@ def author_plugin(tmp_path: Path, plugin_type: str) -> Authored:
     plugins_dir = tmp_path / "plugins"
     plugin_dir = plugins_dir / f"my-{plugin_type}"
     private_key = tmp_path / "author-keys" / "signing.key"
-    assert main(["new", f"My {plugin_type}", "--type", plugin_type, "-o", str(plugin_dir)]) == 0
-    assert main(["keygen", "--out", str(private_key.parent)]) == 0
-    assert main(["sign", "--plugin-dir", str(plugin_dir), "--private-key", str(private_key)]) == 0
+    assert run_aisoc(["plugin", "new", f"My {plugin_type}", "--type", plugin_type,
+                      "-o", str(plugin_dir)]) == 0
+    assert run_aisoc(["plugin", "keygen", "--out", str(private_key.parent)]) == 0
+    assert run_aisoc(["plugin", "sign", "--plugin-dir", str(plugin_dir),
+                      "--private-key", str(private_key)]) == 0
     keys_dir = tmp_path / "trusted"
     keys_dir.mkdir()
     shutil.copyfile(private_key.parent / "signing.pub", keys_dir / "author.pem")
@@ -62,7 +65,7 @@ async def strict_daemon(
                         trust_mode=TrustMode.STRICT, watch=False,
                         plugin_config=dict(plugin_config or {}))
     events = EventLog(audit=None, stream=io.StringIO())
-    async with PluginManager(settings, events, load_keyring(authored.keys_dir)) as manager:
+    async with make_manager(settings, events, load_keyring(authored.keys_dir)) as manager:
         await manager.discover()
         yield manager
 
@@ -83,7 +86,7 @@ async def test_generated_plugin_runs_verified_in_strict_mode(
 ) -> None:
     """The daemon loads the signed scaffold `verified` and `run` returns the template's result."""
     authored = author_plugin(tmp_path, plugin_type)
-    template = scaffold.TEMPLATES[plugin_type]
+    template = scaffold.template(plugin_type)
     async with strict_daemon(authored) as manager:
         record = manager.get(authored.plugin_id)
         assert (record.state.value, record.signature_status, record.signing_key_id) == (
@@ -115,7 +118,8 @@ async def test_generated_plugin_changed_after_signing_is_refused(tmp_path: Path)
 def test_generated_tests_pass(plugin_type: str, tmp_path: Path) -> None:
     """The generated test module passes under pytest, run in the plugin directory."""
     plugin_dir = tmp_path / "p"
-    assert main(["new", f"Sample {plugin_type}", "--type", plugin_type, "-o", str(plugin_dir)]) == 0
+    assert run_aisoc(["plugin", "new", f"Sample {plugin_type}", "--type", plugin_type,
+                      "-o", str(plugin_dir)]) == 0
     result = run_generated_tests(plugin_dir, bytecode=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout
@@ -127,8 +131,9 @@ def test_generated_plugin_validates_without_warnings(
 ) -> None:
     """`validate` accepts every generated plugin with no error and no warning."""
     plugin_dir = tmp_path / "p"
-    assert main(["new", f"Sample {plugin_type}", "--type", plugin_type, "-o", str(plugin_dir)]) == 0
-    assert main(["validate", str(plugin_dir)]) == 0
+    assert run_aisoc(["plugin", "new", f"Sample {plugin_type}", "--type", plugin_type,
+                      "-o", str(plugin_dir)]) == 0
+    assert run_aisoc(["plugin", "validate", str(plugin_dir)]) == 0
     assert "0 error(s), 0 warning(s)" in capsys.readouterr().out
 
 
@@ -138,6 +143,6 @@ def test_running_the_generated_tests_keeps_the_signature_valid(tmp_path: Path) -
     result = run_generated_tests(authored.plugin_dir, bytecode=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (authored.plugin_dir / "__pycache__").is_dir()
-    assert main(["validate", str(authored.plugin_dir)]) == 0
-    assert main(["verify", "--plugin-dir", str(authored.plugin_dir),
+    assert run_aisoc(["plugin", "validate", str(authored.plugin_dir)]) == 0
+    assert run_aisoc(["plugin", "verify", "--plugin-dir", str(authored.plugin_dir),
                  "--keys-dir", str(authored.keys_dir)]) == 0

@@ -56,7 +56,7 @@ async def test_trust_table(mode: str, case: str, env: Env, plugins: PluginFactor
     if state == "failed":
         assert record.error is not None
         assert record.error["code"] == f"signature_{status}"
-        assert result.failed[0]["code"] == f"signature_{status}"
+        assert result.failed[0].to_json()["code"] == f"signature_{status}"
 
 
 async def test_refused_plugin_never_executes(env: Env, plugins: PluginFactory,

@@ -17,15 +17,15 @@ import anyio
 import pytest
 from watchfiles import Change
 
-from aisoc_plugind.audit.log import AuditSink, EventLog
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.audit.names import WATCHER_ERROR, WATCHER_STARTED
+from aisoc_plugind.audit.sink import AuditSink
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.engine.keyring import load_keyring
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.service.watcher import (
     BACKOFF_FIRST_S,
     BACKOFF_MAX_S,
-    WATCHER_ERROR,
-    WATCHER_STARTED,
     ChangeFilter,
     Settler,
     next_backoff,
@@ -34,6 +34,7 @@ from aisoc_plugind.service.watcher import (
     root_deleted,
     watcher_component,
 )
+from aisoc_plugind.service.wiring import make_manager
 from tests.conftest import SIMPLE_CODE, Env, PluginFactory, sign_dir
 
 WAIT_S = 5
@@ -96,7 +97,7 @@ async def watching(
     settings = env.settings(trust_mode=trust_mode, **{"watch": True, **overrides})
     tap = EventTap()
     events = EventLog(audit=AuditSink(env.audit), stream=tap)
-    async with PluginManager(settings, events, load_keyring(settings.keys_dir)) as manager:
+    async with make_manager(settings, events, load_keyring(settings.keys_dir)) as manager:
         await manager.discover()
         calls: list[Path] = []
         real_sync = manager.sync_dir
@@ -413,7 +414,7 @@ async def test_leaving_the_component_stops_the_watch_promptly(env: Env) -> None:
     settings = env.settings(watch=True)
     tap = EventTap()
     events = EventLog(audit=AuditSink(env.audit), stream=tap)
-    async with PluginManager(settings, events, load_keyring(settings.keys_dir)) as manager:
+    async with make_manager(settings, events, load_keyring(settings.keys_dir)) as manager:
         with anyio.fail_after(WAIT_S):
             async with watcher_component(None, manager):  # type: ignore[arg-type]
                 pass

@@ -1,24 +1,27 @@
 """Define the one exception tree of aisoc-plugind; every error carries a stable code.
 
-    PluginDError                      code            http
-    ├── ConfigError                   config_invalid  (startup only)
-    ├── ManifestError                 manifest_*      422
-    ├── BundleError                   bundle_*        422
-    ├── SignatureRefused              signature_*     422
-    ├── KeyFileError                  key_*           (a skipped key file)
-    ├── PluginLoadError               plugin_import_failed / plugin_init_failed / ...  422
-    ├── DuplicatePluginId             duplicate_id    409
-    ├── PluginNotFound                plugin_not_found 404
-    ├── PluginStateConflict           plugin_disabled / plugin_failed / plugin_unloaded  409
-    ├── PluginRunError                plugin_error    502
-    ├── PluginTimeout                 plugin_timeout  504
-    ├── PluginResultInvalid           plugin_result_invalid 502
+    PluginDError                      code
+    ├── ConfigError                   config_invalid (startup, check-config)
+    ├── ManifestError                 manifest_*
+    ├── BundleError                   bundle_*, plugin_dir_missing, manifest_missing
+    ├── SignatureRefused              signature_unsigned / signature_invalid
+    ├── KeyFileError                  key_* (a skipped trusted-key file)
+    ├── PluginLoadError               plugin_import_failed / plugin_init_failed / ...
+    ├── DuplicatePluginId             duplicate_id
+    ├── PluginNotFound                plugin_not_found
+    ├── PluginStateConflict           plugin_disabled / plugin_failed / plugin_unloaded / ...
+    ├── PluginRunError                plugin_error
+    ├── PluginTimeout                 plugin_timeout
+    ├── PluginResultInvalid           plugin_result_invalid
     ├── AuthoringError                authoring_failed (the `aisoc plugin` commands)
-    └── OciError (daemon.oci)         oci_*           502;  ArchiveError archive_* 422
+    ├── TokenFileError                tokens_file_invalid (the `token` commands)
+    └── OciError                      oci_*
+        ├── OciReferenceError         oci_bad_reference (the caller's input)
+        └── ArchiveError              archive_*
 
-The `code` is what the API's error body, the audit log (`error_code`) and the CLI show;
-`http_status` is the API's answer for it. Foreign exceptions are translated at the boundary
-with ``raise ... from exc``.
+The `code` is what the API's error body, the audit log (`error_code`) and the CLI show. Which
+HTTP status answers which error is the API's business (`aisoc_plugind.api.errors`). Foreign
+exceptions are translated at the boundary with ``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -26,12 +29,33 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+__all__ = [
+    "ArchiveError",
+    "AuthoringError",
+    "BundleError",
+    "ConfigError",
+    "DuplicatePluginId",
+    "KeyFileError",
+    "ManifestError",
+    "OciError",
+    "OciReferenceError",
+    "PluginDError",
+    "PluginLoadError",
+    "PluginNotFound",
+    "PluginResultInvalid",
+    "PluginRunError",
+    "PluginStateConflict",
+    "PluginTimeout",
+    "Problem",
+    "SignatureRefused",
+    "TokenFileError",
+]
+
 
 class PluginDError(Exception):
     """Root of every error the daemon raises on purpose."""
 
     code: str = "internal_error"
-    http_status: int = 500
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -48,7 +72,6 @@ class ConfigError(PluginDError):
     """The configuration cannot be used; the daemon refuses to start."""
 
     code = "config_invalid"
-    http_status = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,7 +90,6 @@ class ManifestError(PluginDError):
     """A manifest is missing, unreadable or invalid; lists every problem found."""
 
     code = "manifest_invalid"
-    http_status = 422
 
     def __init__(self, problems: Iterable[Problem], *, source: str = "manifest") -> None:
         self.problems = tuple(problems)
@@ -82,74 +104,97 @@ class BundleError(PluginDError):
     """A plugin directory cannot be read safely (symlink, size cap, odd file type)."""
 
     code = "bundle_invalid"
-    http_status = 422
 
 
 class SignatureRefused(PluginDError):
     """The trust mode refuses to load a plugin because of its signature status."""
 
     code = "signature_invalid"
-    http_status = 422
 
 
 class KeyFileError(PluginDError):
     """A trusted-key file is malformed or not Ed25519; it is skipped, never fatal."""
 
     code = "key_invalid"
-    http_status = 422
 
 
 class PluginLoadError(PluginDError):
     """The plugin's code would not import, construct or set up."""
 
     code = "plugin_import_failed"
-    http_status = 422
 
 
 class DuplicatePluginId(PluginDError):
     """Two directories declare the same manifest id; the first loaded wins."""
 
     code = "duplicate_id"
-    http_status = 409
 
 
 class PluginNotFound(PluginDError):
     """No plugin with that id is known."""
 
     code = "plugin_not_found"
-    http_status = 404
 
 
 class PluginStateConflict(PluginDError):
     """The operation is not allowed in the plugin's current state."""
 
     code = "plugin_state_conflict"
-    http_status = 409
 
 
 class PluginRunError(PluginDError):
     """The plugin raised while running."""
 
     code = "plugin_error"
-    http_status = 502
 
 
 class PluginTimeout(PluginDError):
     """The plugin did not return within `plugins.run_timeout_s`."""
 
     code = "plugin_timeout"
-    http_status = 504
 
 
 class PluginResultInvalid(PluginDError):
     """The plugin returned something that is not JSON-serialisable."""
 
     code = "plugin_result_invalid"
-    http_status = 502
 
 
 class AuthoringError(PluginDError):
     """An authoring command cannot do what was asked (file exists, plugin invalid, ...)."""
 
     code = "authoring_failed"
-    http_status = 400
+
+
+class TokenFileError(PluginDError):
+    """The tokens file cannot be read, parsed or written (the `token` commands)."""
+
+    code = "tokens_file_invalid"
+
+
+class OciError(PluginDError):
+    """Pulling from or pushing to a registry failed (codes `oci_*`).
+
+    oci_insecure_registry, oci_tls_error, oci_unreachable, oci_timeout, oci_not_found,
+    oci_unauthorized, oci_forbidden, oci_registry_error, oci_bad_artifact, oci_too_large,
+    oci_size_mismatch, oci_digest_mismatch, oci_staging_failed, oci_not_configured.
+    """
+
+    code = "oci_error"
+
+
+class OciReferenceError(OciError):
+    """An OCI reference is malformed: the caller's input, not a registry failure."""
+
+    code = "oci_bad_reference"
+
+
+class ArchiveError(OciError):
+    """A package archive breaks the extraction rules; nothing outside staging was touched.
+
+    archive_corrupt, archive_link, archive_special_file, archive_path_invalid,
+    archive_absolute_path, archive_path_traversal, archive_path_too_long, archive_duplicate,
+    archive_too_large, archive_too_many_entries, archive_layout, archive_timeout.
+    """
+
+    code = "archive_invalid"

@@ -1,4 +1,4 @@
-"""Name the daemon's events and write each one to stdout (structlog) and the JSONL audit file.
+"""Write each event to stdout (structlog) and the JSONL audit file, numbered by `seq`.
 
 One event = one JSON object, serialised once; the same line goes to the audit file (one
 `write()` on an O_APPEND descriptor, so a line is never split or interleaved) and, with
@@ -8,50 +8,19 @@ Keys that could carry secrets (tokens, payloads) are dropped before anything is 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
-from enum import StrEnum
-from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 
-from aisoc_plugind.core.records import rfc3339, utcnow
+from aisoc_plugind.audit.names import AUDIT_WRITE_FAILED, PLUGIN_RUN_COMPLETED, PLUGIN_RUN_FAILED
+from aisoc_plugind.audit.sink import AuditSink
+from aisoc_plugind.core.clock import rfc3339, utcnow
 
-DAEMON_STARTED = "daemon.started"
-DAEMON_READY = "daemon.ready"
-DAEMON_RELOADING = "daemon.reloading"
-DAEMON_STOPPING = "daemon.stopping"
-DAEMON_STOPPED = "daemon.stopped"
-CONFIG_WARNING = "config.warning"
-KEY_SKIPPED = "trust.key.skipped"
-KEYS_CHANGED = "trust.keys.changed"
-AUDIT_REOPENED = "audit.reopened"
-AUDIT_WRITE_FAILED = "audit.write_failed"
-PLUGIN_DISCOVERED = "plugin.discovered"
-PLUGIN_LOADED = "plugin.loaded"
-PLUGIN_ENABLED = "plugin.enabled"
-PLUGIN_DISABLED = "plugin.disabled"
-PLUGIN_UNLOADED = "plugin.unloaded"
-PLUGIN_LOAD_FAILED = "plugin.load.failed"
-PLUGIN_SIGNATURE_VERIFIED = "plugin.signature.verified"
-PLUGIN_SIGNATURE_INVALID = "plugin.signature.invalid"
-PLUGIN_SIGNATURE_UNSIGNED = "plugin.signature.unsigned"
-PLUGIN_SIGNATURE_SKIPPED = "plugin.signature.skipped"
-PLUGIN_DUPLICATE_ID = "plugin.duplicate_id"
-PLUGIN_PATH_MISSING = "plugin.path.missing"
-PLUGIN_RELOAD_COMPLETED = "plugin.reload.completed"
-PLUGIN_RELOAD_FAILED = "plugin.reload.failed"
-PLUGIN_RUN_COMPLETED = "plugin.run.completed"
-PLUGIN_RUN_FAILED = "plugin.run.failed"
-PLUGIN_TEARDOWN_FAILED = "plugin.teardown.failed"
-PLUGIN_INSTALL_COMPLETED = "plugin.install.completed"
-PLUGIN_INSTALL_FAILED = "plugin.install.failed"
-API_DENIED = "api.denied"
+__all__ = ["SECRET_KEYS", "EventLog"]
 
 # High-volume events that are written but not fsync'ed under `audit.fsync = "mutations"`.
 _VOLUME_EVENTS = frozenset({PLUGIN_RUN_COMPLETED, PLUGIN_RUN_FAILED})
@@ -59,80 +28,6 @@ _VOLUME_EVENTS = frozenset({PLUGIN_RUN_COMPLETED, PLUGIN_RUN_FAILED})
 SECRET_KEYS = frozenset({"token", "authorization", "payload", "context", "result", "password",
                          "secret", "config"})
 _FIRST_KEYS = ("timestamp", "event", "level", "seq")
-
-
-class FsyncPolicy(StrEnum):
-    """When audit lines are forced to stable storage."""
-
-    ALWAYS = "always"
-    MUTATIONS = "mutations"
-    NEVER = "never"
-
-
-class AuditSink:
-    """Append whole JSON lines to the audit file; reopen it after rotation."""
-
-    def __init__(self, path: Path, fsync: FsyncPolicy = FsyncPolicy.MUTATIONS) -> None:
-        self.path = path
-        self.fsync = fsync
-        self.failure: str | None = None
-        self._fd: int | None = None
-        self._ident: tuple[int, int] | None = None
-
-    def open(self) -> None:
-        """Open (creating 0600, and the parent dir 0750) for append."""
-        self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        st = os.fstat(fd)
-        old, self._fd, self._ident = self._fd, fd, (st.st_dev, st.st_ino)
-        if old is not None:
-            os.close(old)
-
-    def reopen(self) -> None:
-        """Open the path again (after logrotate's `create` moved the old file away)."""
-        self.open()
-
-    def close(self) -> None:
-        """Flush to disk and close."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-
-    def write(self, line: str, *, durable: bool) -> None:
-        """Append one line in a single write; raises OSError on failure."""
-        if self._fd is None or self._rotated():
-            self.open()
-        assert self._fd is not None
-        data = (line + "\n").encode("utf-8")
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(f"short write to audit file ({written} of {len(data)} bytes)")
-        if self.fsync is FsyncPolicy.ALWAYS or (durable and self.fsync is FsyncPolicy.MUTATIONS):
-            os.fsync(self._fd)
-
-    def probe(self) -> str | None:
-        """Check (one stat) that the path still names an open, writable file; return the failure.
-
-        A moved or vanished file is reopened here, so a gone directory is noticed before a
-        change is made rather than after. A full disk shows only on the next write.
-        """
-        if self._fd is None or self._rotated():
-            try:
-                self.open()
-            except OSError as exc:
-                self.failure = f"{self.path}: {exc}"
-                return self.failure
-            self.failure = None  # reopened: the next write says whether it really works
-        return self.failure
-
-    def _rotated(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except OSError:  # gone, or a path component is no longer a directory
-            return True
-        return (st.st_dev, st.st_ino) != self._ident
 
 
 Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]

@@ -1,4 +1,4 @@
-"""Run `aisoc plugins ...`: the operator's client of the control API (INTERFACE §6).
+"""Talk to the control API from the command line: one blocking request per command.
 
 Blocking `http.client` on purpose: one request per command, no event loop, and unix-socket
 addresses (`unix:/run/aisoc-plugind/api.sock`) work with a three-line connection class.
@@ -8,29 +8,23 @@ token from `--token`, else `AISOC_TOKEN` (prefer the variable: arguments show in
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
-import os
 import socket
 import ssl
-import sys
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import urlsplit
+
+from aisoc_plugind.cli.tree import CommandFailed, UsageError
+
+__all__ = ["DEFAULT_API", "ClientError", "Endpoint", "call", "request"]
 
 DEFAULT_API = "http://127.0.0.1:8470"
-PREFIX = "/api/v1/plugins"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class ClientError(Exception):
+class ClientError(CommandFailed):
     """The request failed; the message is what the operator sees."""
-
-
-class UsageError(Exception):
-    """The command line is wrong (exit 2)."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -114,187 +108,3 @@ def call(endpoint: Endpoint, method: str, path: str, body: Any = None) -> Any:
     """Send one request and return its JSON body; raise ClientError on any failure."""
     status, doc = request(endpoint, method, path, body)
     return _check(endpoint, status, doc)
-
-
-# ---- rendering -----------------------------------------------------------------------------
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows)
-
-
-def _error_code(record: dict[str, Any]) -> str:
-    error = record.get("error")
-    return str(error.get("code", "")) if isinstance(error, dict) else ""
-
-
-def render_list(doc: dict[str, Any]) -> str:
-    """Return the plugin list as a table."""
-    rows = [("ID", "VERSION", "TYPE", "STATE", "SIGNATURE", "KEY", "ERROR")]
-    rows += [(str(r.get("id")), str(r.get("version")), str(r.get("plugin_type")),
-              str(r.get("state")), str(r.get("signature_status") or "-"),
-              str(r.get("signing_key_id") or "-"), _error_code(r) or "-")
-             for r in doc.get("plugins", [])]
-    return _table(rows) if len(rows) > 1 else "no plugins"
-
-
-def render_record(doc: dict[str, Any]) -> str:
-    """Return one plugin record as `key: value` lines."""
-    lines = []
-    for key, value in doc.items():
-        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) \
-            else "-" if value is None else str(value)
-        lines.append(f"{key + ':':<18}{shown}")
-    return "\n".join(lines)
-
-
-def render_discover(doc: dict[str, Any]) -> str:
-    """Return what a discovery pass did."""
-    found = doc.get("discovered") or []
-    lines = [f"discovered: {', '.join(found) if found else 'nothing new'}"]
-    lines += [f"failed: {f.get('path')}: {f.get('error')}" for f in doc.get("failed") or []]
-    return "\n".join(lines)
-
-
-def render_state(doc: dict[str, Any]) -> str:
-    """Return a one-line summary of a record after enable/disable/reload."""
-    return f"{doc.get('id')} {doc.get('version')}: {doc.get('state')}"
-
-
-def render_run(doc: dict[str, Any]) -> str:
-    """Return a run's result as indented JSON."""
-    return json.dumps(doc.get("result"), indent=2, ensure_ascii=False)
-
-
-def render_install(doc: dict[str, Any]) -> str:
-    """Return a one-line summary of an install."""
-    return f"installed {doc.get('plugin_id')} from {doc.get('oci_ref')} ({doc.get('digest')})"
-
-
-# ---- commands ------------------------------------------------------------------------------
-
-
-def _pid(args: argparse.Namespace) -> str:
-    return quote(args.id, safe="")
-
-
-def _json_object(text: str | None, name: str) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--{name} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise UsageError(f"--{name} must be a JSON object")
-    return value
-
-
-def _list(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    query = {k: v for k, v in (("plugin_type", args.type), ("state", args.state)) if v}
-    path = PREFIX + (f"?{urlencode(query)}" if query else "")
-    return call(ep, "GET", path), render_list
-
-
-def _show(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    return call(ep, "GET", f"{PREFIX}/{_pid(args)}"), render_record
-
-
-def _discover(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    return call(ep, "POST", f"{PREFIX}/discover"), render_discover
-
-
-def _switch(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    return call(ep, "POST", f"{PREFIX}/{_pid(args)}/{args.command}"), render_state
-
-
-def _unload(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    call(ep, "DELETE", f"{PREFIX}/{_pid(args)}")
-    return {"id": args.id, "state": "unloaded"}, lambda _: f"{args.id}: unloaded"
-
-
-def _run(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    body: dict[str, Any] = {}
-    for name in ("payload", "context"):
-        value = _json_object(getattr(args, name), name)
-        if value is not None:
-            body[name] = value
-    return call(ep, "POST", f"{PREFIX}/{_pid(args)}/run", body), render_run
-
-
-def _install(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    doc = call(ep, "POST", f"{PREFIX}/install_from_oci", {"oci_ref": args.oci_ref})
-    return doc, render_install
-
-
-_COMMANDS = {"list": _list, "show": _show, "discover": _discover, "enable": _switch,
-             "disable": _switch, "reload": _switch, "unload": _unload, "run": _run,
-             "install": _install}
-
-
-def _common(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("--api", default=default,
-                        help=f"API address (default: $AISOC_API or {DEFAULT_API}; "
-                             "unix:/path.sock works)")
-    parser.add_argument("--token", default=default,
-                        help="bearer token (default: $AISOC_TOKEN; prefer the variable)")
-    parser.add_argument("--cacert", default=default, help="CA bundle for an https API")
-    parser.add_argument("--timeout", type=float, default=default,
-                        help="seconds to wait for the API (default 60)")
-    parser.add_argument("--json", action="store_true", default=default,
-                        help="print the API's JSON instead of a table")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aisoc plugins",
-                                     description="Operate the plugins of aisoc-plugind.")
-    _common(parser, None)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=text, description=text)
-        _common(p, argparse.SUPPRESS)  # options work after the command too
-        return p
-
-    listing = add("list", "list plugins")
-    listing.add_argument("--type", help="only this plugin_type")
-    listing.add_argument("--state", help="only this state")
-    add("discover", "scan the plugins directory now")
-    for name, text in (("show", "show one plugin"), ("enable", "enable a plugin"),
-                       ("disable", "disable a plugin"), ("reload", "reload a plugin from disk"),
-                       ("unload", "unload a plugin (files stay on disk)")):
-        add(name, text).add_argument("id", help="plugin id")
-    run = add("run", "run a plugin")
-    run.add_argument("id", help="plugin id")
-    run.add_argument("--payload", help="JSON object handed to the plugin")
-    run.add_argument("--context", help="JSON object handed to the plugin")
-    add("install", "install a signed plugin from an OCI registry").add_argument(
-        "oci_ref", help="e.g. registry.example.org/plugins/geoip:1.2.0")
-    return parser
-
-
-def _endpoint(args: argparse.Namespace) -> Endpoint:
-    return Endpoint(api=args.api or os.environ.get("AISOC_API") or DEFAULT_API,
-                    token=args.token or os.environ.get("AISOC_TOKEN") or None,
-                    timeout=args.timeout or 60.0, cacert=args.cacert)
-
-
-def client_main(argv: Sequence[str]) -> int:
-    """Run `aisoc plugins <command>`; argv starts at the command. Return 0, 1 or 2."""
-    argv = list(argv)[1:] if list(argv)[:1] == ["plugins"] else list(argv)
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
-    try:
-        doc, render = _COMMANDS[args.command](_endpoint(args), args)
-    except UsageError as exc:
-        print(f"aisoc plugins: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ClientError as exc:
-        print(f"aisoc plugins: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else render(doc))
-    return EXIT_OK

@@ -1,4 +1,4 @@
-"""Resolve settings once (environment, then TOML file, then defaults) and run preflight checks.
+"""Resolve settings once (environment, then TOML file, then defaults) into one frozen object.
 
 The result is one frozen Settings object handed to everything else. Every problem in the
 file or the environment is collected and reported together as a ConfigError; an unknown key
@@ -7,19 +7,28 @@ or an unknown trust mode is an error, never a silent fallback.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from aisoc_plugind.audit.log import FsyncPolicy
+from aisoc_plugind.core.listen import ListenAddress, parse_listen
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.errors import ConfigError
+
+__all__ = ["KEYS", "FsyncPolicy", "Settings", "load_settings"]
+
+
+class FsyncPolicy(StrEnum):
+    """When audit lines are forced to stable storage (`audit.fsync`)."""
+
+    ALWAYS = "always"
+    MUTATIONS = "mutations"
+    NEVER = "never"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +61,11 @@ class Settings:
     plugin_config: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({}))
     config_file: Path | None = None
+
+    @property
+    def listen(self) -> ListenAddress:
+        """Return `api.listen` parsed (it was validated when the settings were built)."""
+        return parse_listen(self.api_listen)
 
     def config_for(self, plugin_id: str) -> dict[str, Any]:
         """Return a fresh copy of the `[plugin_config."<id>"]` table (empty when absent)."""
@@ -135,15 +149,7 @@ def _str_list(v: Any) -> tuple[str, ...]:
 
 
 def _listen(v: Any) -> str:
-    text = _as_str(v)
-    if text.startswith("unix:"):
-        if not text[5:].startswith("/"):
-            raise ValueError("unix socket path must be absolute (unix:/run/x.sock)")
-        return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("must be HOST:PORT or unix:/path.sock")
-    return text
+    return parse_listen(_as_str(v)).text
 
 
 KEYS: tuple[_Key, ...] = (
@@ -237,64 +243,3 @@ def _plugin_config(doc: Mapping[str, Any], problems: list[str]) -> Mapping[str, 
         problems.append('plugin_config: must hold tables, [plugin_config."<plugin id>"]')
         return MappingProxyType({})
     return MappingProxyType({k: MappingProxyType(dict(v)) for k, v in table.items()})
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConfigWarning:
-    """A preflight finding: the daemon starts, but an operator should look."""
-
-    code: str
-    message: str
-
-
-def preflight(settings: Settings) -> list[ConfigWarning]:
-    """Return warnings about risky but legal settings (INTERFACE §2, seed 'Trust modes')."""
-    out: list[ConfigWarning] = []
-    if settings.environment != "development" and settings.trust_mode is not TrustMode.STRICT:
-        out.append(ConfigWarning(
-            code=f"trust_mode_{settings.trust_mode.value}_outside_development",
-            message=f"PLUGIN_TRUST_MODE={settings.trust_mode.value} outside development "
-                    f"(ENVIRONMENT={settings.environment}): plugins that are not verified "
-                    "will load"))
-    out += _dir_warnings(settings.plugins_dir, "plugins_dir",
-                         "anyone who can write there can run code as this daemon")
-    out += _dir_warnings(settings.keys_dir, "keys_dir",
-                         "anyone who can write there can make their own plugins trusted")
-    out += _listen_warnings(settings)
-    return out
-
-
-def _dir_warnings(path: Path, name: str, why: str) -> list[ConfigWarning]:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return [ConfigWarning(code=f"{name}_missing", message=f"{name} {path} does not exist")]
-    except OSError as exc:
-        return [ConfigWarning(code=f"{name}_unreadable", message=f"{path}: {exc.strerror}")]
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        mode = stat.filemode(st.st_mode)
-        return [ConfigWarning(code=f"{name}_writable",
-                              message=f"{name} {path} is writable by group or others ({mode}): "
-                                      f"{why}")]
-    return []
-
-
-def _listen_warnings(settings: Settings) -> list[ConfigWarning]:
-    if settings.api_listen.startswith("unix:"):
-        return []
-    host = settings.api_listen.rpartition(":")[0].strip("[]")
-    if is_loopback_host(host):
-        return []
-    return [ConfigWarning(code="api_listen_not_loopback",
-                          message=f"api.listen {settings.api_listen} is reachable from other "
-                                  "hosts")]
-
-
-def is_loopback_host(host: str) -> bool:
-    """Return True for `localhost` and loopback IP literals."""
-    if host.lower() in {"localhost", "localhost."}:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

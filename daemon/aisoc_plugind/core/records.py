@@ -14,11 +14,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from aisoc_plugind.core.clock import rfc3339
 from aisoc_plugind.errors import PluginStateConflict
+
+__all__ = ["SERVING", "TRANSITIONS", "PluginRecord", "State", "can_transition",
+           "check_transition"]
 
 
 class State(StrEnum):
@@ -59,15 +63,6 @@ def check_transition(plugin_id: str, from_state: State, to_state: State) -> None
         f"plugin {plugin_id!r} is {from_state.value}; cannot become {to_state.value}",
         code=code)
 
-
-def rfc3339(moment: datetime) -> str:
-    """Format a UTC datetime as RFC 3339 with microseconds and a `Z`."""
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def utcnow() -> datetime:
-    """Return the current time in UTC."""
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

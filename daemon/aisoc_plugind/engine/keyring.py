@@ -7,8 +7,6 @@ the keys dir is reported and skipped.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,9 @@ import nacl.signing
 
 from aisoc_plugind.core.signing import load_public_key
 from aisoc_plugind.errors import KeyFileError
+from aisoc_plugind.files import FileRefused, read_regular
+
+__all__ = ["KEY_SUFFIXES", "Keyring", "SkippedKey", "load_keyring"]
 
 KEY_SUFFIXES = (".pem", ".pub")
 MAX_KEY_FILE_BYTES = 16 * 1024
@@ -72,14 +73,9 @@ def load_keyring(directory: Path) -> Keyring:
 
 def _read_key_file(path: Path) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        return read_regular(path, cap=MAX_KEY_FILE_BYTES)
+    except FileRefused as exc:
+        code = "key_symlink" if exc.reason == "symlink" else "key_unreadable"
+        raise KeyFileError(f"{path.name} {exc.detail}", code=code) from exc
     except OSError as exc:
-        code = "key_symlink" if path.is_symlink() else "key_unreadable"
-        raise KeyFileError(f"cannot open: {exc.strerror}", code=code) from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE_BYTES:
-            raise KeyFileError("not a regular file of at most 16 KiB", code="key_unreadable")
-        return os.read(fd, MAX_KEY_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
+        raise KeyFileError(f"cannot open: {exc.strerror}", code="key_unreadable") from exc

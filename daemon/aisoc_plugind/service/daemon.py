@@ -17,12 +17,18 @@ import anyio
 import anyio.abc
 
 from aisoc_plugind import __version__
-from aisoc_plugind.audit import log as ev
-from aisoc_plugind.audit.log import AuditSink, EventLog
-from aisoc_plugind.config.settings import Settings, preflight
+from aisoc_plugind.audit import names as ev
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.audit.sink import AuditSink
+from aisoc_plugind.config.preflight import preflight
+from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.engine.keyring import Keyring, load_keyring
-from aisoc_plugind.engine.manager import SYSTEM, PluginManager
+from aisoc_plugind.engine.manager import PluginManager
+from aisoc_plugind.engine.results import SYSTEM
 from aisoc_plugind.service.sdnotify import Notifier
+from aisoc_plugind.service.wiring import make_manager
+
+__all__ = ["Component", "HangupHook", "Service"]
 
 # A component (control API, watcher, sd_notify) runs inside the service as an async context
 # manager; what it yields is an optional callback for SIGHUP.
@@ -64,7 +70,7 @@ class Service:
                              error=warning.message)
         keyring = self._load_keys()
         try:
-            async with PluginManager(self.settings, self.events, keyring) as manager, \
+            async with make_manager(self.settings, self.events, keyring) as manager, \
                     anyio.create_task_group() as tg:
                 self.manager = manager
                 tg.start_soon(self._signals)

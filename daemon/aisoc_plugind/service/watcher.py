@@ -14,16 +14,13 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from watchfiles import Change, awatch
 
-from aisoc_plugind.engine.manager import Caller
+from aisoc_plugind.audit.names import WATCHER_ERROR, WATCHER_STARTED, WATCHER_STOPPED
+from aisoc_plugind.engine.results import Caller
 from aisoc_plugind.errors import PluginDError
 
 if TYPE_CHECKING:
     from aisoc_plugind.engine.manager import PluginManager
     from aisoc_plugind.service.daemon import HangupHook, Service
-
-WATCHER_STARTED = "watcher.started"
-WATCHER_ERROR = "watcher.error"
-WATCHER_STOPPED = "watcher.stopped"
 
 WATCHER = Caller(actor="watcher")
 

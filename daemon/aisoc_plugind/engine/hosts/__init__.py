@@ -1,1 +1,78 @@
-"""hosts."""
+"""Run plugin code: the `PluginHost` seam, the one way the engine calls into a plugin.
+
+The engine hands a host the verified bytes of one plugin version (`LoadRequest`) and gets back
+a `LoadedPlugin` handle: `run()` and `teardown()` are the only other calls into plugin code.
+Nothing outside this package imports, constructs or calls plugin code (an import contract
+checks it). `inprocess` runs plugins inside the daemon; a host process implementation plugs
+in behind the same Protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["HostInfo", "LoadRequest", "LoadedPlugin", "PluginHost"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadRequest:
+    """One verified plugin version to load: its bytes, entry point, configuration and group.
+
+    `root` only names where the bytes were read from (for tracebacks); a host never reads it.
+    `group` says which plugins may share a host (`signer:<key id>`, `plugin:<id>`).
+    """
+
+    plugin_id: str
+    version: str
+    root: Path
+    sources: Mapping[str, bytes]
+    entry_point: str
+    config: Mapping[str, Any]
+    group: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostInfo:
+    """Where a loaded plugin runs: the host process and its group (shown on the record)."""
+
+    pid: int
+    group: str
+    isolated: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the record's `host` shape."""
+        return {"pid": self.pid, "group": self.group, "isolated": self.isolated}
+
+
+class LoadedPlugin(Protocol):
+    """One plugin version loaded in a host: constructed and set up, ready to run."""
+
+    @property
+    def host(self) -> HostInfo:
+        """Return where this plugin runs."""
+
+    async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+        """Run the plugin once; return its JSON-ready result dict.
+
+        Raises PluginRunError, PluginTimeout or PluginResultInvalid (with their codes).
+        """
+
+    async def teardown(self) -> None:
+        """Call the plugin's `teardown()` and release it; raises PluginLoadError
+        (`plugin_teardown_failed`) after releasing when the hook failed."""
+
+
+class PluginHost(Protocol):
+    """Something that can load plugin versions and run them."""
+
+    async def load(self, request: LoadRequest) -> LoadedPlugin:
+        """Import the request's bytes, construct `Plugin` and call `setup()`.
+
+        Raises PluginLoadError with a code naming the step that failed.
+        """
+
+    async def aclose(self) -> None:
+        """Release everything this host holds (after every plugin was torn down)."""

@@ -1,0 +1,135 @@
+"""Decide who may call what: Host and Origin checks, bearer tokens, the denial budget."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Collection, Mapping
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from aisoc_plugind.api.context import (
+    PRINCIPAL,
+    ApiState,
+)
+from aisoc_plugind.api.errors import (
+    ApiError,
+)
+from aisoc_plugind.api.tokens import ADMIN, EXECUTE, Principal, TokenStore, denial_reason
+from aisoc_plugind.audit import names
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.core.listen import is_loopback_host
+
+__all__ = [
+    "NEED_AUDIT",
+    "audit_down",
+    "authorize",
+    "browser_refusal",
+    "emit_tokens_loaded",
+    "host_allowed",
+    "host_name",
+    "request_id",
+    "too_large",
+]
+
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9-]{8,64}")
+
+
+def host_name(host_header: str) -> str:
+    """Return the host part of a `Host` header value (brackets and port removed)."""
+    value = host_header.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def host_allowed(host_header: str | None, allowed: Collection[str]) -> bool:
+    """Return True for a loopback Host, or one named in `api.allowed_hosts` (with or w/o port)."""
+    if not host_header:
+        return False
+    name = host_name(host_header)
+    return is_loopback_host(name) or name in allowed or host_header.strip().lower() in allowed
+
+
+def browser_refusal(headers: Mapping[str, str], allowed: Collection[str]) -> str | None:
+    """Return why a browser-shaped request is refused, or None.
+
+    Refused: WebSocket upgrades, `Sec-Fetch-Mode: no-cors`, `Origin: null`, and any Origin
+    that is neither this request's own origin (same Host) nor a host in `api.allowed_hosts`.
+    """
+    if headers.get("Upgrade", "").strip().lower() == "websocket":
+        return "websocket_refused"
+    if headers.get("Sec-Fetch-Mode", "").strip().lower() == "no-cors":
+        return "fetch_mode_no_cors"
+    origin = headers.get("Origin")
+    if origin is None:
+        return None
+    if origin.strip().lower() == "null":
+        return "origin_null"
+    try:
+        parts = urlsplit(origin.strip())
+        hostname = parts.hostname
+    except ValueError:
+        return "origin_not_allowed"
+    if parts.scheme not in ("http", "https") or not hostname:
+        return "origin_not_allowed"
+    same = parts.netloc.lower() == headers.get("Host", "").strip().lower()
+    return None if same or hostname in allowed else "origin_not_allowed"
+
+
+def request_id(candidate: str | None) -> str:
+    """Return the client's X-Request-Id when it is safe to echo, else a new uuid4 hex."""
+    if candidate is not None and _REQUEST_ID_RE.fullmatch(candidate):
+        return candidate
+    return uuid.uuid4().hex
+
+
+# Changes and runs must leave an audit record (research item 25: fail closed); reads need not.
+NEED_AUDIT = frozenset({ADMIN, EXECUTE})
+
+
+def audit_down(st: ApiState) -> bool:
+    """Return True while the audit sink is failing and `audit.fail_closed` is set.
+
+    The denial event this leads to is itself a write attempt, so the state heals as soon as
+    the file can be written again.
+    """
+    audit = st.events.audit
+    return st.settings.audit_fail_closed and audit is not None and audit.probe() is not None
+
+
+def authorize(request: web.Request, st: ApiState, permission: str) -> Principal:
+    """Return the caller's principal when its token holds `permission`; raise a denial."""
+    header, generation = request.headers.get("Authorization"), st.tokens.generation
+    principal = st.tokens.authenticate(header)  # re-reads the file first when it changed
+    if st.tokens.generation != generation:
+        emit_tokens_loaded(st.events, st.tokens, trigger="file_changed")
+    if principal is None:
+        expired = st.tokens.expired_name(header)
+        reason = "token_expired" if expired else denial_reason(header)
+        text = ("missing bearer token" if reason == "token_missing"
+                else f"token {expired!r} has expired" if expired else "invalid token")
+        raise ApiError(f"{text}: send Authorization: Bearer <token>", code="unauthorized",
+                       status=401, reason=reason,
+                       headers={"WWW-Authenticate": 'Bearer realm="aisoc-plugind"'})
+    if not principal.allows(permission):
+        request[PRINCIPAL] = principal  # the denial event names the token
+        raise ApiError(f"token {principal.name!r} lacks the permission {permission}",
+                       code="permission_denied", status=403, reason="permission_missing")
+    return principal
+
+
+def too_large(settings: Settings) -> ApiError:
+    """Return the denial of a body over `api.max_body_bytes`."""
+    return ApiError(f"the request body exceeds {settings.api_max_body_bytes} bytes",
+                    code="payload_too_large", status=413, reason="body_too_large")
+
+
+def emit_tokens_loaded(events: EventLog, tokens: TokenStore, *, trigger: str) -> None:
+    """Write `api.tokens.loaded`: how many tokens, their names, and any file problems."""
+    events.emit(names.API_TOKENS_LOADED, level="warning" if tokens.problems else "info",
+                path=str(tokens.path), tokens=len(tokens), names=tokens.names(),
+                problems=list(tokens.problems), trigger=trigger)

@@ -1,0 +1,99 @@
+"""Name every event the daemon writes (INTERFACE §7-§10): dotted names, one constant each.
+
+Nothing else in the code spells an event name: emitters, metrics and tests use these.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALL",
+    "API_DENIED",
+    "API_ERROR",
+    "API_LISTENING",
+    "API_REQUEST",
+    "API_TOKENS_LOADED",
+    "AUDIT_REOPENED",
+    "AUDIT_WRITE_FAILED",
+    "CONFIG_WARNING",
+    "DAEMON_READY",
+    "DAEMON_RELOADING",
+    "DAEMON_STARTED",
+    "DAEMON_STOPPED",
+    "DAEMON_STOPPING",
+    "KEYS_CHANGED",
+    "KEY_SKIPPED",
+    "PLUGIN_DISABLED",
+    "PLUGIN_DISCOVERED",
+    "PLUGIN_DUPLICATE_ID",
+    "PLUGIN_ENABLED",
+    "PLUGIN_INSTALL_COMPLETED",
+    "PLUGIN_INSTALL_FAILED",
+    "PLUGIN_LOADED",
+    "PLUGIN_LOAD_FAILED",
+    "PLUGIN_PATH_MISSING",
+    "PLUGIN_RELOAD_COMPLETED",
+    "PLUGIN_RELOAD_FAILED",
+    "PLUGIN_RUN_COMPLETED",
+    "PLUGIN_RUN_FAILED",
+    "PLUGIN_SIGNATURE_INVALID",
+    "PLUGIN_SIGNATURE_SKIPPED",
+    "PLUGIN_SIGNATURE_UNSIGNED",
+    "PLUGIN_SIGNATURE_VERIFIED",
+    "PLUGIN_TEARDOWN_FAILED",
+    "PLUGIN_UNLOADED",
+    "WATCHER_ERROR",
+    "WATCHER_STARTED",
+    "WATCHER_STOPPED",
+]
+
+# The daemon's own run.
+DAEMON_STARTED = "daemon.started"
+DAEMON_READY = "daemon.ready"
+DAEMON_RELOADING = "daemon.reloading"
+DAEMON_STOPPING = "daemon.stopping"
+DAEMON_STOPPED = "daemon.stopped"
+CONFIG_WARNING = "config.warning"
+
+# Trust material.
+KEY_SKIPPED = "trust.key.skipped"
+KEYS_CHANGED = "trust.keys.changed"
+
+# The audit file itself.
+AUDIT_REOPENED = "audit.reopened"
+AUDIT_WRITE_FAILED = "audit.write_failed"
+
+# Plugins: lifecycle transitions and trust decisions.
+PLUGIN_DISCOVERED = "plugin.discovered"
+PLUGIN_LOADED = "plugin.loaded"
+PLUGIN_ENABLED = "plugin.enabled"
+PLUGIN_DISABLED = "plugin.disabled"
+PLUGIN_UNLOADED = "plugin.unloaded"
+PLUGIN_LOAD_FAILED = "plugin.load.failed"
+PLUGIN_SIGNATURE_VERIFIED = "plugin.signature.verified"
+PLUGIN_SIGNATURE_INVALID = "plugin.signature.invalid"
+PLUGIN_SIGNATURE_UNSIGNED = "plugin.signature.unsigned"
+PLUGIN_SIGNATURE_SKIPPED = "plugin.signature.skipped"
+PLUGIN_DUPLICATE_ID = "plugin.duplicate_id"
+PLUGIN_PATH_MISSING = "plugin.path.missing"
+PLUGIN_RELOAD_COMPLETED = "plugin.reload.completed"
+PLUGIN_RELOAD_FAILED = "plugin.reload.failed"
+PLUGIN_RUN_COMPLETED = "plugin.run.completed"
+PLUGIN_RUN_FAILED = "plugin.run.failed"
+PLUGIN_TEARDOWN_FAILED = "plugin.teardown.failed"
+PLUGIN_INSTALL_COMPLETED = "plugin.install.completed"
+PLUGIN_INSTALL_FAILED = "plugin.install.failed"
+
+# The control API.
+API_REQUEST = "api.request"
+API_DENIED = "api.denied"
+API_ERROR = "api.error"
+API_LISTENING = "api.listening"
+API_TOKENS_LOADED = "api.tokens.loaded"
+
+# The plugins-directory watcher.
+WATCHER_STARTED = "watcher.started"
+WATCHER_ERROR = "watcher.error"
+WATCHER_STOPPED = "watcher.stopped"
+
+ALL = frozenset(value for name, value in dict(globals()).items()
+                if name.isupper() and isinstance(value, str))

@@ -1,0 +1,65 @@
+"""Find risky but legal settings before the daemon starts (preflight warnings).
+
+The daemon starts anyway; each finding becomes a `config.warning` event and a line of
+`aisoc-plugind check-config`.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.core.signing import TrustMode
+
+__all__ = ["ConfigWarning", "preflight"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigWarning:
+    """A preflight finding: the daemon starts, but an operator should look."""
+
+    code: str
+    message: str
+
+
+def preflight(settings: Settings) -> list[ConfigWarning]:
+    """Return warnings about risky but legal settings (INTERFACE §2, seed 'Trust modes')."""
+    out: list[ConfigWarning] = []
+    if settings.environment != "development" and settings.trust_mode is not TrustMode.STRICT:
+        out.append(ConfigWarning(
+            code=f"trust_mode_{settings.trust_mode.value}_outside_development",
+            message=f"PLUGIN_TRUST_MODE={settings.trust_mode.value} outside development "
+                    f"(ENVIRONMENT={settings.environment}): plugins that are not verified "
+                    "will load"))
+    out += _dir_warnings(settings.plugins_dir, "plugins_dir",
+                         "anyone who can write there can run code as this daemon")
+    out += _dir_warnings(settings.keys_dir, "keys_dir",
+                         "anyone who can write there can make their own plugins trusted")
+    out += _listen_warnings(settings)
+    return out
+
+
+def _dir_warnings(path: Path, name: str, why: str) -> list[ConfigWarning]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return [ConfigWarning(code=f"{name}_missing", message=f"{name} {path} does not exist")]
+    except OSError as exc:
+        return [ConfigWarning(code=f"{name}_unreadable", message=f"{path}: {exc.strerror}")]
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = stat.filemode(st.st_mode)
+        return [ConfigWarning(code=f"{name}_writable",
+                              message=f"{name} {path} is writable by group or others ({mode}): "
+                                      f"{why}")]
+    return []
+
+
+def _listen_warnings(settings: Settings) -> list[ConfigWarning]:
+    if settings.listen.is_loopback:
+        return []
+    return [ConfigWarning(code="api_listen_not_loopback",
+                          message=f"api.listen {settings.api_listen} is reachable from other "
+                                  "hosts")]
+

@@ -1,0 +1,44 @@
+"""Write the engine's record-shaped events: state transitions and load failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aisoc_plugind.audit import names
+from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.core.records import PluginRecord, State
+from aisoc_plugind.engine.results import Caller
+from aisoc_plugind.errors import PluginDError
+
+__all__ = ["EngineEvents"]
+
+
+class EngineEvents:
+    """The engine's view of the event log: plain events plus record-shaped helpers."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+
+    def emit(self, event: str, *, level: str = "info", **fields: Any) -> dict[str, Any]:
+        """Write one event (see `EventLog.emit`)."""
+        return self.log.emit(event, level=level, **fields)
+
+    def state(self, event: str, record: PluginRecord, before: State | None,
+              caller: Caller) -> None:
+        """Write a lifecycle transition of `record` (from `before` to its current state)."""
+        self.log.emit(event, plugin_id=record.id, path=record.path, version=record.version,
+                      from_state=before.value if before else None,
+                      to_state=record.state.value, signature_status=record.signature_status,
+                      signing_key_id=record.signing_key_id, **caller.fields())
+
+    def load_failed(self, record: PluginRecord | None, path: Path, exc: PluginDError,
+                    caller: Caller) -> None:
+        """Write `plugin.load.failed` for a directory (and its record, once one exists)."""
+        self.log.emit(names.PLUGIN_LOAD_FAILED, level="error",
+                      plugin_id=record.id if record else None, path=str(path),
+                      version=record.version if record else None,
+                      from_state=State.DISCOVERED.value if record else None,
+                      to_state=State.FAILED.value,
+                      signature_status=record.signature_status if record else None,
+                      error_code=exc.code, error=exc.message, **caller.fields())

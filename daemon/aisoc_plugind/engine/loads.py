@@ -1,0 +1,236 @@
+"""Load plugin directories into slots and reload serving plugins, keeping the old version
+serving until the new one is fully set up.
+
+Callers hold the manager's lifecycle lock; nothing here takes it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from aisoc_plugind.audit import names
+from aisoc_plugind.core.clock import utcnow
+from aisoc_plugind.core.manifest import Manifest
+from aisoc_plugind.core.records import SERVING, PluginRecord, State
+from aisoc_plugind.core.signing import SignatureStatus, parse_signature
+from aisoc_plugind.engine.bundle import Bundle, has_manifest
+from aisoc_plugind.engine.directories import candidate_dirs, find_plugin_dir
+from aisoc_plugind.engine.emitter import EngineEvents
+from aisoc_plugind.engine.loading import Prepared, Preparer
+from aisoc_plugind.engine.results import Caller, Deferred, Loaded, LoadOutcome, Rejected
+from aisoc_plugind.engine.runs import RunTracker, elapsed_ms
+from aisoc_plugind.engine.table import Live, PluginTable, Slot
+from aisoc_plugind.errors import (
+    BundleError,
+    DuplicatePluginId,
+    ManifestError,
+    PluginDError,
+    PluginLoadError,
+    SignatureRefused,
+)
+
+__all__ = ["Loads"]
+
+
+class Loads:
+    """The load and reload flows of the plugin lifecycle."""
+
+    def __init__(self, table: PluginTable, preparer: Preparer, events: EngineEvents,
+                 runs: RunTracker, plugins_dir: Path) -> None:
+        self.table = table
+        self.preparer = preparer
+        self.events = events
+        self.runs = runs
+        self.plugins_dir = plugins_dir
+
+    def candidates(self) -> list[Path]:
+        """Return the plugin directories no serving plugin was loaded from."""
+        return candidate_dirs(self.plugins_dir, self.table.serving_dirs())
+
+    async def load_guarded(self, path: Path, caller: Caller) -> LoadOutcome:
+        """Load one directory; an unexpected error fails that directory, never the scan."""
+        try:
+            return await self.load_new(path, caller)
+        except PluginDError:
+            raise
+        except Exception as exc:  # a bug or a parser we do not control: contain it here
+            error = PluginLoadError(f"loading failed unexpectedly ({type(exc).__name__})",
+                                    code="plugin_load_error")
+            self.events.load_failed(None, path, error, caller)
+            return self.table.reject(path, error)
+
+    async def load_new(self, path: Path, caller: Caller) -> LoadOutcome:
+        """Load a directory as a new plugin."""
+        try:
+            bundle, manifest = await self.preparer.read(path)
+        except (BundleError, ManifestError) as exc:
+            self.events.load_failed(None, path, exc, caller)
+            return self.table.reject(path, exc)
+        owner = self.table.slots.get(manifest.id)
+        if owner is not None and Path(owner.record.path) != path:
+            if _keeps_id(owner.record):
+                return self._other_owner(owner, path, manifest, caller)
+            del self.table.slots[manifest.id]  # failed/unloaded and its directory is gone
+        return await self._load_fresh(bundle, manifest, caller)
+
+    def _other_owner(self, owner: Slot, path: Path, manifest: Manifest, caller: Caller
+                     ) -> LoadOutcome:
+        """Report `path` as a duplicate of the id's owner, unless the owner merely moved."""
+        if owner.record.state in SERVING and not Path(owner.record.path).is_dir():
+            return Deferred(path=path, plugin_id=manifest.id)
+        error = DuplicatePluginId(
+            f"duplicate plugin id {manifest.id!r}: {path} declares the id already loaded "
+            f"from {owner.record.path}; the first one loaded wins")
+        self.events.emit(names.PLUGIN_DUPLICATE_ID, level="warning", plugin_id=manifest.id,
+                         path=str(path), loaded_path=owner.record.path,
+                         error_code=error.code, error=error.message, **caller.fields())
+        failed = _new_record(manifest, path).moved_to(State.FAILED).with_(
+            error=error.as_dict())
+        return self.table.reject(path, error, record=failed)
+
+    async def _load_fresh(self, bundle: Bundle, manifest: Manifest, caller: Caller
+                          ) -> LoadOutcome:
+        path = bundle.path
+        self.table.clear(path)
+        record = _new_record(manifest, path)
+        self.events.state(names.PLUGIN_DISCOVERED, record, None, caller)
+        try:
+            prepared = await self.preparer.prepare(bundle, manifest, caller)
+        except PluginDError as exc:
+            failed = record.moved_to(State.FAILED).with_(error=exc.as_dict(),
+                                                         **_signature_fields(exc))
+            self.table.slots[manifest.id] = Slot(record=failed)
+            self.events.load_failed(failed, path, exc, caller)
+            return self.table.reject(path, exc, plugin_id=manifest.id)
+        slot = Slot(record=record)
+        self.table.slots[manifest.id] = slot
+        self.swap_in(slot, prepared)
+        slot.record = slot.record.moved_to(State.LOADED)
+        self.events.state(names.PLUGIN_LOADED, slot.record, State.DISCOVERED, caller)
+        slot.record = slot.record.moved_to(State.ENABLED)
+        self.events.state(names.PLUGIN_ENABLED, slot.record, State.LOADED, caller)
+        return Loaded(plugin_id=manifest.id)
+
+    async def retry(self, slot: Slot, path: Path | None, caller: Caller) -> PluginRecord:
+        """Load a failed or unloaded plugin afresh, from wherever its id now lives."""
+        plugin_id = slot.record.id
+        if path is None:
+            raise PluginLoadError(f"no directory under {self.plugins_dir} holds "
+                                  f"plugin {plugin_id!r}", code="plugin_dir_missing")
+        del self.table.slots[plugin_id]  # the new attempt owns the id, wherever it lives
+        try:
+            outcome = await self.load_guarded(path, caller)
+        finally:
+            self.table.slots.setdefault(plugin_id, slot)  # nothing parsed: keep the record
+        if isinstance(outcome, Rejected):
+            raise outcome.error
+        return self.table.slots[plugin_id].record
+
+    async def reload(self, slot: Slot, path: Path | None, caller: Caller) -> PluginRecord:
+        """Replace a serving plugin's code with what `path` holds now; on failure the old
+        version keeps serving, the record shows the error and the error is raised."""
+        started = time.perf_counter()
+        old_version = slot.record.version
+        try:
+            prepared = await self._prepare_reload(slot, path, caller)
+        except PluginDError as exc:
+            slot.record = slot.record.with_(error=exc.as_dict())
+            self.events.emit(names.PLUGIN_RELOAD_FAILED, level="error",
+                             plugin_id=slot.record.id, path=str(path or slot.record.path),
+                             version=old_version, error_code=exc.code, error=exc.message,
+                             duration_ms=elapsed_ms(started), **caller.fields())
+            raise
+        old = slot.live
+        self.swap_in(slot, prepared)
+        await self.runs.retire_if_idle(old, slot.record.id)
+        record = slot.record
+        self.events.emit(names.PLUGIN_RELOAD_COMPLETED, plugin_id=record.id, path=record.path,
+                         version=record.version, from_version=old_version,
+                         state=record.state.value, signature_status=record.signature_status,
+                         signing_key_id=record.signing_key_id,
+                         duration_ms=elapsed_ms(started), **caller.fields())
+        return record
+
+    async def _prepare_reload(self, slot: Slot, path: Path | None, caller: Caller
+                              ) -> Prepared:
+        if path is None:
+            raise PluginLoadError(f"{slot.record.path} is gone and no other directory "
+                                  f"holds plugin {slot.record.id!r}", code="plugin_dir_missing")
+        bundle, manifest = await self.preparer.read(path)
+        if manifest.id != slot.record.id:
+            raise PluginLoadError(f"{path} now declares id {manifest.id!r}, not "
+                                  f"{slot.record.id!r}", code="plugin_id_changed")
+        return await self.preparer.prepare(bundle, manifest, caller)
+
+    async def load_installed(self, target: Path, plugin_id: str, caller: Caller) -> None:
+        """Load a freshly installed directory: reload a serving plugin of that id from it,
+        or load it as new (a failed or unloaded record of the id gives way)."""
+        slot = self.table.slots.get(plugin_id)
+        if slot is not None and slot.record.state in SERVING:
+            await self.reload(slot, target, caller)
+            return
+        if slot is not None:
+            del self.table.slots[plugin_id]
+        outcome = await self.load_new(target, caller)
+        if isinstance(outcome, Rejected):
+            raise outcome.error
+
+    def swap_in(self, slot: Slot, prepared: Prepared) -> None:
+        """Make a prepared version the live one and retire the previous version."""
+        old, slot.live = slot.live, Live(plugin=prepared.plugin)
+        m, d = prepared.manifest, prepared.decision
+        slot.record = slot.record.with_(
+            name=m.name, version=m.version, plugin_type=m.plugin_type,
+            path=str(prepared.bundle.path), manifest=m.as_json(), loaded_at=utcnow(),
+            signature_status=d.status.value, signing_key_id=d.key_id, digest=d.digest_hex,
+            error=None, path_missing=False)
+        slot.signature = (parse_signature(prepared.bundle.signature or b"")
+                          if d.status is SignatureStatus.VERIFIED else None)
+        slot.signature_file = prepared.bundle.signature
+        self.table.clear(prepared.bundle.path)
+        if old is not None:
+            old.retired = True
+
+    def reload_path(self, slot: Slot) -> Path | None:
+        """Return the directory that holds the slot's id now (blocking: run in a thread)."""
+        others = self.table.rejected_dirs() + self.candidates()
+        return find_plugin_dir(slot.record.id, Path(slot.record.path), others)
+
+    def flag_missing(self) -> None:
+        """Flag serving plugins whose directory vanished (once, with an event)."""
+        for slot in self.table.slots.values():
+            gone = not Path(slot.record.path).is_dir()
+            if gone and not slot.record.path_missing and slot.record.state in SERVING:
+                self.events.emit(names.PLUGIN_PATH_MISSING, level="warning",
+                                 plugin_id=slot.record.id, path=slot.record.path,
+                                 version=slot.record.version)
+            slot.record = slot.record.with_(path_missing=gone)
+
+    def gone(self, path: Path) -> bool:
+        """Return True when `path` no longer holds a plugin (forgetting its failure)."""
+        if has_manifest(path):
+            return False
+        self.flag_missing()
+        self.table.clear(path)
+        return True
+
+
+def _new_record(manifest: Manifest, path: Path) -> PluginRecord:
+    return PluginRecord(
+        id=manifest.id, name=manifest.name, version=manifest.version,
+        plugin_type=manifest.plugin_type, state=State.DISCOVERED, signature_status=None,
+        signing_key_id=None, error=None, path=str(path), loaded_at=None,
+        manifest=manifest.as_json())
+
+
+def _signature_fields(exc: PluginDError) -> dict[str, str]:
+    if isinstance(exc, SignatureRefused):
+        return {"signature_status": exc.code.removeprefix("signature_")}
+    return {}
+
+
+def _keeps_id(record: PluginRecord) -> bool:
+    """Return True when a plugin's id stays with it against another directory claiming it."""
+    return record.state in SERVING or Path(record.path).is_dir()
+

@@ -1,0 +1,109 @@
+"""Run plugins and account for runs in flight, so replaced versions retire when idle.
+
+A run takes the version that is live when it starts and finishes on it; a replaced or
+unloaded version is torn down by whoever sees its last run end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+
+from aisoc_plugind.audit import names
+from aisoc_plugind.core.records import State
+from aisoc_plugind.engine.emitter import EngineEvents
+from aisoc_plugind.engine.results import Caller, RunResult
+from aisoc_plugind.engine.table import Live, Slot
+from aisoc_plugind.errors import PluginDError, PluginRunError, PluginStateConflict
+
+__all__ = ["RunTracker", "elapsed_ms"]
+
+
+class RunTracker:
+    """Count runs in flight and tear down retired versions once nothing runs on them."""
+
+    def __init__(self, events: EngineEvents) -> None:
+        self.events = events
+        self.inflight = 0
+        self._idle = anyio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no run is executing."""
+        while self.inflight:
+            await self._idle.wait()
+
+    async def run(self, slot: Slot, payload: Mapping[str, Any] | None,
+                  context: Mapping[str, Any] | None, caller: Caller) -> RunResult:
+        """Run the live version of `slot`'s plugin and write the run's event."""
+        live, record = _runnable(slot), slot.record
+        live.inflight += 1
+        self.inflight += 1
+        started = time.perf_counter()
+        try:
+            result = await live.plugin.run(dict(payload or {}), dict(context or {}))
+        except PluginDError as exc:
+            self.events.emit(names.PLUGIN_RUN_FAILED, level="warning", plugin_id=record.id,
+                             version=record.version, error_code=exc.code,
+                             error=_audit_text(exc), duration_ms=elapsed_ms(started),
+                             **caller.fields())
+            raise
+        finally:
+            self._finished(live)
+            await self.retire_if_idle(live, record.id)
+        duration = elapsed_ms(started)
+        self.events.emit(names.PLUGIN_RUN_COMPLETED, plugin_id=record.id,
+                         version=record.version, duration_ms=duration, **caller.fields())
+        return RunResult(plugin_id=record.id, result=result, duration_ms=duration)
+
+    def _finished(self, live: Live) -> None:
+        live.inflight -= 1
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+            self._idle = anyio.Event()
+
+    async def retire_if_idle(self, live: Live | None, plugin_id: str) -> None:
+        """Tear down a replaced version once nothing runs on it (whoever sees that does it)."""
+        if live is not None and live.retired and live.inflight == 0:
+            with anyio.CancelScope(shield=True):
+                await self.teardown(live, plugin_id)
+
+    async def teardown(self, live: Live, plugin_id: str | None = None) -> None:
+        """Call the version's teardown once; a failure is an event, never an error."""
+        if live.torn_down:
+            return
+        live.torn_down = True
+        try:
+            await live.plugin.teardown()
+        except PluginDError as exc:
+            self.events.emit(names.PLUGIN_TEARDOWN_FAILED, level="warning",
+                             plugin_id=plugin_id, error_code=exc.code, error=exc.message)
+
+
+def _runnable(slot: Slot) -> Live:
+    state = slot.record.state
+    if state is State.DISABLED:
+        raise PluginStateConflict(f"plugin {slot.record.id!r} is disabled",
+                                  code="plugin_disabled")
+    if state is not State.ENABLED or slot.live is None:
+        code = {State.FAILED: "plugin_failed", State.UNLOADED: "plugin_unloaded"}.get(
+            state, "plugin_not_ready")
+        raise PluginStateConflict(f"plugin {slot.record.id!r} is {state.value}", code=code)
+    return slot.live
+
+
+def _audit_text(exc: PluginDError) -> str:
+    """Return what a run failure may say in an event: a plugin's exception text can quote the
+    payload, so only its type is kept there (the caller still gets the full message)."""
+    cause = exc.__cause__
+    if isinstance(exc, PluginRunError) and cause is not None:
+        return f"run raised {type(cause).__name__}"
+    return exc.message
+
+
+def elapsed_ms(started: float) -> float:
+    """Return milliseconds since `started` (a `time.perf_counter()` value), rounded to µs."""
+    return round((time.perf_counter() - started) * 1000, 3)
