@@ -16,7 +16,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from aisoc_plugind.audit import names
 from aisoc_plugind.core.records import PluginRecord, State
+
+__all__ = ["CONTENT_TYPE", "ApiMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -74,9 +77,9 @@ class ApiMetrics:
         """Count what the event stream says (an EventLog listener): every reload, whoever
         triggered it."""
         name = event.get("event")
-        if name == "plugin.reload.completed":
+        if name == names.PLUGIN_RELOAD_COMPLETED:
             self._reloads.labels(outcome="ok").inc()
-        elif name == "plugin.reload.failed":
+        elif name == names.PLUGIN_RELOAD_FAILED:
             self._reloads.labels(outcome="failed").inc()
 
     def denied(self, reason: str) -> None:

@@ -1,1 +1,4 @@
-"""audit."""
+"""Record what happens: event names in one module, the event log, the audit file.
+
+Imports `config` and `core`.
+"""

@@ -1,1 +1,4 @@
-"""cli."""
+"""Parse argv for `aisoc` and `aisoc-plugind`: the only place that prints for users and exits.
+
+Imports everything below it.
+"""

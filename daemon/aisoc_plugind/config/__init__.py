@@ -1,1 +1,4 @@
-"""config."""
+"""Resolve the settings once (environment, file, defaults) and find risky ones (preflight).
+
+Imports `core`; no aiohttp, anyio, watchfiles or structlog.
+"""

@@ -1,1 +1,4 @@
-"""service."""
+"""Compose and run the daemon: one task group, signals, watcher, sd_notify, components.
+
+Imports `api`, `engine`, `delivery` and below.
+"""
