@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-_NEW_DOC = ("# Benchmarks\n\nMeasured, never asserted in unit tests. Re-run the command of a "
-            "section to refresh it.\n")
+_NEW_DOC = (
+    "# Benchmarks\n\nMeasured, never asserted in unit tests. Re-run the command of a "
+    "section to refresh it.\n"
+)
 
 
 def replace_section(section: str, begin: str, end: str, doc: Path = DOC) -> None:

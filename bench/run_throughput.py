@@ -40,9 +40,9 @@ BEGIN, END = "<!-- run_throughput:begin -->", "<!-- run_throughput:end -->"
 DEADLINE_S = 120.0
 PLUGINS = {
     "bench.async": "class Plugin:\n    async def run(self, payload, context):\n"
-                   "        return {'n': payload.get('n', 0) + 1}\n",
+    "        return {'n': payload.get('n', 0) + 1}\n",
     "bench.sync": "class Plugin:\n    def run(self, payload, context):\n"
-                  "        return {'n': payload.get('n', 0) + 1}\n",
+    "        return {'n': payload.get('n', 0) + 1}\n",
 }
 
 
@@ -50,8 +50,11 @@ def write_plugin(root: Path, plugin_id: str, code: str, key: nacl.signing.Signin
     """Write and sign one plugin directory."""
     path = root / plugin_id
     path.mkdir(parents=True)
-    (path / "plugin.yaml").write_text(json.dumps(
-        {"id": plugin_id, "name": plugin_id, "version": "1.0.0", "plugin_type": "enricher"}))
+    (path / "plugin.yaml").write_text(
+        json.dumps(
+            {"id": plugin_id, "name": plugin_id, "version": "1.0.0", "plugin_type": "enricher"}
+        )
+    )
     (path / "plugin.py").write_text(code)
     bundle = read_bundle(path)
     parsed = manifest.parse(bundle.manifest_bytes, bundle.manifest_name)
@@ -78,16 +81,31 @@ def prepare(tmp: Path) -> tuple[Path, int]:
     config.write_text(
         f'environment = "development"\n[plugins]\ndir = "{tmp}/plugins"\nwatch = false\n'
         f'[trust]\nkeys_dir = "{tmp}/keys"\n[audit]\npath = "{tmp}/audit.jsonl"\n'
-        f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{tmp}/tokens.toml"\n')
+        f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{tmp}/tokens.toml"\n'
+    )
     return config, port
 
 
 def create_token(tmp: Path) -> str:
     """Create an all-permissions token with the real CLI."""
     out = subprocess.run(
-        [sys.executable, "-m", "aisoc_plugind", "token", "create", "--tokens-file",
-         str(tmp / "tokens.toml"), "--name", "bench", "--permissions", ",".join(PERMISSIONS)],
-        check=True, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "aisoc_plugind",
+            "token",
+            "create",
+            "--tokens-file",
+            str(tmp / "tokens.toml"),
+            "--name",
+            "bench",
+            "--permissions",
+            ",".join(PERMISSIONS),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
@@ -118,8 +136,13 @@ class Result:
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[n - 1]
 
 
-async def load(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
-               requests: int, concurrency: int) -> tuple[list[float], int]:
+async def load(
+    session: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str],
+    requests: int,
+    concurrency: int,
+) -> tuple[list[float], int]:
     """Send `requests` POSTs with `concurrency` workers; return latencies and error count."""
     latencies: list[float] = []
     errors = 0
@@ -152,37 +175,48 @@ async def measure(port: int, token: str, requests: int, concurrency: int) -> lis
             await load(session, url, headers, min(200, requests), concurrency)  # warm-up
             started = time.perf_counter()
             latencies, errors = await load(session, url, headers, requests, concurrency)
-            results.append(Result(plugin_id=plugin_id, latencies=latencies, errors=errors,
-                                  seconds=time.perf_counter() - started))
+            results.append(
+                Result(
+                    plugin_id=plugin_id,
+                    latencies=latencies,
+                    errors=errors,
+                    seconds=time.perf_counter() - started,
+                )
+            )
         return results
 
 
 def render(results: list[Result], requests: int, concurrency: int, argv: list[str]) -> str:
     """Return the markdown section for docs/benchmarks.md."""
-    rows = [f"| `{r.plugin_id}` | {len(r.latencies)} | {r.errors} | "
-            f"{len(r.latencies) / r.seconds:,.0f} | {r.q(50):.2f} | {r.q(90):.2f} | "
-            f"{r.q(99):.2f} | {max(r.latencies):.2f} |" for r in results]
-    return "\n".join([
-        BEGIN,
-        "## Control API: POST /run throughput and latency",
-        "",
-        "A real daemon process on 127.0.0.1 (strict trust, default `audit.fsync = "
-        "\"mutations\"`: one audit line per run, written but not fsync'ed), driven by aiohttp "
-        f"from a second process: {requests} requests per plugin at concurrency "
-        f"{concurrency}, after a warm-up. Per request: token check (one SHA-256 and a dict "
-        "lookup), the plugin call (async on the loop, sync in a worker thread), one audit "
-        "line and one stdout line.",
-        "",
-        "Command: `" + " ".join([".venv/bin/python bench/run_throughput.py", *argv]) + "`  ",
-        f"Date: {date.today().isoformat()}; machine: {os.cpu_count()} CPUs "
-        f"({platform.machine()}), Python {platform.python_version()}. Client and daemon "
-        "share the machine's two cores.",
-        "",
-        "| plugin | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        END,
-    ])
+    rows = [
+        f"| `{r.plugin_id}` | {len(r.latencies)} | {r.errors} | "
+        f"{len(r.latencies) / r.seconds:,.0f} | {r.q(50):.2f} | {r.q(90):.2f} | "
+        f"{r.q(99):.2f} | {max(r.latencies):.2f} |"
+        for r in results
+    ]
+    return "\n".join(
+        [
+            BEGIN,
+            "## Control API: POST /run throughput and latency",
+            "",
+            "A real daemon process on 127.0.0.1 (strict trust, default `audit.fsync = "
+            '"mutations"`: one audit line per run, written but not fsync\'ed), driven by aiohttp '
+            f"from a second process: {requests} requests per plugin at concurrency "
+            f"{concurrency}, after a warm-up. Per request: token check (one SHA-256 and a dict "
+            "lookup), the plugin call (async on the loop, sync in a worker thread), one audit "
+            "line and one stdout line.",
+            "",
+            "Command: `" + " ".join([".venv/bin/python bench/run_throughput.py", *argv]) + "`  ",
+            f"Date: {date.today().isoformat()}; machine: {os.cpu_count()} CPUs "
+            f"({platform.machine()}), Python {platform.python_version()}. Client and daemon "
+            "share the machine's two cores.",
+            "",
+            "| plugin | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            END,
+        ]
+    )
 
 
 def update_doc(section: str) -> None:
@@ -193,9 +227,12 @@ def update_doc(section: str) -> None:
 def run_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start the daemon; its stdout (one event per line) goes to a file, not a pipe."""
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "aisoc_plugind", "run", "--config",
-                                 str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
 
 
 def main() -> int:

@@ -30,6 +30,7 @@ fi
 
 echo "== ruff"
 .venv/bin/ruff check daemon tests bench
+.venv/bin/ruff format --check daemon tests bench
 echo "== mypy (strict)"
 .venv/bin/mypy
 echo "== pytest"

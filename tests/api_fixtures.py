@@ -30,7 +30,10 @@ from tests.conftest import VECTORS, Env, PluginFactory, copy_tree
 READ, ADMIN, EXECUTE = PERMISSIONS
 # Token name -> permissions granted in every test's tokens file.
 GRANTS: Mapping[str, tuple[str, ...]] = {
-    "reader": (READ,), "admin": (ADMIN,), "runner": (EXECUTE,), "root": PERMISSIONS,
+    "reader": (READ,),
+    "admin": (ADMIN,),
+    "runner": (EXECUTE,),
+    "root": PERMISSIONS,
     "revoked": PERMISSIONS,
 }
 ECHO_ID = "test.echo"
@@ -57,9 +60,12 @@ class Plugin:
 def write_tokens(path: Path, grants: Mapping[str, tuple[str, ...]] = GRANTS) -> dict[str, str]:
     """Write a tokens file (0600) granting `grants`; return name -> token."""
     tokens = {name: new_token() for name in grants}
-    entries = {name: TokenEntry(name=name, sha256=token_hash(tokens[name]),
-                                permissions=perms, created=rfc3339(utcnow()))
-               for name, perms in grants.items()}
+    entries = {
+        name: TokenEntry(
+            name=name, sha256=token_hash(tokens[name]), permissions=perms, created=rfc3339(utcnow())
+        )
+        for name, perms in grants.items()
+    }
     write_tokens_file(path, entries)
     return tokens
 
@@ -100,14 +106,16 @@ class Api:
         """Return the Authorization header of token `name` (none for None)."""
         return {} if name is None else {"Authorization": f"Bearer {self.tokens[name]}"}
 
-    async def call(self, method: str, path: str, token: str | None = "root",
-                   **kwargs: Any) -> ClientResponse:
+    async def call(
+        self, method: str, path: str, token: str | None = "root", **kwargs: Any
+    ) -> ClientResponse:
         """Send a request with the named token's header merged into `headers`."""
         headers = {**self.auth(token), **kwargs.pop("headers", {})}
         return await self.client.request(method, path, headers=headers, **kwargs)
 
-    async def json(self, method: str, path: str, token: str | None = "root",
-                   **kwargs: Any) -> tuple[int, Any]:
+    async def json(
+        self, method: str, path: str, token: str | None = "root", **kwargs: Any
+    ) -> tuple[int, Any]:
         """Send a request; return (status, JSON body or None)."""
         async with await self.call(method, path, token, **kwargs) as response:
             text = await response.text()
@@ -128,11 +136,15 @@ class Api:
 
 
 @asynccontextmanager
-async def serve_api(env: Env, plugins: PluginFactory, *,
-                    wrap: Callable[[PluginManager], Any] | None = None,
-                    trust_mode: TrustMode = TrustMode.STRICT,
-                    internal_errors_expected: bool = False,
-                    **overrides: Any) -> AsyncIterator[Api]:
+async def serve_api(
+    env: Env,
+    plugins: PluginFactory,
+    *,
+    wrap: Callable[[PluginManager], Any] | None = None,
+    trust_mode: TrustMode = TrustMode.STRICT,
+    internal_errors_expected: bool = False,
+    **overrides: Any,
+) -> AsyncIterator[Api]:
     """Start a manager over the test plugins and the API on an ephemeral loopback port.
 
     On exit, fails the test if the API answered any 500 (an `api.error` event), unless the
@@ -148,12 +160,22 @@ async def serve_api(env: Env, plugins: PluginFactory, *,
     ready.set()
     async with make_manager(settings, events, load_keyring(settings.keys_dir)) as manager:
         await manager.discover()
-        app = build_app(manager=wrap(manager) if wrap else manager, events=events,
-                        tokens=TokenStore(tokens_file), settings=settings,
-                        ready=ready.is_set)
+        app = build_app(
+            manager=wrap(manager) if wrap else manager,
+            events=events,
+            tokens=TokenStore(tokens_file),
+            settings=settings,
+            ready=ready.is_set,
+        )
         async with TestServer(app, host="127.0.0.1") as server, TestClient(server) as client:
-            api = Api(env=env, client=client, manager=manager, tokens=tokens,
-                      tokens_file=tokens_file, ready=ready)
+            api = Api(
+                env=env,
+                client=client,
+                manager=manager,
+                tokens=tokens,
+                tokens_file=tokens_file,
+                ready=ready,
+            )
             yield api
     if not internal_errors_expected:
         assert api.events(API_ERROR) == [], "the API answered 500 internal_error"
@@ -171,14 +193,16 @@ class Daemon:
 
     def address(self) -> str:
         """Return the first address from the `api.listening` event."""
-        events = [json.loads(line) for line in self.service.settings.audit_path.read_text()
-                  .splitlines()]
+        events = [
+            json.loads(line) for line in self.service.settings.audit_path.read_text().splitlines()
+        ]
         return next(e for e in events if e["event"] == API_LISTENING)["addresses"][0]
 
 
 @asynccontextmanager
-async def running_component(env: Env, plugins: PluginFactory, listen: str,
-                            **overrides: Any) -> AsyncIterator[Daemon]:
+async def running_component(
+    env: Env, plugins: PluginFactory, listen: str, **overrides: Any
+) -> AsyncIterator[Daemon]:
     """Enter `api_component` for a Service on `listen`; the service is not marked ready."""
     write_test_plugins(env, plugins)
     tokens_file = env.tmp / "tokens.toml"
@@ -188,8 +212,13 @@ async def running_component(env: Env, plugins: PluginFactory, listen: str,
     async with make_manager(settings, service.events, load_keyring(settings.keys_dir)) as manager:
         await manager.discover()
         async with api_component(service, manager) as hangup:
-            yield Daemon(service=service, manager=manager, hangup=hangup, tokens=tokens,
-                         tokens_file=tokens_file)
+            yield Daemon(
+                service=service,
+                manager=manager,
+                hangup=hangup,
+                tokens=tokens,
+                tokens_file=tokens_file,
+            )
 
 
 class WithoutOci:

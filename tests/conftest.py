@@ -87,8 +87,13 @@ class PluginFactory:
     ) -> Path:
         path = self.root / dirname
         path.mkdir(parents=True, exist_ok=True)
-        manifest = {"id": plugin_id or f"test.{dirname}", "name": dirname.title(),
-                    "version": version, "plugin_type": "enricher", **(manifest_extra or {})}
+        manifest = {
+            "id": plugin_id or f"test.{dirname}",
+            "name": dirname.title(),
+            "version": version,
+            "plugin_type": "enricher",
+            **(manifest_extra or {}),
+        }
         (path / "plugin.yaml").write_text(json.dumps(manifest))  # JSON is valid YAML
         body = code if code is not None else f"VERSION = {version!r}\n" + SIMPLE_CODE
         (path / "plugin.py").write_text(textwrap.dedent(body))
@@ -113,9 +118,14 @@ class Env:
 
     def settings(self, **overrides: Any) -> Settings:
         base: dict[str, Any] = {
-            "plugins_dir": self.plugins, "keys_dir": self.keys, "audit_path": self.audit,
-            "tokens_file": self.tmp / "tokens.toml", "run_timeout_s": 2.0,
-            "shutdown_grace_s": 2.0, "watch": False, "environment": "development",
+            "plugins_dir": self.plugins,
+            "keys_dir": self.keys,
+            "audit_path": self.audit,
+            "tokens_file": self.tmp / "tokens.toml",
+            "run_timeout_s": 2.0,
+            "shutdown_grace_s": 2.0,
+            "watch": False,
+            "environment": "development",
         }
         base.update(overrides)
         return Settings(**base)

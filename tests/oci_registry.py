@@ -42,8 +42,10 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"docker-registry exited with {proc.returncode}: "
-                               f"{log.read_text(errors='replace')[-2000:]}")
+            raise RuntimeError(
+                f"docker-registry exited with {proc.returncode}: "
+                f"{log.read_text(errors='replace')[-2000:]}"
+            )
         try:
             with _DIRECT.open(url, timeout=1) as response:
                 if response.status == 200:
@@ -60,8 +62,12 @@ def running_registry(root: Path) -> Iterator[str]:
     config = _config(root, port)
     log_path = root / "registry.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(REGISTRY_BIN), "serve", str(config)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(REGISTRY_BIN), "serve", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             _wait_ready(proc, f"http://127.0.0.1:{port}/v2/", log_path)
             yield f"127.0.0.1:{port}"

@@ -35,8 +35,20 @@ from tests.api_fixtures import (
 from tests.conftest import Env, PluginFactory
 
 P = "/api/v1/plugins"
-RECORD_KEYS = {"id", "name", "version", "plugin_type", "state", "enabled", "signature_status",
-               "signing_key_id", "error", "path", "loaded_at", "manifest"}
+RECORD_KEYS = {
+    "id",
+    "name",
+    "version",
+    "plugin_type",
+    "state",
+    "enabled",
+    "signature_status",
+    "signing_key_id",
+    "error",
+    "path",
+    "loaded_at",
+    "manifest",
+}
 
 
 @pytest.fixture
@@ -60,8 +72,9 @@ async def test_list_returns_every_record_in_the_interface_shape(api: Api) -> Non
     status, body = await api.json("GET", P, "reader")
     assert status == 200
     by_id = {r["id"]: r for r in body["plugins"]}
-    assert {ECHO_ID, "example.geoip-enricher", "example.legacy-connector",
-            "test.unsigned"} <= set(by_id)
+    assert {ECHO_ID, "example.geoip-enricher", "example.legacy-connector", "test.unsigned"} <= set(
+        by_id
+    )
     assert all(set(r) >= RECORD_KEYS for r in body["plugins"])
     echo = by_id[ECHO_ID]
     assert echo["state"] == "enabled"
@@ -74,11 +87,14 @@ async def test_list_returns_every_record_in_the_interface_shape(api: Api) -> Non
     assert by_id["test.unsigned"]["error"]["code"] == "signature_unsigned"
 
 
-@pytest.mark.parametrize(("query", "expected"), [
-    ("plugin_type=connector", {"example.legacy-connector"}),
-    ("state=failed", {"test.unsigned"}),
-    ("plugin_type=enricher&state=failed", {"test.unsigned"}),
-])
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("plugin_type=connector", {"example.legacy-connector"}),
+        ("state=failed", {"test.unsigned"}),
+        ("plugin_type=enricher&state=failed", {"test.unsigned"}),
+    ],
+)
 async def test_list_filters(api: Api, query: str, expected: set[str]) -> None:
     """plugin_type and state filter the list."""
     status, body = await api.json("GET", f"{P}?{query}", "reader")
@@ -184,8 +200,12 @@ async def test_unload_is_204_and_leaves_files(api: Api) -> None:
 
 async def test_run_returns_result_and_duration(api: Api) -> None:
     """POST /run hands payload and context over and returns plugin_id, result, duration_ms."""
-    status, body = await api.json("POST", f"{P}/example.geoip-enricher/run", "runner",
-                                  json={"payload": {"ip": "1.2.3.4"}, "context": {"a": 1}})
+    status, body = await api.json(
+        "POST",
+        f"{P}/example.geoip-enricher/run",
+        "runner",
+        json={"payload": {"ip": "1.2.3.4"}, "context": {"a": 1}},
+    )
     assert status == 200
     assert body["plugin_id"] == "example.geoip-enricher"
     assert body["result"] == {"ip": "1.2.3.4", "country": "AU"}
@@ -195,20 +215,23 @@ async def test_run_returns_result_and_duration(api: Api) -> None:
 @pytest.mark.parametrize("kwargs", [{}, {"data": b""}, {"json": {}}, {"json": {"payload": {}}}])
 async def test_run_body_and_its_fields_are_optional(api: Api, kwargs: dict[str, Any]) -> None:
     """No body, an empty body, `{}` or a missing context all mean empty objects."""
-    status, body = await api.json("POST", f"{P}/example.legacy-connector/run", "runner",
-                                  **kwargs)
+    status, body = await api.json("POST", f"{P}/example.legacy-connector/run", "runner", **kwargs)
     assert status == 200
     assert body["result"] == {"result": "pong"}
 
 
-@pytest.mark.parametrize(("plugin_id", "status", "code"), [
-    ("test.boom", 502, "plugin_error"),
-    ("test.badresult", 502, "plugin_result_invalid"),
-    ("test.unsigned", 409, "plugin_failed"),
-    ("test.nothing", 404, "plugin_not_found"),
-])
-async def test_run_errors_have_their_codes(api: Api, plugin_id: str, status: int,
-                                           code: str) -> None:
+@pytest.mark.parametrize(
+    ("plugin_id", "status", "code"),
+    [
+        ("test.boom", 502, "plugin_error"),
+        ("test.badresult", 502, "plugin_result_invalid"),
+        ("test.unsigned", 409, "plugin_failed"),
+        ("test.nothing", 404, "plugin_not_found"),
+    ],
+)
+async def test_run_errors_have_their_codes(
+    api: Api, plugin_id: str, status: int, code: str
+) -> None:
     """Plugin failures map to §6 codes and statuses."""
     got, body = await api.json("POST", f"{P}/{plugin_id}/run", "runner", json={})
     assert got == status
@@ -234,16 +257,18 @@ async def test_install_requires_an_oci_ref(api: Api) -> None:
 async def test_install_without_oci_support_is_501(env: Env, plugins: PluginFactory) -> None:
     """A manager without install_from_oci answers 501 oci_not_configured."""
     async with serve_api(env, plugins, wrap=WithoutOci) as api:
-        status, body = await api.json("POST", f"{P}/install_from_oci", "admin",
-                                      json={"oci_ref": "registry.example/p/x:1"})
+        status, body = await api.json(
+            "POST", f"{P}/install_from_oci", "admin", json={"oci_ref": "registry.example/p/x:1"}
+        )
     assert status == 501
     assert_error(body, "oci_not_configured")
 
 
 async def test_install_calls_the_manager(api: Api) -> None:
     """With OCI support the manager's error comes back as JSON (nothing listens on :9)."""
-    status, body = await api.json("POST", f"{P}/install_from_oci", "admin",
-                                  json={"oci_ref": "127.0.0.1:9/plugins/none:1.0.0"})
+    status, body = await api.json(
+        "POST", f"{P}/install_from_oci", "admin", json={"oci_ref": "127.0.0.1:9/plugins/none:1.0.0"}
+    )
     assert status not in (401, 403, 500, 501)
     assert body["error"]["code"] != "internal_error"
 
@@ -258,8 +283,7 @@ class Plugin:
 """
 
 
-async def test_too_deep_result_is_plugin_result_invalid(env: Env,
-                                                        plugins: PluginFactory) -> None:
+async def test_too_deep_result_is_plugin_result_invalid(env: Env, plugins: PluginFactory) -> None:
     """A result nested deeper than JSON encoding allows is 502, not 500."""
     plugins.write("deep", code=DEEP_RESULT_CODE)
     async with serve_api(env, plugins, internal_errors_expected=True) as api:
@@ -271,28 +295,37 @@ async def test_too_deep_result_is_plugin_result_invalid(env: Env,
 # ---- bad input -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("data", "code"), [
-    (b"{", "invalid_json"),
-    (b"\xff\xfe\x00", "invalid_json"),
-    (b'{"payload": NaN}', "invalid_json"),
-    (b"[1, 2]", "invalid_body"),
-    (b'"text"', "invalid_body"),
-    (b'{"payload": [1]}', "invalid_body"),
-    (b'{"context": "x"}', "invalid_body"),
-    (b'{"payload": {}, "extra": 1}', "invalid_body"),
-    (b'{"payload": ' + b'{"a": ' * 100 + b"1" + b"}" * 101, "invalid_body"),
-    (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
-])
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"{", "invalid_json"),
+        (b"\xff\xfe\x00", "invalid_json"),
+        (b'{"payload": NaN}', "invalid_json"),
+        (b"[1, 2]", "invalid_body"),
+        (b'"text"', "invalid_body"),
+        (b'{"payload": [1]}', "invalid_body"),
+        (b'{"context": "x"}', "invalid_body"),
+        (b'{"payload": {}, "extra": 1}', "invalid_body"),
+        (b'{"payload": ' + b'{"a": ' * 100 + b"1" + b"}" * 101, "invalid_body"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+    ],
+)
 async def test_malformed_run_bodies_are_400(api: Api, data: bytes, code: str) -> None:
     """Malformed JSON and wrong shapes are 400 with a code, never 500."""
-    status, body = await api.json("POST", f"{P}/{ECHO_ID}/run", "runner", data=data,
-                                  headers={"Content-Type": "application/json"})
+    status, body = await api.json(
+        "POST",
+        f"{P}/{ECHO_ID}/run",
+        "runner",
+        data=data,
+        headers={"Content-Type": "application/json"},
+    )
     assert status == 400
     assert_error(body, code)
 
 
 async def test_body_over_the_limit_is_413_and_denied(env: Env, plugins: PluginFactory) -> None:
     """A body over api.max_body_bytes is 413 JSON and an api.denied event (both framings)."""
+
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(8):
             yield b" " * 512
@@ -309,11 +342,22 @@ async def test_body_over_the_limit_is_413_and_denied(env: Env, plugins: PluginFa
     assert denied[0]["route"] == f"{P}/{{id}}/run"
 
 
-@pytest.mark.parametrize("path", [
-    f"{P}/a%2Fb", f"{P}/..", f"{P}/%2e%2e", f"{P}/../../etc/passwd", f"{P}/%00",
-    f"{P}/{'x' * 300}", f"{P}/caf%C3%A9", f"{P}/a%0Ab", f"{P}/%2e%2e%2fplugins",
-    f"{P}/-leading", f"{P}/a/b/c/run",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{P}/a%2Fb",
+        f"{P}/..",
+        f"{P}/%2e%2e",
+        f"{P}/../../etc/passwd",
+        f"{P}/%00",
+        f"{P}/{'x' * 300}",
+        f"{P}/caf%C3%A9",
+        f"{P}/a%0Ab",
+        f"{P}/%2e%2e%2fplugins",
+        f"{P}/-leading",
+        f"{P}/a/b/c/run",
+    ],
+)
 async def test_strange_ids_are_404_or_400_never_500(api: Api, path: str) -> None:
     """Ids with slashes, dots, NUL, newlines or 300 characters never reach a file or a 500."""
     for method in ("GET", "DELETE"):
@@ -342,6 +386,7 @@ async def test_wrong_method_is_405_json(api: Api) -> None:
 
 async def test_unexpected_exceptions_become_500_json(env: Env, plugins: PluginFactory) -> None:
     """The catch-all answers 500 internal_error and logs the type, never the text."""
+
     class Broken(WithoutOci):
         def records(self, **kwargs: Any) -> Any:
             raise RuntimeError(SECRET_MARK)
@@ -359,30 +404,47 @@ async def test_unexpected_exceptions_become_500_json(env: Env, plugins: PluginFa
 # ---- Host, Origin, browsers ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("host", "allowed"), [
-    ("127.0.0.1:8470", True), ("localhost", True), ("LOCALHOST:1", True), ("[::1]:8470", True),
-    ("[::1]", True), ("127.9.9.9", True), ("api.internal:8470", True), ("api.internal", True),
-    ("evil.example", False), ("evil.example:8470", False), ("127.0.0.1.evil.example", False),
-    ("", False), (None, False), ("[::2]:1", False), ("0.0.0.0", False),
-    ("localhost.evil.example", False),
-])
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8470", True),
+        ("localhost", True),
+        ("LOCALHOST:1", True),
+        ("[::1]:8470", True),
+        ("[::1]", True),
+        ("127.9.9.9", True),
+        ("api.internal:8470", True),
+        ("api.internal", True),
+        ("evil.example", False),
+        ("evil.example:8470", False),
+        ("127.0.0.1.evil.example", False),
+        ("", False),
+        (None, False),
+        ("[::2]:1", False),
+        ("0.0.0.0", False),
+        ("localhost.evil.example", False),
+    ],
+)
 def test_host_allow_list(host: str | None, allowed: bool) -> None:
     """Loopback names and api.allowed_hosts pass, with or without a port."""
     assert host_allowed(host, {"api.internal"}) is allowed
 
 
-@pytest.mark.parametrize(("headers", "reason"), [
-    ({}, None),
-    ({"Origin": "http://127.0.0.1:8470", "Host": "127.0.0.1:8470"}, None),
-    ({"Origin": "https://api.internal"}, None),
-    ({"Origin": "http://evil.example", "Host": "127.0.0.1:8470"}, "origin_not_allowed"),
-    ({"Origin": "http://127.0.0.1:3000", "Host": "127.0.0.1:8470"}, "origin_not_allowed"),
-    ({"Origin": "null"}, "origin_null"),
-    ({"Origin": "file://"}, "origin_not_allowed"),
-    ({"Origin": "http://[::1"}, "origin_not_allowed"),
-    ({"Sec-Fetch-Mode": "no-cors"}, "fetch_mode_no_cors"),
-    ({"Upgrade": "websocket"}, "websocket_refused"),
-])
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({}, None),
+        ({"Origin": "http://127.0.0.1:8470", "Host": "127.0.0.1:8470"}, None),
+        ({"Origin": "https://api.internal"}, None),
+        ({"Origin": "http://evil.example", "Host": "127.0.0.1:8470"}, "origin_not_allowed"),
+        ({"Origin": "http://127.0.0.1:3000", "Host": "127.0.0.1:8470"}, "origin_not_allowed"),
+        ({"Origin": "null"}, "origin_null"),
+        ({"Origin": "file://"}, "origin_not_allowed"),
+        ({"Origin": "http://[::1"}, "origin_not_allowed"),
+        ({"Sec-Fetch-Mode": "no-cors"}, "fetch_mode_no_cors"),
+        ({"Upgrade": "websocket"}, "websocket_refused"),
+    ],
+)
 def test_browser_refusals(headers: dict[str, str], reason: str | None) -> None:
     """Foreign or null origins, no-cors fetches and WebSocket upgrades are refused."""
     assert browser_refusal(headers, {"api.internal"}) == reason
@@ -405,11 +467,15 @@ async def test_allowed_hosts_admits_a_named_host(env: Env, plugins: PluginFactor
     assert status == 200
 
 
-@pytest.mark.parametrize("headers", [
-    {"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Mode": "no-cors"},
-])
-async def test_browser_requests_from_elsewhere_are_403(api: Api,
-                                                       headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Mode": "no-cors"},
+    ],
+)
+async def test_browser_requests_from_elsewhere_are_403(api: Api, headers: dict[str, str]) -> None:
     """Browser-shaped requests from other origins are refused with 403 and an event."""
     status, body = await api.json("POST", f"{P}/{ECHO_ID}/disable", "root", headers=headers)
     assert status == 403
@@ -419,9 +485,15 @@ async def test_browser_requests_from_elsewhere_are_403(api: Api,
 
 async def test_no_cors_headers_even_on_preflight(api: Api) -> None:
     """The API never sends CORS headers; a preflight is simply 405."""
-    response = await api.call("OPTIONS", P, None, headers={
-        "Origin": f"http://127.0.0.1:{api.client.port}",
-        "Access-Control-Request-Method": "GET"})
+    response = await api.call(
+        "OPTIONS",
+        P,
+        None,
+        headers={
+            "Origin": f"http://127.0.0.1:{api.client.port}",
+            "Access-Control-Request-Method": "GET",
+        },
+    )
     assert response.status == 405
     assert not [h for h in response.headers if h.lower().startswith("access-control-")]
 
@@ -431,18 +503,28 @@ async def test_no_cors_headers_even_on_preflight(api: Api) -> None:
 
 async def test_every_response_has_a_request_id(api: Api) -> None:
     """X-Request-Id is on success, error, 404 and 401 responses alike."""
-    for method, path, token in (("GET", P, "reader"), ("GET", "/nope", None),
-                                ("GET", P, None), ("GET", "/healthz", None)):
+    for method, path, token in (
+        ("GET", P, "reader"),
+        ("GET", "/nope", None),
+        ("GET", P, None),
+        ("GET", "/healthz", None),
+    ):
         response = await api.call(method, path, token)
         assert len(response.headers["X-Request-Id"]) == 32, path
 
 
-@pytest.mark.parametrize(("sent", "echoed"), [
-    ("trace-0123456789", True), ("short", False), ("bad id with spaces!", False),
-    ("x" * 65, False),
-])
-async def test_client_request_id_is_echoed_only_when_safe(api: Api, sent: str,
-                                                          echoed: bool) -> None:
+@pytest.mark.parametrize(
+    ("sent", "echoed"),
+    [
+        ("trace-0123456789", True),
+        ("short", False),
+        ("bad id with spaces!", False),
+        ("x" * 65, False),
+    ],
+)
+async def test_client_request_id_is_echoed_only_when_safe(
+    api: Api, sent: str, echoed: bool
+) -> None:
     """A client X-Request-Id is reused only when it matches ^[A-Za-z0-9-]{8,64}$."""
     response = await api.call("GET", P, "reader", headers={"X-Request-Id": sent})
     assert (response.headers["X-Request-Id"] == sent) is echoed
@@ -471,13 +553,17 @@ async def test_reads_write_no_request_event(api: Api) -> None:
     assert api.events(API_REQUEST) == []
 
 
-@pytest.mark.parametrize(("token", "status", "reason", "actor"), [
-    (None, 401, "token_missing", None),
-    ("revoked", 401, "token_unknown", None),
-    ("reader", 403, "permission_missing", "reader"),
-])
-async def test_denials_are_events(api: Api, token: str | None, status: int, reason: str,
-                                  actor: str | None) -> None:
+@pytest.mark.parametrize(
+    ("token", "status", "reason", "actor"),
+    [
+        (None, 401, "token_missing", None),
+        ("revoked", 401, "token_unknown", None),
+        ("reader", 403, "permission_missing", "reader"),
+    ],
+)
+async def test_denials_are_events(
+    api: Api, token: str | None, status: int, reason: str, actor: str | None
+) -> None:
     """401 and 403 each write api.denied with route, permission, reason, actor and peer."""
     response = await api.call("POST", f"{P}/{ECHO_ID}/reload", token)
     assert response.status == status
@@ -501,11 +587,14 @@ async def test_401_names_the_bearer_scheme(api: Api) -> None:
 async def test_audit_never_holds_tokens_or_payloads(api: Api) -> None:
     """Neither a token (valid or not) nor payload content reaches the audit file or stdout."""
     bogus = "aisoc_pd_" + "A" * 51
-    await api.call("POST", f"{P}/{ECHO_ID}/run", "runner",
-                   json={"payload": {"k": SECRET_MARK}, "context": {"c": SECRET_MARK}})
+    await api.call(
+        "POST",
+        f"{P}/{ECHO_ID}/run",
+        "runner",
+        json={"payload": {"k": SECRET_MARK}, "context": {"c": SECRET_MARK}},
+    )
     await api.call("POST", f"{P}/test.boom/run", "runner", json={"payload": {"k": SECRET_MARK}})
-    await api.call("POST", f"{P}/{ECHO_ID}/run", None,
-                   headers={"Authorization": f"Bearer {bogus}"})
+    await api.call("POST", f"{P}/{ECHO_ID}/run", None, headers={"Authorization": f"Bearer {bogus}"})
     await api.call("POST", f"{P}/{ECHO_ID}/reload", "reader")
     written = api.audit_text() + api.env.stdout.getvalue()
     assert "plugin.run.completed" in written
@@ -572,17 +661,25 @@ def test_request_id_generation() -> None:
 # ---- the component: listening, TLS, unix socket, SIGHUP ------------------------------------
 
 
-async def get(url: str, *, unix: Path | None = None, ssl_context: Any = None,
-              headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def get(
+    url: str,
+    *,
+    unix: Path | None = None,
+    ssl_context: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     """GET with a throwaway session (TCP, TLS or unix socket)."""
     connector = aiohttp.UnixConnector(path=str(unix)) if unix else None
-    async with aiohttp.ClientSession(connector=connector) as session, \
-            session.get(url, ssl=ssl_context, headers=headers) as response:
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(url, ssl=ssl_context, headers=headers) as response,
+    ):
         return response.status, await response.json()
 
 
-async def test_component_serves_tcp_and_healthz_follows_ready(env: Env,
-                                                              plugins: PluginFactory) -> None:
+async def test_component_serves_tcp_and_healthz_follows_ready(
+    env: Env, plugins: PluginFactory
+) -> None:
     """The component listens on api.listen; /healthz is 503 until the service is ready."""
     async with running_component(env, plugins, "127.0.0.1:0") as daemon:
         url = f"http://{daemon.address()}"
@@ -609,14 +706,22 @@ async def test_sighup_hook_rereads_tokens(env: Env, plugins: PluginFactory) -> N
     assert "root" in loaded[-1]["names"]
 
 
-@pytest.mark.parametrize(("listen", "extra", "ok"), [
-    ("127.0.0.1:8470", {}, True), ("[::1]:8470", {}, True), ("localhost:8470", {}, True),
-    ("unix:/run/x.sock", {}, True), ("0.0.0.0:8470", {}, False), ("[::]:8470", {}, False),
-    ("10.1.2.3:8470", {}, False), ("myhost:8470", {}, False),
-    ("0.0.0.0:8470", {"api_allow_insecure_listen": True}, True),
-    ("0.0.0.0:8470", {"api_tls_cert": Path("c.pem"), "api_tls_key": Path("k.pem")}, True),
-    ("0.0.0.0:8470", {"api_tls_cert": Path("c.pem")}, False),
-])
+@pytest.mark.parametrize(
+    ("listen", "extra", "ok"),
+    [
+        ("127.0.0.1:8470", {}, True),
+        ("[::1]:8470", {}, True),
+        ("localhost:8470", {}, True),
+        ("unix:/run/x.sock", {}, True),
+        ("0.0.0.0:8470", {}, False),
+        ("[::]:8470", {}, False),
+        ("10.1.2.3:8470", {}, False),
+        ("myhost:8470", {}, False),
+        ("0.0.0.0:8470", {"api_allow_insecure_listen": True}, True),
+        ("0.0.0.0:8470", {"api_tls_cert": Path("c.pem"), "api_tls_key": Path("k.pem")}, True),
+        ("0.0.0.0:8470", {"api_tls_cert": Path("c.pem")}, False),
+    ],
+)
 def test_listen_check(env: Env, listen: str, extra: dict[str, Any], ok: bool) -> None:
     """Plain HTTP off loopback is a startup error unless TLS or the explicit opt-in is set."""
     settings = env.settings(api_listen=listen, **extra)
@@ -627,8 +732,9 @@ def test_listen_check(env: Env, listen: str, extra: dict[str, Any], ok: bool) ->
             check_listen(settings)
 
 
-async def test_component_refuses_insecure_listen_before_binding(env: Env,
-                                                                plugins: PluginFactory) -> None:
+async def test_component_refuses_insecure_listen_before_binding(
+    env: Env, plugins: PluginFactory
+) -> None:
     """api_component raises ConfigError at startup for 0.0.0.0 without TLS."""
     with pytest.raises(ConfigError, match="allow_insecure_listen"):
         async with running_component(env, plugins, "0.0.0.0:0"):
@@ -644,26 +750,35 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp / "api.crt", tmp / "api.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
 async def test_component_serves_tls(env: Env, plugins: PluginFactory) -> None:
     """With api.tls_cert/tls_key the API speaks HTTPS."""
     cert, key = _self_signed(env.tmp)
-    async with running_component(env, plugins, "localhost:0", api_tls_cert=cert,
-                                 api_tls_key=key) as daemon:
+    async with running_component(
+        env, plugins, "localhost:0", api_tls_cert=cert, api_tls_key=key
+    ) as daemon:
         daemon.service.ready.set()
         port = daemon.address().rpartition(":")[2]
         context = ssl.create_default_context(cafile=str(cert))
@@ -673,14 +788,19 @@ async def test_component_serves_tls(env: Env, plugins: PluginFactory) -> None:
 async def test_bad_tls_files_are_a_config_error(env: Env, plugins: PluginFactory) -> None:
     """Unreadable TLS material stops startup with a clear message."""
     with pytest.raises(ConfigError, match=r"cannot load api\.tls_cert"):
-        async with running_component(env, plugins, "127.0.0.1:0",
-                                     api_tls_cert=env.tmp / "no.crt",
-                                     api_tls_key=env.tmp / "no.key"):
+        async with running_component(
+            env,
+            plugins,
+            "127.0.0.1:0",
+            api_tls_cert=env.tmp / "no.crt",
+            api_tls_key=env.tmp / "no.key",
+        ):
             pass
 
 
 async def test_unix_socket_is_0660_skips_host_check_and_names_the_peer(
-        env: Env, plugins: PluginFactory, tmp_path: Path) -> None:
+    env: Env, plugins: PluginFactory, tmp_path: Path
+) -> None:
     """On a unix socket: mode 0660, any Host accepted, peer = uid/pid; removed on exit."""
     sock = tmp_path / "api.sock"
     async with running_component(env, plugins, f"unix:{sock}") as daemon:
@@ -688,14 +808,14 @@ async def test_unix_socket_is_0660_skips_host_check_and_names_the_peer(
         status, _ = await get(f"http://evil.example{P}", unix=sock)
         assert status == 401
     assert not sock.exists()
-    denied = [json.loads(line) for line in env.audit.read_text().splitlines()
-              if '"api.denied"' in line]
+    denied = [
+        json.loads(line) for line in env.audit.read_text().splitlines() if '"api.denied"' in line
+    ]
     assert denied[0]["peer"].startswith(f"unix:uid={os.getuid()},")
     assert daemon.address() == f"unix:{sock}"
 
 
-async def test_stale_socket_is_replaced(env: Env, plugins: PluginFactory,
-                                        tmp_path: Path) -> None:
+async def test_stale_socket_is_replaced(env: Env, plugins: PluginFactory, tmp_path: Path) -> None:
     """A socket file nobody listens on (a crashed run) is replaced."""
     sock = tmp_path / "api.sock"
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -706,8 +826,9 @@ async def test_stale_socket_is_replaced(env: Env, plugins: PluginFactory,
         assert (await get("http://localhost/healthz", unix=sock))[0] == 200
 
 
-async def test_socket_path_holding_a_file_is_refused(env: Env, plugins: PluginFactory,
-                                                     tmp_path: Path) -> None:
+async def test_socket_path_holding_a_file_is_refused(
+    env: Env, plugins: PluginFactory, tmp_path: Path
+) -> None:
     """A regular file at the socket path is never deleted."""
     path = tmp_path / "api.sock"
     path.write_text("keep me")
@@ -717,8 +838,7 @@ async def test_socket_path_holding_a_file_is_refused(env: Env, plugins: PluginFa
     assert path.read_text() == "keep me"
 
 
-async def test_socket_in_use_is_refused(env: Env, plugins: PluginFactory,
-                                        tmp_path: Path) -> None:
+async def test_socket_in_use_is_refused(env: Env, plugins: PluginFactory, tmp_path: Path) -> None:
     """A socket another process listens on is not stolen."""
     sock = tmp_path / "api.sock"
     other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -796,21 +916,31 @@ async def test_non_utf8_directory_name_does_not_break_listing(api: Api) -> None:
 
 async def test_lone_surrogate_in_payload_is_not_a_500(api: Api) -> None:
     """A payload string holding a lone surrogate round-trips escaped (the echo plugin)."""
-    status, body = await api.json("POST", f"/api/v1/plugins/{ECHO_ID}/run", "runner",
-                                  data='{"payload": {"a": "\\ud800"}}',
-                                  headers={"Content-Type": "application/json"})
+    status, body = await api.json(
+        "POST",
+        f"/api/v1/plugins/{ECHO_ID}/run",
+        "runner",
+        data='{"payload": {"a": "\\ud800"}}',
+        headers={"Content-Type": "application/json"},
+    )
     assert status == 200, body
 
 
 async def test_denial_flood_is_limited_without_locking_out_valid_tokens(
-        env: Env, plugins: PluginFactory) -> None:
+    env: Env, plugins: PluginFactory
+) -> None:
     """120 bad-token requests: past the burst they get 429 and are audited in aggregate;
     a valid token from the same address is served throughout."""
     async with serve_api(env, plugins, api_denied_burst=20, api_denied_per_second=1) as api:
         statuses = []
         for n in range(120):
-            statuses.append((await api.json("GET", "/api/v1/plugins", None,
-                                            headers={"Authorization": "Bearer nope"}))[0])
+            statuses.append(
+                (
+                    await api.json(
+                        "GET", "/api/v1/plugins", None, headers={"Authorization": "Bearer nope"}
+                    )
+                )[0]
+            )
             if n % 30 == 0:
                 assert (await api.json("GET", "/api/v1/plugins", "reader"))[0] == 200
         assert set(statuses[:20]) == {401}
@@ -823,7 +953,8 @@ async def test_denial_flood_is_limited_without_locking_out_valid_tokens(
         limited = statuses.count(429)
         assert f'aisoc_plugind_api_denied_total{{reason="rate_limited"}} {limited}.0' in metrics
         await anyio.sleep(1.1)  # the budget refills one denial per second here
-        status, _ = await api.json("GET", "/api/v1/plugins", None,
-                                   headers={"Authorization": "Bearer nope"})
+        status, _ = await api.json(
+            "GET", "/api/v1/plugins", None, headers={"Authorization": "Bearer nope"}
+        )
         assert status == 401
         assert api.events(API_DENIED)[-1]["suppressed"] >= 1  # the aggregate is reported

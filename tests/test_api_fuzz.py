@@ -40,9 +40,13 @@ CONFORMANCE = [response_schema_conformance, content_type_conformance]
 SEEN: dict[str, list[int]] = {}
 MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
 SETTINGS = hypothesis.settings(
-    max_examples=25, deadline=None, database=None, derandomize=True,
+    max_examples=25,
+    deadline=None,
+    database=None,
+    derandomize=True,
     phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
-    suppress_health_check=list(hypothesis.HealthCheck))
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
 
 
 def check_answer(op: Any, response: Any) -> None:
@@ -58,8 +62,7 @@ def check_answer(op: Any, response: Any) -> None:
         assert body["detail"] == body["error"]["message"]
 
 
-def fuzz(op: Any, api: Api, session: requests.Session,
-         mode: schemathesis.GenerationMode) -> None:
+def fuzz(op: Any, api: Api, session: requests.Session, mode: schemathesis.GenerationMode) -> None:
     """Run one operation's examples in one generation mode."""
     headers = api.auth("root")
 
@@ -81,8 +84,9 @@ def fuzz(op: Any, api: Api, session: requests.Session,
 
 
 @pytest.mark.parametrize("mode", MODES, ids=[m.value for m in MODES])
-def test_no_generated_request_makes_the_server_fail(env: Env, plugins: PluginFactory,
-                                                    mode: schemathesis.GenerationMode) -> None:
+def test_no_generated_request_makes_the_server_fail(
+    env: Env, plugins: PluginFactory, mode: schemathesis.GenerationMode
+) -> None:
     """Every operation x 25 generated requests: no 500, no undocumented 5xx, no crash."""
     # WithoutOci: generated references must not send the daemon out to real registries.
     SEEN.clear()

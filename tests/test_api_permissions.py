@@ -24,14 +24,22 @@ from tests.conftest import Env, PluginFactory
 PUBLIC = {("GET", "/healthz"), ("GET", "/api/v1/openapi.json")}
 # Callers: token name in the fixture's tokens file, or a raw Authorization header.
 CALLERS: dict[str, dict[str, str] | str] = {
-    "no-token": {}, "malformed": {"Authorization": "Bearer not-a-token"},
+    "no-token": {},
+    "malformed": {"Authorization": "Bearer not-a-token"},
     "wrong-scheme": {"Authorization": "Basic YWRtaW46YWRtaW4="},
     "unknown": {"Authorization": f"Bearer {new_token()}"},
-    "revoked": "revoked", "read": "reader", "admin": "admin", "execute": "runner",
+    "revoked": "revoked",
+    "read": "reader",
+    "admin": "admin",
+    "execute": "runner",
     "all": "root",
 }
-GRANTED = {"read": {"plugins:read"}, "admin": {"plugins:admin"},
-           "execute": {"plugins:execute"}, "all": set(PERMISSIONS)}
+GRANTED = {
+    "read": {"plugins:read"},
+    "admin": {"plugins:admin"},
+    "execute": {"plugins:execute"},
+    "all": set(PERMISSIONS),
+}
 # What an authorised call answers (the route's own success or documented non-auth error).
 AUTHORISED: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {
     ("GET", "/api/v1/plugins"): (200, {}),
@@ -60,21 +68,26 @@ def expected_status(route: Route, caller: str) -> int:
     return AUTHORISED[(route.method, route.path)][0]
 
 
-MATRIX = [pytest.param(route, caller, id=f"{route.method} {route.path} as {caller}")
-          for route in ROUTES for caller in CALLERS]
+MATRIX = [
+    pytest.param(route, caller, id=f"{route.method} {route.path} as {caller}")
+    for route in ROUTES
+    for caller in CALLERS
+]
 
 
 @pytest.mark.parametrize(("route", "caller"), MATRIX)
-async def test_permission_matrix(env: Env, plugins: PluginFactory, route: Route,
-                                 caller: str) -> None:
+async def test_permission_matrix(
+    env: Env, plugins: PluginFactory, route: Route, caller: str
+) -> None:
     """Each caller gets exactly its row's answer; a denied call changes nothing."""
     async with serve_api(env, plugins, wrap=WithoutOci) as api:
         before = api.manager.get(ECHO_ID).state
         kwargs = dict(AUTHORISED[(route.method, route.path)][1])
         entry = CALLERS[caller]
         headers = entry if isinstance(entry, dict) else api.auth(entry)
-        response = await api.client.request(route.method, route.path.replace("{id}", ECHO_ID),
-                                            headers=headers, **kwargs)
+        response = await api.client.request(
+            route.method, route.path.replace("{id}", ECHO_ID), headers=headers, **kwargs
+        )
         status = response.status
         after = api.manager.get(ECHO_ID).state
         denied, requests = api.events(API_DENIED), api.events(API_REQUEST)
@@ -105,15 +118,19 @@ def test_every_route_declares_a_known_permission_or_is_public() -> None:
 
 
 def _app_routes(app: web.Application) -> set[tuple[str, str]]:
-    return {(r.method, r.resource.canonical) for r in app.router.routes()
-            if r.resource is not None}
+    return {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
 
 
 async def test_app_routes_are_exactly_the_route_table(env: Env, plugins: PluginFactory) -> None:
     """The running app serves ROUTES and nothing else (no route added around the table)."""
     async with serve_api(env, plugins) as api:
-        app = build_app(manager=api.manager, events=api.env.events(), tokens=_tokens(api),
-                        settings=api.env.settings(), ready=lambda: True)
+        app = build_app(
+            manager=api.manager,
+            events=api.env.events(),
+            tokens=_tokens(api),
+            settings=api.env.settings(),
+            ready=lambda: True,
+        )
     assert _app_routes(app) == {(r.method, r.path) for r in ROUTES}
 
 
@@ -126,8 +143,11 @@ def _tokens(api: Api) -> Any:
 def test_spec_lists_exactly_the_app_routes_with_their_permissions() -> None:
     """The OpenAPI document has one operation per route, naming its permission."""
     doc = openapi_document()
-    ops = {(method.upper(), path): op for path, item in doc["paths"].items()
-           for method, op in item.items()}
+    ops = {
+        (method.upper(), path): op
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+    }
     assert set(ops) == {(r.method, r.path) for r in ROUTES}
     for route in ROUTES:
         op = ops[(route.method, route.path)]

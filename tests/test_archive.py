@@ -20,8 +20,7 @@ from aisoc_plugind.delivery.package import extract_package, member_path
 from aisoc_plugind.errors import ArchiveError, OciError
 
 TOP = "demo.plugin"
-MANIFEST = (b'{"id": "demo.plugin", "name": "Demo", "version": "1.0.0", '
-            b'"plugin_type": "enricher"}\n')
+MANIFEST = b'{"id": "demo.plugin", "name": "Demo", "version": "1.0.0", "plugin_type": "enricher"}\n'
 CODE = b"class Plugin:\n    def run(self, payload, context):\n        return {}\n"
 Member = tuple[tarfile.TarInfo, bytes | None]
 
@@ -29,8 +28,9 @@ Member = tuple[tarfile.TarInfo, bytes | None]
 # ---- archive builders --------------------------------------------------------------------
 
 
-def f(name: str, data: bytes = b"x = 1\n", *, mode: int = 0o644,
-      pax: dict[str, str] | None = None) -> Member:
+def f(
+    name: str, data: bytes = b"x = 1\n", *, mode: int = 0o644, pax: dict[str, str] | None = None
+) -> Member:
     info = tarfile.TarInfo(name)
     info.size, info.mode = len(data), mode
     if pax:
@@ -88,14 +88,14 @@ def smuggling_tar() -> bytes:
     pax.type, pax.size = tarfile.XHDTYPE, len(record)
     file_info = tarfile.TarInfo(f"{TOP}/data.bin")  # ustar size 0
     body = header(pax) + record.encode().ljust(512, b"\0") + header(file_info) + payload
-    return gzip.compress(tar_bytes(base())[:_entries_end(base())] + body + bytes(1024))
+    return gzip.compress(tar_bytes(base())[: _entries_end(base())] + body + bytes(1024))
 
 
 def _entries_end(members: list[Member]) -> int:
     """Byte length of the tar stream of `members` without its end-of-archive blocks."""
     raw = tar_bytes(members)
     end = len(raw)
-    while end >= 512 and not raw[end - 512:end].strip(b"\0"):
+    while end >= 512 and not raw[end - 512 : end].strip(b"\0"):
         end -= 512
     return end
 
@@ -103,7 +103,7 @@ def _entries_end(members: list[Member]) -> int:
 def corrupt_second_header() -> bytes:
     raw = bytearray(tar_bytes([*base(), f(f"{TOP}/more.py")]))
     offset = _entries_end(base())  # header of more.py
-    raw[offset + 148:offset + 156] = b"0000000\0"  # a wrong checksum
+    raw[offset + 148 : offset + 156] = b"0000000\0"  # a wrong checksum
     return gzip.compress(bytes(raw))
 
 
@@ -124,8 +124,13 @@ class Place:
             if path.is_relative_to(self.staging):
                 continue
             st = path.lstat()
-            content: bytes | str = (os.readlink(path) if path.is_symlink()
-                                    else path.read_bytes() if path.is_file() else b"")
+            content: bytes | str = (
+                os.readlink(path)
+                if path.is_symlink()
+                else path.read_bytes()
+                if path.is_file()
+                else b""
+            )
             out.append((str(path.relative_to(self.root)), st.st_mode, content))
         return out
 
@@ -145,10 +150,14 @@ def place(tmp_path: Path) -> Place:
 
 def test_package_extracts_contents_with_fixed_modes(place: Place) -> None:
     """Files land 0644 and dirs 0755 under staging, whatever the archive's modes."""
-    members = [d(TOP, mode=0o777), f(f"{TOP}/plugin.yaml", MANIFEST, mode=0o4755),
-               f(f"{TOP}/plugin.py", CODE, mode=0o777), d(f"{TOP}/lib", mode=0o2777),
-               f(f"{TOP}/lib/helpers.py", b"X = 1\n", mode=0o6711),
-               f(f"{TOP}/data/nested/empty.txt", b"")]
+    members = [
+        d(TOP, mode=0o777),
+        f(f"{TOP}/plugin.yaml", MANIFEST, mode=0o4755),
+        f(f"{TOP}/plugin.py", CODE, mode=0o777),
+        d(f"{TOP}/lib", mode=0o2777),
+        f(f"{TOP}/lib/helpers.py", b"X = 1\n", mode=0o6711),
+        f(f"{TOP}/data/nested/empty.txt", b""),
+    ]
     old_umask = os.umask(0o077)
     try:
         assert extract_package(tgz(members), place.staging).top == "demo.plugin"
@@ -169,8 +178,13 @@ def test_signed_package_layout_is_kept(place: Place) -> None:
     """plugin.sig and nested modules come out byte-identical."""
     members = [*base(), f(f"{TOP}/plugin.sig", b"ab" * 64), f(f"{TOP}/pkg/__init__.py", b"")]
     extract_package(tgz(members), place.staging)
-    assert sorted(p.relative_to(place.staging).as_posix() for p in place.staging.rglob("*")) \
-        == ["pkg", "pkg/__init__.py", "plugin.py", "plugin.sig", "plugin.yaml"]
+    assert sorted(p.relative_to(place.staging).as_posix() for p in place.staging.rglob("*")) == [
+        "pkg",
+        "pkg/__init__.py",
+        "plugin.py",
+        "plugin.sig",
+        "plugin.yaml",
+    ]
 
 
 def test_leading_dot_slash_names_are_normalised(place: Place) -> None:
@@ -198,74 +212,126 @@ def long_name() -> str:
 
 
 CASES: dict[str, tuple[Callable[[Path], bytes], str]] = {
-    "dotdot-traversal": (lambda s: tgz([*base(), f(f"{TOP}/../../sentinel/evil.py")]),
-                         "archive_path_traversal"),
-    "dotdot-as-top": (lambda s: tgz([f("../sentinel/evil.py"), *base()]),
-                      "archive_path_traversal"),
-    "absolute-path": (lambda s: tgz([*base(), f(f"{s.parent}/sentinel/evil.py")]),
-                      "archive_absolute_path"),
-    "symlink-out": (lambda s: tgz([*base(), special(f"{TOP}/out", tarfile.SYMTYPE,
-                                                    f"{s.parent}/sentinel")]), "archive_link"),
-    "symlink-in": (lambda s: tgz([*base(), special(f"{TOP}/alias.py", tarfile.SYMTYPE,
-                                                   "plugin.py")]), "archive_link"),
+    "dotdot-traversal": (
+        lambda s: tgz([*base(), f(f"{TOP}/../../sentinel/evil.py")]),
+        "archive_path_traversal",
+    ),
+    "dotdot-as-top": (lambda s: tgz([f("../sentinel/evil.py"), *base()]), "archive_path_traversal"),
+    "absolute-path": (
+        lambda s: tgz([*base(), f(f"{s.parent}/sentinel/evil.py")]),
+        "archive_absolute_path",
+    ),
+    "symlink-out": (
+        lambda s: tgz([*base(), special(f"{TOP}/out", tarfile.SYMTYPE, f"{s.parent}/sentinel")]),
+        "archive_link",
+    ),
+    "symlink-in": (
+        lambda s: tgz([*base(), special(f"{TOP}/alias.py", tarfile.SYMTYPE, "plugin.py")]),
+        "archive_link",
+    ),
     "write-through-symlink": (
-        lambda s: tgz([*base(), special(f"{TOP}/out", tarfile.SYMTYPE, "../../sentinel"),
-                       f(f"{TOP}/out/keep.txt", b"pwned\n")]), "archive_link"),
-    "hardlink-out": (lambda s: tgz([*base(), special(f"{TOP}/hard", tarfile.LNKTYPE,
-                                                     f"{s.parent}/sentinel/keep.txt")]),
-                     "archive_link"),
-    "hardlink-in": (lambda s: tgz([*base(), special(f"{TOP}/hard.py", tarfile.LNKTYPE,
-                                                    f"{TOP}/plugin.py")]), "archive_link"),
-    "gnu-longlink": (lambda s: tgz([*base(), special(f"{TOP}/l", tarfile.SYMTYPE, "x" * 200)],
-                                   tarfile.GNU_FORMAT), "archive_link"),
-    "char-device": (lambda s: tgz([*base(), special(f"{TOP}/null", tarfile.CHRTYPE)]),
-                    "archive_special_file"),
-    "block-device": (lambda s: tgz([*base(), special(f"{TOP}/sda", tarfile.BLKTYPE)]),
-                     "archive_special_file"),
-    "fifo": (lambda s: tgz([*base(), special(f"{TOP}/pipe", tarfile.FIFOTYPE)]),
-             "archive_special_file"),
-    "gnu-sparse": (lambda s: tgz([*base(), special(f"{TOP}/sparse", tarfile.GNUTYPE_SPARSE)],
-                                 tarfile.GNU_FORMAT), "archive_special_file"),
-    "pax-sparse": (lambda s: tgz([*base(), f(f"{TOP}/s.py", pax={"GNU.sparse.major": "1"})]),
-                   "archive_special_file"),
-    "gnu-longname": (lambda s: tgz([*base(), f(long_name())], tarfile.GNU_FORMAT),
-                     "archive_special_file"),
+        lambda s: tgz(
+            [
+                *base(),
+                special(f"{TOP}/out", tarfile.SYMTYPE, "../../sentinel"),
+                f(f"{TOP}/out/keep.txt", b"pwned\n"),
+            ]
+        ),
+        "archive_link",
+    ),
+    "hardlink-out": (
+        lambda s: tgz(
+            [*base(), special(f"{TOP}/hard", tarfile.LNKTYPE, f"{s.parent}/sentinel/keep.txt")]
+        ),
+        "archive_link",
+    ),
+    "hardlink-in": (
+        lambda s: tgz([*base(), special(f"{TOP}/hard.py", tarfile.LNKTYPE, f"{TOP}/plugin.py")]),
+        "archive_link",
+    ),
+    "gnu-longlink": (
+        lambda s: tgz(
+            [*base(), special(f"{TOP}/l", tarfile.SYMTYPE, "x" * 200)], tarfile.GNU_FORMAT
+        ),
+        "archive_link",
+    ),
+    "char-device": (
+        lambda s: tgz([*base(), special(f"{TOP}/null", tarfile.CHRTYPE)]),
+        "archive_special_file",
+    ),
+    "block-device": (
+        lambda s: tgz([*base(), special(f"{TOP}/sda", tarfile.BLKTYPE)]),
+        "archive_special_file",
+    ),
+    "fifo": (
+        lambda s: tgz([*base(), special(f"{TOP}/pipe", tarfile.FIFOTYPE)]),
+        "archive_special_file",
+    ),
+    "gnu-sparse": (
+        lambda s: tgz(
+            [*base(), special(f"{TOP}/sparse", tarfile.GNUTYPE_SPARSE)], tarfile.GNU_FORMAT
+        ),
+        "archive_special_file",
+    ),
+    "pax-sparse": (
+        lambda s: tgz([*base(), f(f"{TOP}/s.py", pax={"GNU.sparse.major": "1"})]),
+        "archive_special_file",
+    ),
+    "gnu-longname": (
+        lambda s: tgz([*base(), f(long_name())], tarfile.GNU_FORMAT),
+        "archive_special_file",
+    ),
     "pax-global-header": (lambda s: _with_global_header(), "archive_special_file"),
-    "duplicate-file": (lambda s: tgz([*base(), f(f"{TOP}/plugin.py", b"evil = 1\n")]),
-                       "archive_duplicate"),
-    "duplicate-after-normalising": (lambda s: tgz([*base(), f(f"{TOP}/./plugin.py")]),
-                                    "archive_duplicate"),
-    "duplicate-dir": (lambda s: tgz([*base(), d(f"{TOP}/lib"), d(f"{TOP}/lib/")]),
-                      "archive_duplicate"),
-    "file-then-dir": (lambda s: tgz([*base(), f(f"{TOP}/plugin.py/x.py")]),
-                      "archive_duplicate"),
-    "pax-path-traversal": (lambda s: tgz([*base(), f(f"{TOP}/ok.py",
-                                                     pax={"path": "../sentinel/x"})]),
-                           "archive_path_traversal"),
-    "pax-path-absolute": (lambda s: tgz([*base(), f(f"{TOP}/ok.py",
-                                                    pax={"path": f"{s.parent}/sentinel/x"})]),
-                          "archive_absolute_path"),
-    "nul-in-name": (lambda s: tgz([*base(), f(f"{TOP}/ok.py", pax={"path": f"{TOP}/a\0b"})]),
-                    "archive_path_invalid"),
-    "backslash": (lambda s: tgz([*base(), f(f"{TOP}/a\\..\\..\\x.py")]),
-                  "archive_path_invalid"),
+    "duplicate-file": (
+        lambda s: tgz([*base(), f(f"{TOP}/plugin.py", b"evil = 1\n")]),
+        "archive_duplicate",
+    ),
+    "duplicate-after-normalising": (
+        lambda s: tgz([*base(), f(f"{TOP}/./plugin.py")]),
+        "archive_duplicate",
+    ),
+    "duplicate-dir": (
+        lambda s: tgz([*base(), d(f"{TOP}/lib"), d(f"{TOP}/lib/")]),
+        "archive_duplicate",
+    ),
+    "file-then-dir": (lambda s: tgz([*base(), f(f"{TOP}/plugin.py/x.py")]), "archive_duplicate"),
+    "pax-path-traversal": (
+        lambda s: tgz([*base(), f(f"{TOP}/ok.py", pax={"path": "../sentinel/x"})]),
+        "archive_path_traversal",
+    ),
+    "pax-path-absolute": (
+        lambda s: tgz([*base(), f(f"{TOP}/ok.py", pax={"path": f"{s.parent}/sentinel/x"})]),
+        "archive_absolute_path",
+    ),
+    "nul-in-name": (
+        lambda s: tgz([*base(), f(f"{TOP}/ok.py", pax={"path": f"{TOP}/a\0b"})]),
+        "archive_path_invalid",
+    ),
+    "backslash": (lambda s: tgz([*base(), f(f"{TOP}/a\\..\\..\\x.py")]), "archive_path_invalid"),
     "newline-in-name": (lambda s: tgz([*base(), f(f"{TOP}/a\nb.py")]), "archive_path_invalid"),
-    "non-nfc-name": (lambda s: tgz([*base(), f(f"{TOP}/cafe\u0301.py")]),
-                     "archive_path_invalid"),
-    "empty-name": (lambda s: tgz([*base(), f(f"{TOP}/x.py", pax={"path": ""})]),
-                   "archive_path_invalid"),
-    "huge-pax-header": (lambda s: tgz([*base(), f(f"{TOP}/x.py",
-                                                  pax={"comment": "A" * (2 << 20)})]),
-                        "archive_too_large"),
-    "overlong-path": (lambda s: tgz([*base(), f(f"{TOP}/" + "p" * 600 + ".py")]),
-                      "archive_path_too_long"),
-    "deep-nesting": (lambda s: tgz([*base(), f(f"{TOP}/" + "d/" * 40 + "x.py")]),
-                     "archive_path_too_long"),
-    "two-top-dirs": (lambda s: tgz([*base(), d("other"), f("other/plugin.yaml", MANIFEST)]),
-                     "archive_layout"),
+    "non-nfc-name": (lambda s: tgz([*base(), f(f"{TOP}/cafe\u0301.py")]), "archive_path_invalid"),
+    "empty-name": (
+        lambda s: tgz([*base(), f(f"{TOP}/x.py", pax={"path": ""})]),
+        "archive_path_invalid",
+    ),
+    "huge-pax-header": (
+        lambda s: tgz([*base(), f(f"{TOP}/x.py", pax={"comment": "A" * (2 << 20)})]),
+        "archive_too_large",
+    ),
+    "overlong-path": (
+        lambda s: tgz([*base(), f(f"{TOP}/" + "p" * 600 + ".py")]),
+        "archive_path_too_long",
+    ),
+    "deep-nesting": (
+        lambda s: tgz([*base(), f(f"{TOP}/" + "d/" * 40 + "x.py")]),
+        "archive_path_too_long",
+    ),
+    "two-top-dirs": (
+        lambda s: tgz([*base(), d("other"), f("other/plugin.yaml", MANIFEST)]),
+        "archive_layout",
+    ),
     "top-level-file": (lambda s: tgz([f("plugin.yaml", MANIFEST)]), "archive_layout"),
-    "top-not-an-id": (lambda s: tgz([d("-x"), f("-x/plugin.yaml", MANIFEST)]),
-                      "archive_layout"),
+    "top-not-an-id": (lambda s: tgz([d("-x"), f("-x/plugin.yaml", MANIFEST)]), "archive_layout"),
     "no-manifest": (lambda s: tgz([d(TOP), f(f"{TOP}/plugin.py", CODE)]), "archive_layout"),
     "manifest-is-a-dir": (lambda s: tgz([d(TOP), d(f"{TOP}/plugin.yaml")]), "archive_layout"),
     "empty-archive": (lambda s: tgz([]), "archive_layout"),
@@ -277,13 +343,18 @@ CASES: dict[str, tuple[Callable[[Path], bytes], str]] = {
     "not-gzip": (lambda s: tar_bytes(base()), "archive_corrupt"),
     "not-an-archive": (lambda s: b"hello world", "archive_corrupt"),
     "bad-header-mid-archive": (lambda s: corrupt_second_header(), "archive_corrupt"),
-    "data-after-end-marker": (lambda s: gzip.compress(tar_bytes(base()) + b"\x01" * 512),
-                              "archive_corrupt"),
-    "truncated-header": (lambda s: gzip.compress(tar_bytes(base())[:_entries_end(base())
-                                                                  - 600]), "archive_corrupt"),
-    "truncated-file-data": (lambda s: gzip.compress(tar_bytes(base())[:_entries_end(base())
-                                                                     - 100]),
-                            "archive_corrupt"),
+    "data-after-end-marker": (
+        lambda s: gzip.compress(tar_bytes(base()) + b"\x01" * 512),
+        "archive_corrupt",
+    ),
+    "truncated-header": (
+        lambda s: gzip.compress(tar_bytes(base())[: _entries_end(base()) - 600]),
+        "archive_corrupt",
+    ),
+    "truncated-file-data": (
+        lambda s: gzip.compress(tar_bytes(base())[: _entries_end(base()) - 100]),
+        "archive_corrupt",
+    ),
 }
 
 
@@ -291,14 +362,15 @@ def _clobber(data: bytes, offset: int) -> bytes:
     """Overwrite 8 bytes: at 10 the first deflate block becomes BTYPE=11 (invalid); at -8
     the CRC32 trailer is wrong."""
     out = bytearray(data)
-    out[offset:offset + 8 or None] = b"\xff" * 8
+    out[offset : offset + 8 or None] = b"\xff" * 8
     return bytes(out)
 
 
 def _with_global_header() -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
-                      pax_headers={"path": "../evil"}) as tar:
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"path": "../evil"}
+    ) as tar:
         for info, data in base():
             tar.addfile(info, None if data is None else io.BytesIO(data))
     return gzip.compress(buf.getvalue())
@@ -333,7 +405,7 @@ def test_declared_huge_file_is_refused_before_writing(place: Place) -> None:
     """A member whose header claims 200 MB is refused on the header alone."""
     info = tarfile.TarInfo(f"{TOP}/big.bin")
     info.size = 200 << 20
-    raw = tar_bytes(base())[:_entries_end(base())] + header(info)
+    raw = tar_bytes(base())[: _entries_end(base())] + header(info)
     with pytest.raises(ArchiveError) as caught:
         extract_package(gzip.compress(raw), place.staging)
     assert caught.value.code == "archive_too_large"
@@ -393,28 +465,34 @@ def test_preexisting_symlink_file_in_staging_is_not_followed(place: Place) -> No
     assert (place.sentinel / "keep.txt").read_text() == "untouched\n"
 
 
-@pytest.mark.parametrize(("name", "parts"), [
-    ("a/b.py", ("a", "b.py")),
-    ("./a//b/./c", ("a", "b", "c")),
-    ("a/", ("a",)),
-])
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("a/b.py", ("a", "b.py")),
+        ("./a//b/./c", ("a", "b", "c")),
+        ("a/", ("a",)),
+    ],
+)
 def test_member_path_normalises(name: str, parts: tuple[str, ...]) -> None:
     """Empty and `.` components go; the rest is kept in order."""
     assert member_path(name, Limits()) == parts
 
 
-@pytest.mark.parametrize(("name", "code"), [
-    ("", "archive_path_invalid"),
-    (".", "archive_path_invalid"),
-    ("a/\x00", "archive_path_invalid"),
-    ("a\\b", "archive_path_invalid"),
-    ("a/\udcff", "archive_path_invalid"),
-    ("/etc/passwd", "archive_absolute_path"),
-    ("a/../../b", "archive_path_traversal"),
-    ("..", "archive_path_traversal"),
-    ("a/" * 33 + "b", "archive_path_too_long"),
-    ("a" * 513, "archive_path_too_long"),
-])
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("", "archive_path_invalid"),
+        (".", "archive_path_invalid"),
+        ("a/\x00", "archive_path_invalid"),
+        ("a\\b", "archive_path_invalid"),
+        ("a/\udcff", "archive_path_invalid"),
+        ("/etc/passwd", "archive_absolute_path"),
+        ("a/../../b", "archive_path_traversal"),
+        ("..", "archive_path_traversal"),
+        ("a/" * 33 + "b", "archive_path_too_long"),
+        ("a" * 513, "archive_path_too_long"),
+    ],
+)
 def test_member_path_refuses(name: str, code: str) -> None:
     """Each bad name shape has its own code."""
     with pytest.raises(ArchiveError) as caught:

@@ -35,11 +35,20 @@ def _etc(tokens_file: Path) -> None:
     tokens_file.parent.mkdir(mode=0o750)
 
 
-def create(tokens_file: Path, name: str, perms: str, capsys: pytest.CaptureFixture[str]
-           ) -> str:
+def create(tokens_file: Path, name: str, perms: str, capsys: pytest.CaptureFixture[str]) -> str:
     """Run `token create` and return what it printed on stdout."""
-    code = run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", name,
-                       "--permissions", perms])
+    code = run_plugind(
+        [
+            "token",
+            "create",
+            "--tokens-file",
+            str(tokens_file),
+            "--name",
+            name,
+            "--permissions",
+            perms,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     return capsys.readouterr().out
 
@@ -65,19 +74,34 @@ def test_a_typo_breaks_the_checksum() -> None:
     assert not well_formed(token + "\n")
 
 
-@pytest.mark.parametrize(("header", "token"), [
-    ("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("Basic abc", None), ("Bearer", None),
-    ("Bearer ", None), ("", None), (None, None), ("Bearer " + "x" * 600, None),
-])
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("Basic abc", None),
+        ("Bearer", None),
+        ("Bearer ", None),
+        ("", None),
+        (None, None),
+        ("Bearer " + "x" * 600, None),
+    ],
+)
 def test_bearer_parsing(header: str | None, token: str | None) -> None:
     """Only `Authorization: Bearer <token>` carries a token."""
     assert bearer_token(header) == token
 
 
-@pytest.mark.parametrize(("header", "reason"), [
-    (None, "token_missing"), ("", "token_missing"), ("Basic x", "token_malformed"),
-    ("Bearer nope", "token_malformed"), (f"Bearer {new_token()}", "token_unknown"),
-])
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (None, "token_missing"),
+        ("", "token_missing"),
+        ("Basic x", "token_malformed"),
+        ("Bearer nope", "token_malformed"),
+        (f"Bearer {new_token()}", "token_unknown"),
+    ],
+)
 def test_denial_reasons(header: str | None, reason: str) -> None:
     """The audit log tells a missing token from a malformed or unknown one."""
     assert denial_reason(header) == reason
@@ -85,22 +109,31 @@ def test_denial_reasons(header: str | None, reason: str) -> None:
 
 def test_render_and_parse_round_trip() -> None:
     """The hand-written TOML writer produces what tomllib reads back, names quoted."""
-    entries = {n: TokenEntry(name=n, sha256=token_hash(n), permissions=PERMISSIONS[:2],
-                             created="2026-01-01T00:00:00.000000Z")
-               for n in ("ops", "ci.bot", "a@b-c_d")}
+    entries = {
+        n: TokenEntry(
+            name=n,
+            sha256=token_hash(n),
+            permissions=PERMISSIONS[:2],
+            created="2026-01-01T00:00:00.000000Z",
+        )
+        for n in ("ops", "ci.bot", "a@b-c_d")
+    }
     parsed, problems = parse_tokens(render_tokens(entries).encode())
     assert problems == []
     assert parsed == entries
 
 
-@pytest.mark.parametrize(("text", "problem"), [
-    ("[tokens", "not valid TOML"),
-    ('[tokens.x]\nsha256 = "abc"\npermissions = ["plugins:read"]', "sha256"),
-    (f'[tokens.x]\nsha256 = "{"a" * 64}"\npermissions = ["plugins:all"]', "permissions"),
-    (f'[tokens.x]\nsha256 = "{"a" * 64}"\npermissions = []', "permissions"),
-    (f'[tokens."bad name"]\nsha256 = "{"a" * 64}"\npermissions = ["plugins:read"]', "name"),
-    ("tokens = 5", "table"),
-])
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[tokens", "not valid TOML"),
+        ('[tokens.x]\nsha256 = "abc"\npermissions = ["plugins:read"]', "sha256"),
+        (f'[tokens.x]\nsha256 = "{"a" * 64}"\npermissions = ["plugins:all"]', "permissions"),
+        (f'[tokens.x]\nsha256 = "{"a" * 64}"\npermissions = []', "permissions"),
+        (f'[tokens."bad name"]\nsha256 = "{"a" * 64}"\npermissions = ["plugins:read"]', "name"),
+        ("tokens = 5", "table"),
+    ],
+)
 def test_damaged_entries_grant_nothing(text: str, problem: str) -> None:
     """A damaged entry is left out and reported (fail closed)."""
     entries, problems = parse_tokens(text.encode())
@@ -153,7 +186,8 @@ def test_group_writable_file_is_not_trusted(tokens_file: Path) -> None:
 
 
 def test_create_prints_only_the_token_and_stores_only_its_hash(
-        tokens_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tokens_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """stdout is the token and a newline; the file (0600) holds its hash, not the token."""
     out = create(tokens_file, "ops", "plugins:read,plugins:execute", capsys)
     token = out.removesuffix("\n")
@@ -168,8 +202,9 @@ def test_create_prints_only_the_token_and_stores_only_its_hash(
     assert principal.permissions == {"plugins:read", "plugins:execute"}
 
 
-def test_create_keeps_0600_and_other_tokens(tokens_file: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_create_keeps_0600_and_other_tokens(
+    tokens_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A second create rewrites atomically, keeps the first token and mode 0600."""
     first = create(tokens_file, "a", "plugins:read", capsys).strip()
     second = create(tokens_file, "b", "plugins:admin", capsys).strip()
@@ -181,14 +216,18 @@ def test_create_keeps_0600_and_other_tokens(tokens_file: Path,
     assert [p.name for p in tokens_file.parent.iterdir()] == ["tokens.toml"]
 
 
-@pytest.mark.parametrize(("args", "code", "message"), [
-    (["--name", "a", "--permissions", "plugins:root"], 1, "plugins:read, plugins:admin"),
-    (["--name", "a", "--permissions", ""], 1, "choose from"),
-    (["--name", "bad name", "--permissions", "plugins:read"], 1, "invalid token name"),
-    (["--name", "a"], 2, "required"),
-])
-def test_create_refuses_bad_arguments(tokens_file: Path, capsys: pytest.CaptureFixture[str],
-                                      args: list[str], code: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--name", "a", "--permissions", "plugins:root"], 1, "plugins:read, plugins:admin"),
+        (["--name", "a", "--permissions", ""], 1, "choose from"),
+        (["--name", "bad name", "--permissions", "plugins:read"], 1, "invalid token name"),
+        (["--name", "a"], 2, "required"),
+    ],
+)
+def test_create_refuses_bad_arguments(
+    tokens_file: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int, message: str
+) -> None:
     """Unknown permissions list the valid ones (exit 1); missing arguments are usage (2)."""
     assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), *args]) == code
     captured = capsys.readouterr()
@@ -197,18 +236,31 @@ def test_create_refuses_bad_arguments(tokens_file: Path, capsys: pytest.CaptureF
     assert not tokens_file.exists()
 
 
-def test_duplicate_name_is_refused(tokens_file: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_duplicate_name_is_refused(tokens_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Creating a name twice fails (exit 1) and leaves the first token valid."""
     token = create(tokens_file, "ops", "plugins:read", capsys).strip()
-    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "ops",
-                       "--permissions", "plugins:admin"]) == 1
+    assert (
+        run_plugind(
+            [
+                "token",
+                "create",
+                "--tokens-file",
+                str(tokens_file),
+                "--name",
+                "ops",
+                "--permissions",
+                "plugins:admin",
+            ]
+        )
+        == 1
+    )
     assert "exists already" in capsys.readouterr().err
     assert TokenStore(tokens_file).authenticate(f"Bearer {token}") is not None
 
 
-def test_list_never_shows_secrets_or_hashes(tokens_file: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_never_shows_secrets_or_hashes(
+    tokens_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """list (table and JSON) shows names, permissions, creation and expiry times only."""
     token = create(tokens_file, "ops", "plugins:read,plugins:admin", capsys).strip()
     assert run_plugind(["token", "list", "--tokens-file", str(tokens_file)]) == 0
@@ -225,9 +277,9 @@ def test_list_never_shows_secrets_or_hashes(tokens_file: Path,
         assert token_hash(token) not in shown
 
 
-def test_tokens_file_defaults_to_the_environment(tokens_file: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_tokens_file_defaults_to_the_environment(
+    tokens_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Without --tokens-file, AISOC_PLUGIND_TOKENS_FILE names the file."""
     monkeypatch.setenv("AISOC_PLUGIND_TOKENS_FILE", str(tokens_file))
     assert run_plugind(["token", "create", "--name", "ops", "--permissions", "plugins:read"]) == 0
@@ -235,12 +287,12 @@ def test_tokens_file_defaults_to_the_environment(tokens_file: Path,
     assert "ops" in capsys.readouterr().out
 
 
-def test_revoke_unknown_name_fails(tokens_file: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_revoke_unknown_name_fails(tokens_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Revoking a name that does not exist is exit 1."""
     create(tokens_file, "ops", "plugins:read", capsys)
-    assert run_plugind(["token", "revoke", "--tokens-file", str(tokens_file),
-                        "--name", "nope"]) == 1
+    assert (
+        run_plugind(["token", "revoke", "--tokens-file", str(tokens_file), "--name", "nope"]) == 1
+    )
     assert "no token named" in capsys.readouterr().err
 
 
@@ -252,12 +304,26 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
 
 
-def test_a_damaged_file_is_not_overwritten(tokens_file: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_file_is_not_overwritten(
+    tokens_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """create refuses to rewrite a file it cannot parse (it would drop tokens)."""
     tokens_file.write_text("[tokens\n")
-    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "a",
-                       "--permissions", "plugins:read"]) == 1
+    assert (
+        run_plugind(
+            [
+                "token",
+                "create",
+                "--tokens-file",
+                str(tokens_file),
+                "--name",
+                "a",
+                "--permissions",
+                "plugins:read",
+            ]
+        )
+        == 1
+    )
     assert tokens_file.read_text() == "[tokens\n"
     assert capsys.readouterr().out == ""
 
@@ -266,12 +332,17 @@ def test_a_damaged_file_is_not_overwritten(tokens_file: Path,
 
 
 async def test_created_token_works_and_revoke_takes_effect_without_restart(
-        env: Env, plugins: PluginFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    env: Env, plugins: PluginFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     """token create -> 200; token revoke -> 401 on the very next request; an event says so."""
     async with serve_api(env, plugins) as api:
         args = ["--tokens-file", str(api.tokens_file)]
-        assert run_plugind(["token", "create", *args, "--name", "ops",
-                           "--permissions", "plugins:read"]) == 0
+        assert (
+            run_plugind(
+                ["token", "create", *args, "--name", "ops", "--permissions", "plugins:read"]
+            )
+            == 0
+        )
         token = capsys.readouterr().out.strip()
         headers = {"Authorization": f"Bearer {token}"}
         assert (await api.client.get(f"/api/v1/plugins/{ECHO_ID}", headers=headers)).status == 200
@@ -285,8 +356,9 @@ async def test_created_token_works_and_revoke_takes_effect_without_restart(
     assert token not in audit
 
 
-def test_file_is_written_atomically(tokens_file: Path, capsys: pytest.CaptureFixture[str],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_file_is_written_atomically(
+    tokens_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A failed write leaves the old file intact and no temp file behind."""
     create(tokens_file, "a", "plugins:read", capsys)
     before = tokens_file.read_bytes()
@@ -295,8 +367,21 @@ def test_file_is_written_atomically(tokens_file: Path, capsys: pytest.CaptureFix
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail)
-    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "b",
-                       "--permissions", "plugins:read"]) == 1
+    assert (
+        run_plugind(
+            [
+                "token",
+                "create",
+                "--tokens-file",
+                str(tokens_file),
+                "--name",
+                "b",
+                "--permissions",
+                "plugins:read",
+            ]
+        )
+        == 1
+    )
     assert tokens_file.read_bytes() == before
     assert [p.name for p in tokens_file.parent.iterdir()] == ["tokens.toml"]
     assert capsys.readouterr().out == ""
@@ -305,11 +390,27 @@ def test_file_is_written_atomically(tokens_file: Path, capsys: pytest.CaptureFix
 # ---- expiry --------------------------------------------------------------------------------
 
 
-def test_create_with_expiry_records_and_lists_it(tokens_file: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_create_with_expiry_records_and_lists_it(
+    tokens_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--expires-in 30d stores an RFC 3339 expiry that `token list` shows."""
-    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "ci",
-                       "--permissions", "plugins:execute", "--expires-in", "30d"]) == 0
+    assert (
+        run_plugind(
+            [
+                "token",
+                "create",
+                "--tokens-file",
+                str(tokens_file),
+                "--name",
+                "ci",
+                "--permissions",
+                "plugins:execute",
+                "--expires-in",
+                "30d",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert run_plugind(["token", "list", "--tokens-file", str(tokens_file), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["tokens"][0]
@@ -319,31 +420,57 @@ def test_create_with_expiry_records_and_lists_it(tokens_file: Path,
 @pytest.mark.parametrize("duration", ["0d", "30", "1w", "-5d", "soon"])
 def test_bad_expiry_is_a_usage_error(tokens_file: Path, duration: str) -> None:
     """Durations are 90d, 12h or 30m; anything else is exit 2."""
-    assert run_plugind(["token", "create", "--tokens-file", str(tokens_file), "--name", "x",
-                       "--permissions", "plugins:read", "--expires-in", duration]) == 2
+    assert (
+        run_plugind(
+            [
+                "token",
+                "create",
+                "--tokens-file",
+                str(tokens_file),
+                "--name",
+                "x",
+                "--permissions",
+                "plugins:read",
+                "--expires-in",
+                duration,
+            ]
+        )
+        == 2
+    )
 
 
 def test_malformed_expiry_in_file_grants_nothing(tokens_file: Path) -> None:
     """An entry whose `expires` does not parse is ignored, not treated as never expiring."""
-    tokens_file.write_text('[tokens.a]\nsha256 = "' + "0" * 64 + '"\n'
-                           'permissions = ["plugins:read"]\nexpires = "tomorrow"\n')
+    tokens_file.write_text(
+        '[tokens.a]\nsha256 = "' + "0" * 64 + '"\n'
+        'permissions = ["plugins:read"]\nexpires = "tomorrow"\n'
+    )
     entries, problems = parse_tokens(tokens_file.read_bytes())
     assert entries == {} and "expires" in problems[0]
 
 
-async def test_expired_token_is_refused_with_its_reason(env: Env, plugins: PluginFactory
-                                                        ) -> None:
+async def test_expired_token_is_refused_with_its_reason(env: Env, plugins: PluginFactory) -> None:
     """A token past its expiry gets 401 and an api.denied event with reason token_expired."""
     from aisoc_plugind.api.tokens import new_token, token_hash
     from aisoc_plugind.api.tokens_file import TokenEntry, write_tokens_file
 
     async with serve_api(env, plugins) as api:
         token = new_token()
-        write_tokens_file(api.tokens_file, {"old": TokenEntry(
-            name="old", sha256=token_hash(token), permissions=("plugins:read",),
-            created="2025-01-01T00:00:00.000000Z", expires="2025-02-01T00:00:00.000000Z")})
-        status, body = await api.json("GET", "/api/v1/plugins", None,
-                                      headers={"Authorization": f"Bearer {token}"})
+        write_tokens_file(
+            api.tokens_file,
+            {
+                "old": TokenEntry(
+                    name="old",
+                    sha256=token_hash(token),
+                    permissions=("plugins:read",),
+                    created="2025-01-01T00:00:00.000000Z",
+                    expires="2025-02-01T00:00:00.000000Z",
+                )
+            },
+        )
+        status, body = await api.json(
+            "GET", "/api/v1/plugins", None, headers={"Authorization": f"Bearer {token}"}
+        )
         denied = api.events("api.denied")
     assert status == 401 and "expired" in body["error"]["message"]
     assert denied[-1]["reason"] == "token_expired"

@@ -97,16 +97,18 @@ def digest_of(plugin_dir: Path) -> bytes:
 
 def vectors_json() -> dict[str, dict[str, str]]:
     """Return the per-plugin entries of vectors.json."""
-    plugins: dict[str, dict[str, str]] = json.loads(
-        (VECTORS / "vectors.json").read_text())["plugins"]
+    plugins: dict[str, dict[str, str]] = json.loads((VECTORS / "vectors.json").read_text())[
+        "plugins"
+    ]
     return plugins
 
 
 def openssl(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run openssl and return the completed process (never raises on failure)."""
     assert OPENSSL is not None
-    return subprocess.run([OPENSSL, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, check=False, timeout=30)
+    return subprocess.run(
+        [OPENSSL, *map(str, args)], capture_output=True, text=True, cwd=cwd, check=False, timeout=30
+    )
 
 
 def tar_members(archive: Path) -> list[tarfile.TarInfo]:
@@ -170,10 +172,17 @@ def test_new_creates_manifest_code_test_and_readme(
     target = tmp_path / "geo"
     assert cli("new", "Geo Tagger", "--type", "enricher", "-o", target, "--author", "A <a@b>") == 0
     assert sorted(p.name for p in target.iterdir()) == [
-        "README.md", "plugin.py", "plugin.yaml", "test_geo_tagger.py"]
+        "README.md",
+        "plugin.py",
+        "plugin.yaml",
+        "test_geo_tagger.py",
+    ]
     manifest = parse_manifest((target / "plugin.yaml").read_bytes())
-    assert (manifest.id, manifest.name, manifest.plugin_type) == ("geo-tagger", "Geo Tagger",
-                                                                 "enricher")
+    assert (manifest.id, manifest.name, manifest.plugin_type) == (
+        "geo-tagger",
+        "Geo Tagger",
+        "enricher",
+    )
     assert manifest.data["author"] == "A <a@b>"
     assert "created enricher plugin geo-tagger" in capsys.readouterr().out
 
@@ -225,15 +234,18 @@ def test_new_fails_when_no_id_can_be_derived(
     assert "pass --id" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("GeoIP Enricher", "geoip-enricher"),
-    ("Café  Señal!", "cafe-senal"),
-    ("acme.ticket_maker", "acme.ticket_maker"),
-    ("  --Lead & Trail--  ", "lead-trail"),
-    ("x", None),
-    ("日本語", None),
-    ("a" * 80, "a" * 64),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("GeoIP Enricher", "geoip-enricher"),
+        ("Café  Señal!", "cafe-senal"),
+        ("acme.ticket_maker", "acme.ticket_maker"),
+        ("  --Lead & Trail--  ", "lead-trail"),
+        ("x", None),
+        ("日本語", None),
+        ("a" * 80, "a" * 64),
+    ],
+)
 def test_derive_id_slugs_the_name(name: str, expected: str | None) -> None:
     """The default id is an ASCII slug of NAME, or None when none fits the id rule."""
     assert scaffold.derive_id(name) == expected
@@ -272,21 +284,26 @@ def test_validate_lists_every_problem_in_one_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Missing field, bad id/type, missing entry point, bad schema, syntax error: all listed."""
-    root = make_plugin(tmp_path / "bad", {
-        "plugin.yaml": "id: -nope\nversion: 1.0.0\nplugin_type: scanner\n"
-                       "entry_point: main.py\nconfig_schema:\n  type: 5\n",
-        "plugin.py": "class Plugin:\n    pass\n",
-        "helpers/util.py": "def f(:\n    pass\n",
-    })
+    root = make_plugin(
+        tmp_path / "bad",
+        {
+            "plugin.yaml": "id: -nope\nversion: 1.0.0\nplugin_type: scanner\n"
+            "entry_point: main.py\nconfig_schema:\n  type: 5\n",
+            "plugin.py": "class Plugin:\n    pass\n",
+            "helpers/util.py": "def f(:\n    pass\n",
+        },
+    )
     assert cli("validate", root) == 1
     out = capsys.readouterr().out
     manifest = root / "plugin.yaml"
-    for expected in (f"{manifest}: error: name: required field is missing [manifest_missing_field]",
-                     f"{manifest}: error: id: '-nope' must match",
-                     f"{manifest}: error: plugin_type: 'scanner' is not one of",
-                     f"{manifest}: error: entry_point: main.py does not exist",
-                     f"{manifest}: error: config_schema.type: not a valid JSON Schema",
-                     f"{root / 'helpers/util.py'}:1: error: "):
+    for expected in (
+        f"{manifest}: error: name: required field is missing [manifest_missing_field]",
+        f"{manifest}: error: id: '-nope' must match",
+        f"{manifest}: error: plugin_type: 'scanner' is not one of",
+        f"{manifest}: error: entry_point: main.py does not exist",
+        f"{manifest}: error: config_schema.type: not a valid JSON Schema",
+        f"{root / 'helpers/util.py'}:1: error: ",
+    ):
         assert expected in out, expected
 
 
@@ -294,10 +311,13 @@ def test_validate_reports_bad_yaml_with_its_line_and_still_compiles_code(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A manifest that does not parse is reported with its line; code is still checked."""
-    root = make_plugin(tmp_path / "bad", {
-        "plugin.yaml": "id: x1\nname: [unclosed\nversion: 1\n",
-        "plugin.py": "def broken(\n",
-    })
+    root = make_plugin(
+        tmp_path / "bad",
+        {
+            "plugin.yaml": "id: x1\nname: [unclosed\nversion: 1\n",
+            "plugin.py": "def broken(\n",
+        },
+    )
     assert cli("validate", root) == 1
     out = capsys.readouterr().out
     assert f"{root / 'plugin.yaml'}:" in out
@@ -330,8 +350,10 @@ def test_validate_reports_syntax_error_with_file_and_line(
     root = valid_plugin(tmp_path)
     (root / "plugin.py").write_text(VALID_CODE + "\n\nx = = 1\n")
     assert cli("validate", root) == 1
-    assert f"{root / 'plugin.py'}:6: error: invalid syntax [python_syntax_error]" in \
-        capsys.readouterr().out
+    assert (
+        f"{root / 'plugin.py'}:6: error: invalid syntax [python_syntax_error]"
+        in capsys.readouterr().out
+    )
 
 
 def test_validate_reports_a_json_schema_problem_with_its_path(
@@ -341,10 +363,12 @@ def test_validate_reports_a_json_schema_problem_with_its_path(
     root = valid_plugin(tmp_path)
     (root / "plugin.yaml").write_text(
         VALID_MANIFEST + "config_schema:\n  type: object\n  properties:\n"
-                         "    port: {type: integer, minimum: low}\n")
+        "    port: {type: integer, minimum: low}\n"
+    )
     assert cli("validate", root) == 1
-    assert "config_schema.properties.port.minimum: not a valid JSON Schema" in \
-        capsys.readouterr().out
+    assert (
+        "config_schema.properties.port.minimum: not a valid JSON Schema" in capsys.readouterr().out
+    )
 
 
 def test_validate_warns_when_the_config_needs_settings(
@@ -353,7 +377,8 @@ def test_validate_warns_when_the_config_needs_settings(
     """A config_schema an empty config fails is a warning, not an error."""
     root = valid_plugin(tmp_path)
     (root / "plugin.yaml").write_text(
-        VALID_MANIFEST + "config_schema:\n  type: object\n  required: [api_key]\n")
+        VALID_MANIFEST + "config_schema:\n  type: object\n  required: [api_key]\n"
+    )
     assert cli("validate", root) == 0
     assert "warning: config_schema: an empty plugin config fails it" in capsys.readouterr().out
 
@@ -378,8 +403,16 @@ def test_validate_is_quiet_about_docs_caches_and_the_signature(
 ) -> None:
     """README, LICENSE, plugin.sig, __pycache__ and editor files raise no warning."""
     root = valid_plugin(tmp_path)
-    for rel in ("README.md", "LICENSE", "plugin.sig", "__pycache__/plugin.cpython-311.pyc",
-                ".git/config", "plugin.py~", ".plugin.py.swp", ".DS_Store"):
+    for rel in (
+        "README.md",
+        "LICENSE",
+        "plugin.sig",
+        "__pycache__/plugin.cpython-311.pyc",
+        ".git/config",
+        "plugin.py~",
+        ".plugin.py.swp",
+        ".DS_Store",
+    ):
         (root / rel).parent.mkdir(exist_ok=True)
         (root / rel).write_bytes(b"x")
     assert cli("validate", root) == 0
@@ -558,15 +591,23 @@ def test_sign_writes_to_the_out_file(tmp_path: Path) -> None:
     """--out puts the signature elsewhere and leaves the plugin untouched."""
     plugin = valid_plugin(tmp_path)
     out = tmp_path / "detached.sig"
-    assert cli("sign", "--plugin-dir", plugin, "--private-key", private_vector_key(tmp_path),
-               "--out", out) == 0
+    assert (
+        cli(
+            "sign",
+            "--plugin-dir",
+            plugin,
+            "--private-key",
+            private_vector_key(tmp_path),
+            "--out",
+            out,
+        )
+        == 0
+    )
     assert len(out.read_bytes()) == 128
     assert not (plugin / "plugin.sig").exists()
 
 
-def test_sign_refuses_an_invalid_plugin(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_sign_refuses_an_invalid_plugin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An invalid plugin is not signed; the error names the first problem."""
     plugin = make_plugin(tmp_path / "bad", {"plugin.yaml": "id: x1\n", "plugin.py": VALID_CODE})
     assert cli("sign", "--plugin-dir", plugin, "--private-key", private_vector_key(tmp_path)) == 1
@@ -582,8 +623,7 @@ def test_sign_rejects_a_public_key_given_as_private_key(
 ) -> None:
     """A public key passed as --private-key is a clear error."""
     plugin = valid_plugin(tmp_path)
-    assert cli("sign", "--plugin-dir", plugin,
-               "--private-key", VECTOR_PUB) == 1
+    assert cli("sign", "--plugin-dir", plugin, "--private-key", VECTOR_PUB) == 1
     assert "expected a PRIVATE KEY PEM block, found PUBLIC KEY" in capsys.readouterr().err
 
 
@@ -592,8 +632,9 @@ def test_sign_explains_that_encrypted_keys_need_decrypting(
 ) -> None:
     """An encrypted PKCS#8 key is refused with the openssl command that decrypts it."""
     key = tmp_path / "enc.key"
-    key.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n"
-                   "-----END ENCRYPTED PRIVATE KEY-----\n")
+    key.write_text(
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n"
+    )
     assert cli("sign", "--plugin-dir", valid_plugin(tmp_path), "--private-key", key) == 1
     assert "openssl pkey -in" in capsys.readouterr().err
 
@@ -612,8 +653,10 @@ def test_sign_reports_a_missing_key_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A key path that does not exist fails with one error line naming it."""
-    assert cli("sign", "--plugin-dir", valid_plugin(tmp_path),
-               "--private-key", tmp_path / "nope.key") == 1
+    assert (
+        cli("sign", "--plugin-dir", valid_plugin(tmp_path), "--private-key", tmp_path / "nope.key")
+        == 1
+    )
     assert f"{tmp_path / 'nope.key'}: No such file or directory" in capsys.readouterr().err
 
 
@@ -622,12 +665,23 @@ def test_openssl_verifies_our_signature_over_the_digest(tmp_path: Path) -> None:
     """`openssl pkeyutl -verify -rawin` accepts plugin.sig over the 32-byte digest."""
     assert cli("keygen", "--out", tmp_path / "keys") == 0
     plugin = valid_plugin(tmp_path)
-    assert cli("sign", "--plugin-dir", plugin,
-               "--private-key", tmp_path / "keys" / "signing.key") == 0
+    assert (
+        cli("sign", "--plugin-dir", plugin, "--private-key", tmp_path / "keys" / "signing.key") == 0
+    )
     (tmp_path / "digest.bin").write_bytes(digest_of(plugin))
     (tmp_path / "sig.bin").write_bytes(bytes.fromhex((plugin / "plugin.sig").read_text()))
-    result = openssl("pkeyutl", "-verify", "-pubin", "-inkey", tmp_path / "keys" / "signing.pub",
-                     "-rawin", "-in", tmp_path / "digest.bin", "-sigfile", tmp_path / "sig.bin")
+    result = openssl(
+        "pkeyutl",
+        "-verify",
+        "-pubin",
+        "-inkey",
+        tmp_path / "keys" / "signing.pub",
+        "-rawin",
+        "-in",
+        tmp_path / "digest.bin",
+        "-sigfile",
+        tmp_path / "sig.bin",
+    )
     assert result.returncode == 0, result.stderr
     assert "Signature Verified Successfully" in result.stdout
 
@@ -673,9 +727,7 @@ def test_verify_refuses_the_vectors_under_the_untrusted_key(
     assert "aisoc plugin verify: error: " in captured.err
 
 
-def test_verify_lists_what_was_checked(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_verify_lists_what_was_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """verify names the manifest and every *.py file the digest covers."""
     keys = keys_dir_with(tmp_path, VECTOR_PUB)
     plugin = copy_vector(tmp_path, "geoip-enricher")
@@ -755,8 +807,10 @@ def test_verify_fails_on_a_missing_keys_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A keys directory that does not exist is an error, not an empty keyring."""
-    assert cli("verify", "--plugin-dir", valid_plugin(tmp_path),
-               "--keys-dir", tmp_path / "nokeys") == 1
+    assert (
+        cli("verify", "--plugin-dir", valid_plugin(tmp_path), "--keys-dir", tmp_path / "nokeys")
+        == 1
+    )
     assert "no such keys directory" in capsys.readouterr().err
 
 
@@ -795,9 +849,15 @@ def test_package_normalises_entries(tmp_path: Path) -> None:
     members = tar_members(tmp_path / "p.tar.gz")
     top = "example.geoip-enricher"
     assert [m.name for m in members] == [
-        top, f"{top}/README.md", f"{top}/helpers", f"{top}/helpers/__init__.py",
-        f"{top}/helpers/lookup.py", f"{top}/plugin.py", f"{top}/plugin.sig",
-        f"{top}/plugin.yaml"]
+        top,
+        f"{top}/README.md",
+        f"{top}/helpers",
+        f"{top}/helpers/__init__.py",
+        f"{top}/helpers/lookup.py",
+        f"{top}/plugin.py",
+        f"{top}/plugin.sig",
+        f"{top}/plugin.yaml",
+    ]
     for m in members:
         assert (m.uid, m.gid, m.uname, m.gname, m.mtime) == (0, 0, "", "", 0)
         assert m.mode == (0o755 if m.isdir() else 0o644)
@@ -831,15 +891,33 @@ def test_package_rejects_a_malformed_source_date_epoch(
 def test_package_excludes_caches_vcs_and_editor_files(tmp_path: Path) -> None:
     """__pycache__, *.pyc, .git, .hg, .svn, .DS_Store and editor temp files are left out."""
     plugin = signed_vector(tmp_path)
-    for rel in ("__pycache__/plugin.cpython-311.pyc", "helpers/__pycache__/lookup.cpython-311.pyc",
-                "stray.pyc", ".git/HEAD", ".hg/store", ".svn/entries", ".DS_Store",
-                "plugin.py~", ".plugin.py.swp", "#plugin.py#", ".pytest_cache/README.md"):
+    for rel in (
+        "__pycache__/plugin.cpython-311.pyc",
+        "helpers/__pycache__/lookup.cpython-311.pyc",
+        "stray.pyc",
+        ".git/HEAD",
+        ".hg/store",
+        ".svn/entries",
+        ".DS_Store",
+        "plugin.py~",
+        ".plugin.py.swp",
+        "#plugin.py#",
+        ".pytest_cache/README.md",
+    ):
         (plugin / rel).parent.mkdir(parents=True, exist_ok=True)
         (plugin / rel).write_bytes(b"junk")
     assert cli("package", plugin, "-o", tmp_path / "p.tar.gz") == 0
     names = [m.name.split("/", 1)[-1] for m in tar_members(tmp_path / "p.tar.gz")]
-    assert names == ["example.geoip-enricher", "README.md", "helpers", "helpers/__init__.py",
-                     "helpers/lookup.py", "plugin.py", "plugin.sig", "plugin.yaml"]
+    assert names == [
+        "example.geoip-enricher",
+        "README.md",
+        "helpers",
+        "helpers/__init__.py",
+        "helpers/lookup.py",
+        "plugin.py",
+        "plugin.sig",
+        "plugin.yaml",
+    ]
 
 
 def test_package_keeps_side_files(tmp_path: Path) -> None:

@@ -60,8 +60,12 @@ def _plant_pyc(source: Path, code: str) -> Path:
     cache = Path(importlib.util.cache_from_source(str(source)))
     cache.parent.mkdir(exist_ok=True)
     st = source.stat()
-    header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little") + \
-        int(st.st_mtime).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    header = (
+        importlib.util.MAGIC_NUMBER
+        + (0).to_bytes(4, "little")
+        + int(st.st_mtime).to_bytes(4, "little")
+        + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    )
     cache.write_bytes(header + marshal.dumps(compile(code, str(source), "exec")))
     return cache
 
@@ -69,9 +73,11 @@ def _plant_pyc(source: Path, code: str) -> Path:
 def test_planted_pyc_does_not_run(plugins: PluginFactory) -> None:
     """A matching-header .pyc with other code is ignored: the verified source runs."""
     path = plugins.write(
-        "pyc", code="class Plugin:\n    def run(self, p, c):\n        return 'src'\n")
-    _plant_pyc(path / "plugin.py",
-               "class Plugin:\n    def run(self, p, c):\n        return 'PLANTED'\n")
+        "pyc", code="class Plugin:\n    def run(self, p, c):\n        return 'src'\n"
+    )
+    _plant_pyc(
+        path / "plugin.py", "class Plugin:\n    def run(self, p, c):\n        return 'PLANTED'\n"
+    )
     b = bundle.read_bundle(path)
     imported = loader.import_bundle(b.path, b.sources, "plugin.py")
     try:
@@ -83,8 +89,11 @@ def test_planted_pyc_does_not_run(plugins: PluginFactory) -> None:
 def test_sourceless_pyc_module_is_not_importable(plugins: PluginFactory) -> None:
     """A helpers.pyc without helpers.py cannot be imported by the plugin."""
     path = plugins.write("sourceless", code="from . import helpers\nclass Plugin: pass\n")
-    (path / "helpers.pyc").write_bytes(importlib.util.MAGIC_NUMBER + b"\0" * 12 + marshal.dumps(
-        compile("X = 1", "helpers.py", "exec")))
+    (path / "helpers.pyc").write_bytes(
+        importlib.util.MAGIC_NUMBER
+        + b"\0" * 12
+        + marshal.dumps(compile("X = 1", "helpers.py", "exec"))
+    )
     b = bundle.read_bundle(path)
     with pytest.raises(ImportError):
         loader.import_bundle(b.path, b.sources, "plugin.py")
@@ -92,11 +101,13 @@ def test_sourceless_pyc_module_is_not_importable(plugins: PluginFactory) -> None
 
 def test_file_changed_after_read_does_not_change_what_runs(plugins: PluginFactory) -> None:
     """TOCTOU: bytes read (and verified) are executed even if the file changes before import."""
-    path = plugins.write("toctou", code="class Plugin:\n    def run(self, p, c):\n"
-                                        "        return 'verified'\n")
+    path = plugins.write(
+        "toctou", code="class Plugin:\n    def run(self, p, c):\n        return 'verified'\n"
+    )
     b = bundle.read_bundle(path)
-    (path / "plugin.py").write_text("class Plugin:\n    def run(self, p, c):\n"
-                                    "        return 'swapped'\n")
+    (path / "plugin.py").write_text(
+        "class Plugin:\n    def run(self, p, c):\n        return 'swapped'\n"
+    )
     imported = loader.import_bundle(b.path, b.sources, "plugin.py")
     try:
         assert _run(imported, {}) == "verified"
@@ -184,13 +195,19 @@ def test_non_python_files_are_not_in_the_bundle(tmp_path: Path) -> None:
     """Only *.py files are part of the sources (README is not signed, not executed)."""
     path = copy_tree(VECTORS / "plugins" / "geoip-enricher", tmp_path / "geo")
     assert sorted(bundle.read_bundle(path).sources) == [
-        "helpers/__init__.py", "helpers/lookup.py", "plugin.py"]
+        "helpers/__init__.py",
+        "helpers/lookup.py",
+        "plugin.py",
+    ]
 
 
 def test_module_absent_from_bundle_is_not_found_on_disk(plugins: PluginFactory) -> None:
     """A module file created after the read is not importable: only the snapshot exists."""
-    path = plugins.write("late", code="class Plugin:\n    def run(self, p, c):\n"
-                                      "        from . import late\n        return late.X\n")
+    path = plugins.write(
+        "late",
+        code="class Plugin:\n    def run(self, p, c):\n"
+        "        from . import late\n        return late.X\n",
+    )
     b = bundle.read_bundle(path)
     (path / "late.py").write_text("X = 'injected'\n")
     imported = loader.import_bundle(b.path, b.sources, "plugin.py")

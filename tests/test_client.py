@@ -63,8 +63,9 @@ async def test_show(as_root: Api, capsys: pytest.CaptureFixture[str]) -> None:
     assert "signing_key_id:" in out
 
 
-async def test_lifecycle_commands(as_root: Api, capsys: pytest.CaptureFixture[str],
-                                  plugins: PluginFactory) -> None:
+async def test_lifecycle_commands(
+    as_root: Api, capsys: pytest.CaptureFixture[str], plugins: PluginFactory
+) -> None:
     """disable, enable, reload, discover and unload act on the daemon."""
     assert await aisoc("disable", ECHO_ID) == 0
     assert capsys.readouterr().out.strip() == f"{ECHO_ID} 1.0.0: disabled"
@@ -81,8 +82,12 @@ async def test_lifecycle_commands(as_root: Api, capsys: pytest.CaptureFixture[st
 
 async def test_run_prints_the_result(as_root: Api, capsys: pytest.CaptureFixture[str]) -> None:
     """`run ID --payload JSON --context JSON` prints the plugin's result."""
-    assert await aisoc("run", "example.geoip-enricher", "--payload", '{"ip": "1.1.1.1"}',
-                       "--context", "{}") == 0
+    assert (
+        await aisoc(
+            "run", "example.geoip-enricher", "--payload", '{"ip": "1.1.1.1"}', "--context", "{}"
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == {"ip": "1.1.1.1", "country": "AU"}
     assert await aisoc("run", "example.legacy-connector", "--json") == 0
     body = json.loads(capsys.readouterr().out)
@@ -90,14 +95,17 @@ async def test_run_prints_the_result(as_root: Api, capsys: pytest.CaptureFixture
     assert "duration_ms" in body
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["show", "test.nothing"], "no plugin with id 'test.nothing'"),
-    (["run", "test.boom"], "RuntimeError: it broke"),
-    (["enable", "test.unsigned"], "is failed"),
-])
-async def test_server_errors_exit_1_with_the_message(as_root: Api, argv: list[str],
-                                                     message: str,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "test.nothing"], "no plugin with id 'test.nothing'"),
+        (["run", "test.boom"], "RuntimeError: it broke"),
+        (["enable", "test.unsigned"], "is failed"),
+    ],
+)
+async def test_server_errors_exit_1_with_the_message(
+    as_root: Api, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A failed operation exits 1 and prints the server's error.message on stderr."""
     assert await aisoc(*argv) == 1
     captured = capsys.readouterr()
@@ -105,16 +113,18 @@ async def test_server_errors_exit_1_with_the_message(as_root: Api, argv: list[st
     assert message in captured.err
 
 
-async def test_missing_token_hints_at_aisoc_token(api: Api, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+async def test_missing_token_hints_at_aisoc_token(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Without a token: exit 1, the server's message, and a hint."""
     monkeypatch.delenv("AISOC_TOKEN", raising=False)
     assert await aisoc("--api", api.url, "list") == 1
     assert "set AISOC_TOKEN" in capsys.readouterr().err
 
 
-async def test_token_option_and_permission_errors(api: Api, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+async def test_token_option_and_permission_errors(
+    api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--token overrides the environment; a read token cannot disable (exit 1, 403 text)."""
     monkeypatch.setenv("AISOC_TOKEN", "aisoc_pd_wrong")
     argv = ["--api", api.url, "--token", api.tokens["reader"]]
@@ -123,26 +133,36 @@ async def test_token_option_and_permission_errors(api: Api, monkeypatch: pytest.
     assert "lacks the permission plugins:admin" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["frobnicate"], ["show"], ["run", ECHO_ID, "--payload", "{bad"],
-    ["run", ECHO_ID, "--payload", "[1]"], ["--api", "ftp://x", "list"],
-])
-async def test_usage_errors_exit_2(as_root: Api, argv: list[str],
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["show"],
+        ["run", ECHO_ID, "--payload", "{bad"],
+        ["run", ECHO_ID, "--payload", "[1]"],
+        ["--api", "ftp://x", "list"],
+    ],
+)
+async def test_usage_errors_exit_2(
+    as_root: Api, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     """Bad command lines and bad --payload JSON are usage errors."""
     assert await aisoc(*argv) == 2
     assert capsys.readouterr().out == ""
 
 
-async def test_unreachable_api_exits_1(monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+async def test_unreachable_api_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Nothing listening: exit 1 with 'cannot reach'."""
     assert await aisoc("--api", "http://127.0.0.1:9", "list") == 1
     assert "cannot reach the API" in capsys.readouterr().err
 
 
-async def test_install_reports_the_server_answer(as_root: Api,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+async def test_install_reports_the_server_answer(
+    as_root: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`install REF` posts the reference; a failure is exit 1 with the server's message."""
     assert await aisoc("install", "127.0.0.1:9/plugins/none:1.0.0") == 1
     assert capsys.readouterr().err.startswith("aisoc plugins: error: ")
@@ -153,9 +173,13 @@ def test_empty_list_renders_a_sentence() -> None:
     assert render_list({"plugins": []}) == "no plugins"
 
 
-async def test_unix_socket_address(env: Env, plugins: PluginFactory, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+async def test_unix_socket_address(
+    env: Env,
+    plugins: PluginFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """AISOC_API=unix:/path.sock talks to a daemon listening on a unix socket."""
     sock = tmp_path / "api.sock"
     async with running_component(env, plugins, f"unix:{sock}") as daemon:

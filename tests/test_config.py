@@ -21,12 +21,29 @@ def _toml(tmp_path: Path, text: str) -> Path:
 def test_defaults_match_the_contract() -> None:
     """Without file or env, INTERFACE §2's defaults apply."""
     s = load_settings(None, {})
-    assert (s.environment, str(s.plugins_dir), s.watch, s.run_timeout_s, s.trust_mode,
-            str(s.keys_dir), s.api_listen, str(s.tokens_file), str(s.audit_path),
-            s.log_format) == (
-        "production", "/opt/aisoc/plugins", True, 30.0, TrustMode.STRICT,
-        "/opt/aisoc/plugin-keys", "127.0.0.1:8470", "/etc/aisoc-plugind/tokens.toml",
-        "/var/log/aisoc-plugind/audit.jsonl", "json")
+    assert (
+        s.environment,
+        str(s.plugins_dir),
+        s.watch,
+        s.run_timeout_s,
+        s.trust_mode,
+        str(s.keys_dir),
+        s.api_listen,
+        str(s.tokens_file),
+        str(s.audit_path),
+        s.log_format,
+    ) == (
+        "production",
+        "/opt/aisoc/plugins",
+        True,
+        30.0,
+        TrustMode.STRICT,
+        "/opt/aisoc/plugin-keys",
+        "127.0.0.1:8470",
+        "/etc/aisoc-plugind/tokens.toml",
+        "/var/log/aisoc-plugind/audit.jsonl",
+        "json",
+    )
 
 
 def test_file_then_env_override(tmp_path: Path) -> None:
@@ -84,8 +101,12 @@ def test_disabled_outside_development_warns(tmp_path: Path) -> None:
 def test_development_silences_trust_warning(tmp_path: Path) -> None:
     """ENVIRONMENT=development silences the trust-mode warning."""
     tmp_path.chmod(0o755)
-    s = Settings(trust_mode=TrustMode.DISABLED, environment="development",
-                 plugins_dir=tmp_path, keys_dir=tmp_path)
+    s = Settings(
+        trust_mode=TrustMode.DISABLED,
+        environment="development",
+        plugins_dir=tmp_path,
+        keys_dir=tmp_path,
+    )
     assert preflight(s) == []
 
 

@@ -36,8 +36,7 @@ def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _wait_for(path: Path, name: str, count: int = 1, timeout: float = 15.0
-              ) -> list[dict[str, Any]]:
+def _wait_for(path: Path, name: str, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [e for e in _events(path) if e["event"] == name]
@@ -53,8 +52,11 @@ def daemon(env: Env, plugins: PluginFactory) -> Iterator[subprocess.Popen[str]]:
     plugins.write("a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(_config(env))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     try:
         _wait_for(env.audit, "daemon.ready")
         yield proc
@@ -64,8 +66,7 @@ def daemon(env: Env, plugins: PluginFactory) -> Iterator[subprocess.Popen[str]]:
         proc.communicate(timeout=10)
 
 
-def test_sigterm_stops_cleanly_with_framing_events(env: Env,
-                                                   daemon: subprocess.Popen[str]) -> None:
+def test_sigterm_stops_cleanly_with_framing_events(env: Env, daemon: subprocess.Popen[str]) -> None:
     """SIGTERM: exit 0; the audit file runs daemon.started ... daemon.ready ... daemon.stopped."""
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=15) == 0
@@ -97,8 +98,7 @@ def test_sighup_reopens_rotated_audit_file(env: Env, daemon: subprocess.Popen[st
     assert old[-1]["event"] == "daemon.ready" and new[-1]["event"] == "daemon.stopped"
 
 
-def test_sighup_after_key_removal_disables_plugin(env: Env,
-                                                  daemon: subprocess.Popen[str]) -> None:
+def test_sighup_after_key_removal_disables_plugin(env: Env, daemon: subprocess.Popen[str]) -> None:
     """Removing the trusted key + SIGHUP disables the plugin it verified, with events."""
     (env.keys / "vector-signer.pem").unlink()
     daemon.send_signal(signal.SIGHUP)
@@ -115,8 +115,11 @@ def test_unknown_trust_mode_exits_1_with_message(env: Env) -> None:
     """An unknown PLUGIN_TRUST_MODE refuses to start: exit 1 and a clear message."""
     proc = subprocess.run(
         [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(_config(env))],
-        env={**os.environ, "PLUGIN_TRUST_MODE": "permissive"}, capture_output=True, text=True,
-        timeout=30)
+        env={**os.environ, "PLUGIN_TRUST_MODE": "permissive"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1
     assert "PLUGIN_TRUST_MODE" in proc.stderr and "permissive" in proc.stderr
     assert not env.audit.exists()
@@ -124,16 +127,24 @@ def test_unknown_trust_mode_exits_1_with_message(env: Env) -> None:
 
 def test_check_config_prints_effective_settings(env: Env) -> None:
     """check-config prints the settings as JSON and exits 0."""
-    proc = subprocess.run([sys.executable, "-m", "aisoc_plugind", "check-config", "--config",
-                           str(_config(env))], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aisoc_plugind", "check-config", "--config", str(_config(env))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["plugins_dir"] == str(env.plugins)
 
 
 def test_usage_error_exits_2() -> None:
     """Unknown options are usage errors (exit 2)."""
-    proc = subprocess.run([sys.executable, "-m", "aisoc_plugind", "run", "--bogus"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aisoc_plugind", "run", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2
 
 
@@ -141,12 +152,16 @@ def test_preflight_warnings_are_events(env: Env, plugins: PluginFactory) -> None
     """A group-writable plugins dir and trust mode `warn` in production are config.warning."""
     env.plugins.chmod(0o775)
     config = _config(env)
-    config.write_text(config.read_text().replace('environment = "development"',
-                                                 'environment = "production"'))
+    config.write_text(
+        config.read_text().replace('environment = "development"', 'environment = "production"')
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
-        env={**os.environ, "PLUGIN_TRUST_MODE": "warn"}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+        env={**os.environ, "PLUGIN_TRUST_MODE": "warn"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(env.audit, "daemon.ready")
     finally:

@@ -41,8 +41,10 @@ def test_seq_is_monotonic(tmp_path: Path) -> None:
     assert [json.loads(x)["seq"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("key", ["token", "authorization", "payload", "context", "result",
-                                 "password", "secret", "config"])
+@pytest.mark.parametrize(
+    "key",
+    ["token", "authorization", "payload", "context", "result", "password", "secret", "config"],
+)
 def test_secret_keys_never_written(tmp_path: Path, key: str) -> None:
     """Keys that may carry secrets are dropped from stdout and the audit file."""
     log, out, path = _log(tmp_path)
@@ -81,8 +83,9 @@ def test_explicit_reopen(tmp_path: Path) -> None:
     assert len(path.read_text().splitlines()) == 1
 
 
-def test_audit_failure_does_not_stop_events(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                            ) -> None:
+def test_audit_failure_does_not_stop_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """If the audit file cannot be written, stdout still gets events and stderr says why."""
     out = io.StringIO()
     blocker = tmp_path / "file"

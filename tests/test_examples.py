@@ -18,8 +18,9 @@ async def test_examples_load_verified_and_run(env: Env, make_manager: ManagerFac
     for key in env.keys.iterdir():
         key.unlink()
     shutil.copy(EXAMPLES / "keys" / "example-signer.pem", env.keys)
-    manager = await make_manager(TrustMode.STRICT,
-                                 plugin_config={"shodan-enricher": {"default_tags": ["t"]}})
+    manager = await make_manager(
+        TrustMode.STRICT, plugin_config={"shodan-enricher": {"default_tags": ["t"]}}
+    )
     result = await manager.discover()
     assert sorted(result.discovered) == ["shodan-enricher", "wazuh-connector"], result.failed
     assert {r.signing_key_id for r in manager.records()} == {"example-signer"}

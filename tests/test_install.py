@@ -26,11 +26,17 @@ def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
-def _push(registry: str, tmp: Path, repo: str, *, version: str = "1.0.0",
-          sign: bool = True, code: str | None = None) -> str:
+def _push(
+    registry: str,
+    tmp: Path,
+    repo: str,
+    *,
+    version: str = "1.0.0",
+    sign: bool = True,
+    code: str | None = None,
+) -> str:
     src = PluginFactory(tmp / f"src-{repo}-{version}")
-    plugin_dir = src.write("pkg", plugin_id="acme.installed", version=version, sign=sign,
-                           code=code)
+    plugin_dir = src.write("pkg", plugin_id="acme.installed", version=version, sign=sign, code=code)
     archive = tmp / f"{repo}-{version}.tar.gz"
     archive.write_bytes(build_package(plugin_dir).data)
     ref = f"{registry}/aisoc/{repo}:{version}"
@@ -42,13 +48,15 @@ def _leftovers(env: Env) -> list[str]:
     return [p.name for p in env.plugins.iterdir() if p.name.startswith(".")]
 
 
-async def test_install_over_http_lands_enabled(oci_registry: str, env: Env,
-                                               plugins: PluginFactory) -> None:
+async def test_install_over_http_lands_enabled(
+    oci_registry: str, env: Env, plugins: PluginFactory
+) -> None:
     """POST install_from_oci: 201 with id/ref/digest; the plugin serves; events with actor."""
     ref = _push(oci_registry, env.tmp, "http-ok")
     async with serve_api(env, plugins, oci_allow_insecure_registries=(oci_registry,)) as api:
-        status, body = await api.json("POST", "/api/v1/plugins/install_from_oci",
-                                      json={"oci_ref": ref})
+        status, body = await api.json(
+            "POST", "/api/v1/plugins/install_from_oci", json={"oci_ref": ref}
+        )
         assert status == 201, body
         assert body["plugin_id"] == "acme.installed" and body["digest"].startswith("sha256:")
         status, run = await api.json("POST", "/api/v1/plugins/acme.installed/run")
@@ -60,12 +68,18 @@ async def test_install_over_http_lands_enabled(oci_registry: str, env: Env,
 
 
 async def test_unsigned_package_is_refused_and_nothing_is_placed(
-        oci_registry: str, env: Env, make_manager: ManagerFactory) -> None:
+    oci_registry: str, env: Env, make_manager: ManagerFactory
+) -> None:
     """Strict mode: an unsigned package never reaches plugins.dir and its code never runs."""
     marker = env.tmp / "ran"
-    ref = _push(oci_registry, env.tmp, "unsigned", sign=False,
-                code=f"open({str(marker)!r}, 'w').close()\nclass Plugin:\n"
-                     "    def run(self, p, c): return {}\n")
+    ref = _push(
+        oci_registry,
+        env.tmp,
+        "unsigned",
+        sign=False,
+        code=f"open({str(marker)!r}, 'w').close()\nclass Plugin:\n"
+        "    def run(self, p, c): return {}\n",
+    )
     manager = await make_manager(oci_allow_insecure_registries=(oci_registry,))
     with pytest.raises(PluginDError) as info:
         await manager.install_from_oci(ref)
@@ -75,8 +89,9 @@ async def test_unsigned_package_is_refused_and_nothing_is_placed(
     assert "plugin.install.failed" in env.names()
 
 
-async def test_existing_directory_is_never_overwritten(oci_registry: str, env: Env,
-                                                       make_manager: ManagerFactory) -> None:
+async def test_existing_directory_is_never_overwritten(
+    oci_registry: str, env: Env, make_manager: ManagerFactory
+) -> None:
     """A second install of the same id is refused 409; the files on disk are untouched."""
     ref = _push(oci_registry, env.tmp, "twice")
     manager = await make_manager(oci_allow_insecure_registries=(oci_registry,))
@@ -90,7 +105,8 @@ async def test_existing_directory_is_never_overwritten(oci_registry: str, env: E
 
 
 async def test_upgrade_by_install_after_removing_the_old_dir(
-        oci_registry: str, env: Env, make_manager: ManagerFactory) -> None:
+    oci_registry: str, env: Env, make_manager: ManagerFactory
+) -> None:
     """Old dir removed (plugin keeps serving), install 2.0.0: the new version replaces it."""
     old, new = (_push(oci_registry, env.tmp, "upgrade", version=v) for v in ("1.0.0", "2.0.0"))
     manager = await make_manager(oci_allow_insecure_registries=(oci_registry,))
@@ -102,8 +118,9 @@ async def test_upgrade_by_install_after_removing_the_old_dir(
     assert (await manager.run("acme.installed", {})).result["version"] == "2.0.0"
 
 
-async def test_registry_not_allow_listed_is_refused(oci_registry: str, env: Env,
-                                                    make_manager: ManagerFactory) -> None:
+async def test_registry_not_allow_listed_is_refused(
+    oci_registry: str, env: Env, make_manager: ManagerFactory
+) -> None:
     """Plain HTTP to a registry not in oci.allow_insecure_registries fails; nothing placed."""
     ref = _push(oci_registry, env.tmp, "nohttp")
     manager = await make_manager()

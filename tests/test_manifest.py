@@ -23,7 +23,12 @@ def test_valid_yaml_manifest_parses() -> None:
     """A minimal manifest gives its fields and the default entry point."""
     m = manifest.parse(GOOD.encode())
     assert (m.id, m.name, m.version, m.plugin_type, m.entry_point) == (
-        "acme.shodan", "Shodan", "1.0.0", "enricher", "plugin.py")
+        "acme.shodan",
+        "Shodan",
+        "1.0.0",
+        "enricher",
+        "plugin.py",
+    )
 
 
 def test_unknown_keys_are_kept() -> None:
@@ -44,8 +49,7 @@ def test_missing_required_field(field: str) -> None:
     text = "\n".join(line for line in GOOD.splitlines() if not line.startswith(field + ":"))
     with pytest.raises(ManifestError) as info:
         manifest.parse(text.encode())
-    assert [(p.field, p.code) for p in info.value.problems] == [
-        (field, "manifest_missing_field")]
+    assert [(p.field, p.code) for p in info.value.problems] == [(field, "manifest_missing_field")]
 
 
 def test_every_problem_is_listed_at_once() -> None:
@@ -57,8 +61,9 @@ def test_every_problem_is_listed_at_once() -> None:
     assert info.value.code == "manifest_invalid"
 
 
-@pytest.mark.parametrize("bad_id", ["../escape", "a", "-lead", "a/b", "x" * 65, "sp ace",
-                                    "nul\x00", "é-accent"])
+@pytest.mark.parametrize(
+    "bad_id", ["../escape", "a", "-lead", "a/b", "x" * 65, "sp ace", "nul\x00", "é-accent"]
+)
 def test_bad_id_is_refused(bad_id: str) -> None:
     """Ids outside ^[A-Za-z0-9][A-Za-z0-9._-]{1,63}$ are refused (no path tricks)."""
     doc = {"id": bad_id, "name": "n", "version": "1", "plugin_type": "action"}
@@ -93,8 +98,14 @@ def test_bad_json_syntax() -> None:
     assert _codes("{'id': 1}", "aisoc-plugin.json") == {"manifest_bad_syntax"}
 
 
-@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['id']",
-                                 "!!python/name:os.system", "!!python/object:object {}"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "!!python/object/apply:os.system ['id']",
+        "!!python/name:os.system",
+        "!!python/object:object {}",
+    ],
+)
 def test_yaml_python_tags_are_refused(tag: str) -> None:
     """Python object tags never construct anything."""
     assert _codes(GOOD + f"x: {tag}\n") == {"manifest_unsafe_yaml"}
@@ -104,7 +115,8 @@ def test_yaml_alias_bomb_is_refused() -> None:
     """Aliases are refused outright, so a billion-laughs document costs nothing."""
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
-        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
     assert _codes(GOOD + bomb) == {"manifest_bad_syntax"}
 
 
@@ -142,18 +154,23 @@ def test_non_utf8_is_refused() -> None:
     assert _codes(b"id: \xff\xfe\n") == {"manifest_bad_syntax"}
 
 
-@pytest.mark.parametrize(("field", "value"), [("tags", "not-a-list"), ("tags", [1, 2]),
-                                              ("config_schema", ["x"]), ("name", " ")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("tags", "not-a-list"), ("tags", [1, 2]), ("config_schema", ["x"]), ("name", " ")],
+)
 def test_bad_field_shapes(field: str, value: object) -> None:
     """Fields must have their documented shapes."""
     base = "\n".join(line for line in GOOD.splitlines() if not line.startswith(field + ":"))
     assert _codes(base + f"\n{field}: {json.dumps(value)}\n") == {"manifest_bad_field"}
 
 
-@pytest.mark.parametrize(("data", "source"), [
-    (b"id: " + b"[" * 2000 + b"]" * 2000, "plugin.yaml"),
-    (b'{"id": ' + b"[" * 20000 + b"]" * 20000 + b"}", "aisoc-plugin.json"),
-])
+@pytest.mark.parametrize(
+    ("data", "source"),
+    [
+        (b"id: " + b"[" * 2000 + b"]" * 2000, "plugin.yaml"),
+        (b'{"id": ' + b"[" * 20000 + b"]" * 20000 + b"}", "aisoc-plugin.json"),
+    ],
+)
 def test_deep_nesting_is_an_error_not_a_crash(data: bytes, source: str) -> None:
     """Nesting past the recursion limit is manifest_too_deep (it used to escape as a crash)."""
     assert _codes(data, source) == {"manifest_too_deep"}

@@ -43,14 +43,26 @@ def sha(data: bytes) -> str:
 @pytest.fixture(autouse=True)
 def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No proxy (loopback only) and no developer's ~/.docker/config.json."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                 "all_proxy"):
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
-def build_package(root: Path, *, plugin_id: str = PLUGIN_ID, top: str | None = None,
-                  version: str = "1.2.0", extra: list[tarfile.TarInfo] | None = None) -> Path:
+def build_package(
+    root: Path,
+    *,
+    plugin_id: str = PLUGIN_ID,
+    top: str | None = None,
+    version: str = "1.2.0",
+    extra: list[tarfile.TarInfo] | None = None,
+) -> Path:
     """Write a signed plugin dir and tar it like `aisoc plugin package` (top dir = id)."""
     plugin_dir = PluginFactory(root / "src").write("demo", plugin_id=plugin_id, version=version)
     sign_dir(plugin_dir)
@@ -73,8 +85,9 @@ def package(tmp_path: Path) -> Path:
 # ---- raw registry access for crafted manifests -------------------------------------------
 
 
-def http(method: str, url: str, data: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def http(
+    method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with _DIRECT.open(request, timeout=10) as response:
@@ -88,30 +101,44 @@ def upload_blob(host: str, repo: str, data: bytes) -> str:
     assert status == 202
     location = headers["Location"]
     sep = "&" if "?" in location else "?"
-    status, _, _ = http("PUT", f"{location}{sep}digest={sha(data)}", data,
-                        {"Content-Type": "application/octet-stream"})
+    status, _, _ = http(
+        "PUT",
+        f"{location}{sep}digest={sha(data)}",
+        data,
+        {"Content-Type": "application/octet-stream"},
+    )
     assert status == 201
     return sha(data)
 
 
-def put_manifest(host: str, repo: str, tag: str, doc: dict[str, Any],
-                 media_type: str = oci.OCI_MANIFEST) -> str:
+def put_manifest(
+    host: str, repo: str, tag: str, doc: dict[str, Any], media_type: str = oci.OCI_MANIFEST
+) -> str:
     raw = json.dumps(doc).encode()
-    status, _, body = http("PUT", f"http://{host}/v2/{repo}/manifests/{tag}", raw,
-                           {"Content-Type": media_type})
+    status, _, body = http(
+        "PUT", f"http://{host}/v2/{repo}/manifests/{tag}", raw, {"Content-Type": media_type}
+    )
     assert status == 201, body
     return sha(raw)
 
 
-def artifact(host: str, repo: str, layers: list[tuple[str, bytes]], *,
-             artifact_type: str | None = ARTIFACT_TYPE) -> dict[str, Any]:
+def artifact(
+    host: str,
+    repo: str,
+    layers: list[tuple[str, bytes]],
+    *,
+    artifact_type: str | None = ARTIFACT_TYPE,
+) -> dict[str, Any]:
     """Upload blobs and return a manifest dict naming them (not yet pushed)."""
     config = upload_blob(host, repo, b"{}")
     doc: dict[str, Any] = {
-        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
         "config": {"mediaType": oci.OCI_EMPTY, "digest": config, "size": 2},
-        "layers": [{"mediaType": media_type, "digest": upload_blob(host, repo, data),
-                    "size": len(data)} for media_type, data in layers],
+        "layers": [
+            {"mediaType": media_type, "digest": upload_blob(host, repo, data), "size": len(data)}
+            for media_type, data in layers
+        ],
     }
     if artifact_type is not None:
         doc["artifactType"] = artifact_type
@@ -125,26 +152,46 @@ def pull(host: str, ref: str, **kwargs: Any) -> oci_client.Pulled:
 # ---- references (pure) -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("ref", "expected"), [
-    ("127.0.0.1:5000/aisoc/shodan:1.2.0", ("127.0.0.1:5000", "aisoc/shodan", "1.2.0", None)),
-    ("ghcr.io/org/x@sha256:" + "a" * 64, ("ghcr.io", "org/x", None, "sha256:" + "a" * 64)),
-    ("localhost/x:v1", ("localhost", "x", "v1", None)),
-    ("[::1]:5000/a/b_c.d-e:latest", ("[::1]:5000", "a/b_c.d-e", "latest", None)),
-    ("reg.example.org/a:t@sha256:" + "0" * 64,
-     ("reg.example.org", "a", "t", "sha256:" + "0" * 64)),
-])
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("127.0.0.1:5000/aisoc/shodan:1.2.0", ("127.0.0.1:5000", "aisoc/shodan", "1.2.0", None)),
+        ("ghcr.io/org/x@sha256:" + "a" * 64, ("ghcr.io", "org/x", None, "sha256:" + "a" * 64)),
+        ("localhost/x:v1", ("localhost", "x", "v1", None)),
+        ("[::1]:5000/a/b_c.d-e:latest", ("[::1]:5000", "a/b_c.d-e", "latest", None)),
+        (
+            "reg.example.org/a:t@sha256:" + "0" * 64,
+            ("reg.example.org", "a", "t", "sha256:" + "0" * 64),
+        ),
+    ],
+)
 def test_parse_reference_accepts(ref: str, expected: tuple[Any, ...]) -> None:
     """Registry, repository, tag and digest come apart as written."""
     r = parse_reference(ref)
     assert (r.registry, r.repository, r.tag, r.digest) == expected
 
 
-@pytest.mark.parametrize("ref", [
-    "", "aisoc/shodan:1.2.0", "shodan:1.2.0", "myhost/shodan:1", "ghcr.io/org/x",
-    "https://ghcr.io/org/x:1", "ghcr.io/Org/x:1", "ghcr.io/org/x:bad tag", " ghcr.io/o/x:1",
-    "ghcr.io/org/x@sha256:abc", "ghcr.io/org/x@sha512:" + "a" * 128, "ghcr.io:99999/x:1",
-    "ghcr.io//x:1", "ghcr.io/x/../y:1", "ghcr.io/x:" + "t" * 129, "-bad.io/x:1",
-])
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "",
+        "aisoc/shodan:1.2.0",
+        "shodan:1.2.0",
+        "myhost/shodan:1",
+        "ghcr.io/org/x",
+        "https://ghcr.io/org/x:1",
+        "ghcr.io/Org/x:1",
+        "ghcr.io/org/x:bad tag",
+        " ghcr.io/o/x:1",
+        "ghcr.io/org/x@sha256:abc",
+        "ghcr.io/org/x@sha512:" + "a" * 128,
+        "ghcr.io:99999/x:1",
+        "ghcr.io//x:1",
+        "ghcr.io/x/../y:1",
+        "ghcr.io/x:" + "t" * 129,
+        "-bad.io/x:1",
+    ],
+)
 def test_parse_reference_refuses(ref: str) -> None:
     """No default registry, no default tag, no scheme, no malformed part."""
     with pytest.raises(OciError) as caught:
@@ -155,9 +202,12 @@ def test_parse_reference_refuses(ref: str) -> None:
 
 def _manifest(**changes: Any) -> bytes:
     doc: dict[str, Any] = {
-        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
         "config": {"mediaType": oci.OCI_EMPTY, "digest": sha(b"{}"), "size": 2},
-        "layers": [{"mediaType": MEDIA_TYPE_LAYER, "digest": sha(b"x"), "size": 1}]}
+        "layers": [{"mediaType": MEDIA_TYPE_LAYER, "digest": sha(b"x"), "size": 1}],
+    }
     doc.update(changes)
     return json.dumps({k: v for k, v in doc.items() if v is not None}).encode()
 
@@ -165,22 +215,28 @@ def _manifest(**changes: Any) -> bytes:
 LAYER = {"mediaType": MEDIA_TYPE_LAYER, "digest": sha(b"x"), "size": 1}
 
 
-@pytest.mark.parametrize(("raw", "content_type", "why"), [
-    (b"[]", None, "not a JSON object"),
-    (b"\xff", None, "not valid JSON"),
-    (b'{"a": NaN}', None, "not valid JSON"),
-    (_manifest(schemaVersion=1), None, "not an OCI image manifest"),
-    (_manifest(mediaType=None), "application/json", "not an OCI image manifest"),
-    (_manifest(mediaType="application/vnd.docker.distribution.manifest.v2+json"), None,
-     "not an OCI image manifest"),
-    (_manifest(config=None), None, "config descriptor is not an object"),
-    (_manifest(layers="x"), None, "no layers"),
-    (_manifest(layers=[[]]), None, "layer descriptor is not an object"),
-    (_manifest(layers=[{**LAYER, "digest": 5}]), None, "lacks a mediaType or a digest"),
-    (_manifest(layers=[{**LAYER, "digest": "md5:abc"}]), None, "is not sha256"),
-    (_manifest(layers=[{**LAYER, "size": -1}]), None, "not a non-negative integer"),
-    (_manifest(layers=[{**LAYER, "size": True}]), None, "not a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    ("raw", "content_type", "why"),
+    [
+        (b"[]", None, "not a JSON object"),
+        (b"\xff", None, "not valid JSON"),
+        (b'{"a": NaN}', None, "not valid JSON"),
+        (_manifest(schemaVersion=1), None, "not an OCI image manifest"),
+        (_manifest(mediaType=None), "application/json", "not an OCI image manifest"),
+        (
+            _manifest(mediaType="application/vnd.docker.distribution.manifest.v2+json"),
+            None,
+            "not an OCI image manifest",
+        ),
+        (_manifest(config=None), None, "config descriptor is not an object"),
+        (_manifest(layers="x"), None, "no layers"),
+        (_manifest(layers=[[]]), None, "layer descriptor is not an object"),
+        (_manifest(layers=[{**LAYER, "digest": 5}]), None, "lacks a mediaType or a digest"),
+        (_manifest(layers=[{**LAYER, "digest": "md5:abc"}]), None, "is not sha256"),
+        (_manifest(layers=[{**LAYER, "size": -1}]), None, "not a non-negative integer"),
+        (_manifest(layers=[{**LAYER, "size": True}]), None, "not a non-negative integer"),
+    ],
+)
 def test_layer_descriptor_refuses(raw: bytes, content_type: str | None, why: str) -> None:
     """Each malformed manifest shape is `oci_bad_artifact` with its reason."""
     with pytest.raises(OciError) as caught:
@@ -201,8 +257,9 @@ def test_layer_descriptor_uses_content_type_without_media_type() -> None:
 @pytest.mark.oci
 def test_push_then_pull_by_tag_and_digest(oci_registry: str, package: Path) -> None:
     """The pulled layer is byte-identical to the file and the digests agree."""
-    digest = push_package(package, f"{oci_registry}/aisoc/demo:1.2.0",
-                          insecure_registries=[oci_registry])
+    digest = push_package(
+        package, f"{oci_registry}/aisoc/demo:1.2.0", insecure_registries=[oci_registry]
+    )
     by_tag = pull(oci_registry, "aisoc/demo:1.2.0")
     by_digest = pull(oci_registry, f"aisoc/demo@{digest}")
     assert by_tag.layer == by_digest.layer == package.read_bytes()
@@ -213,10 +270,14 @@ def test_push_then_pull_by_tag_and_digest(oci_registry: str, package: Path) -> N
 @pytest.mark.oci
 def test_pushed_manifest_is_an_oci_11_artifact(oci_registry: str, package: Path) -> None:
     """artifactType, empty config, one titled layer, id/version annotations."""
-    digest = push_package(package, f"{oci_registry}/aisoc/shape:1",
-                          insecure_registries=[oci_registry])
-    status, _, raw = http("GET", f"http://{oci_registry}/v2/aisoc/shape/manifests/1",
-                          headers={"Accept": oci.OCI_MANIFEST})
+    digest = push_package(
+        package, f"{oci_registry}/aisoc/shape:1", insecure_registries=[oci_registry]
+    )
+    status, _, raw = http(
+        "GET",
+        f"http://{oci_registry}/v2/aisoc/shape/manifests/1",
+        headers={"Accept": oci.OCI_MANIFEST},
+    )
     assert status == 200
     assert sha(raw) == digest
     doc = json.loads(raw)
@@ -231,8 +292,9 @@ def test_pushed_manifest_is_an_oci_11_artifact(oci_registry: str, package: Path)
 
 
 @pytest.mark.oci
-def test_pulled_layer_extracts_to_the_signed_plugin(oci_registry: str, package: Path,
-                                                    tmp_path: Path) -> None:
+def test_pulled_layer_extracts_to_the_signed_plugin(
+    oci_registry: str, package: Path, tmp_path: Path
+) -> None:
     """Pull then extract gives the package's files, plugin.sig included."""
     push_package(package, f"{oci_registry}/aisoc/extract:1", insecure_registries=[oci_registry])
     staging = tmp_path / "staging"
@@ -245,8 +307,9 @@ def test_pulled_layer_extracts_to_the_signed_plugin(oci_registry: str, package: 
 def test_pushing_twice_reuses_blobs(oci_registry: str, package: Path) -> None:
     """A second push of the same file gives the same digest (blobs already there)."""
     ref = f"{oci_registry}/aisoc/twice:1"
-    assert push_package(package, ref, insecure_registries=[oci_registry]) == \
-        push_package(package, ref, insecure_registries=[oci_registry])
+    assert push_package(package, ref, insecure_registries=[oci_registry]) == push_package(
+        package, ref, insecure_registries=[oci_registry]
+    )
 
 
 @pytest.mark.oci
@@ -256,8 +319,7 @@ def test_unknown_tag_is_not_found(oci_registry: str) -> None:
         with pytest.raises(OciError) as caught:
             pull(oci_registry, ref)
         assert caught.value.code == "oci_not_found"
-        assert "MANIFEST_UNKNOWN" in caught.value.message or "NAME_UNKNOWN" in \
-            caught.value.message
+        assert "MANIFEST_UNKNOWN" in caught.value.message or "NAME_UNKNOWN" in caught.value.message
 
 
 @pytest.mark.oci
@@ -280,14 +342,18 @@ def test_plain_http_registry_needs_allow_listing(oci_registry: str) -> None:
 
 
 @pytest.mark.oci
-@pytest.mark.parametrize(("layers", "artifact_type", "why"), [
-    ([(MEDIA_TYPE_LAYER, b"a"), (MEDIA_TYPE_LAYER, b"b")], ARTIFACT_TYPE, "2 layers"),
-    ([], ARTIFACT_TYPE, "0 layers"),
-    ([("application/vnd.oci.image.layer.v1.tar+gzip", b"a")], None, "its layer is"),
-    ([(MEDIA_TYPE_LAYER, b"a")], "application/vnd.example.other", "artifactType"),
-])
-def test_foreign_artifacts_are_refused(oci_registry: str, layers: list[tuple[str, bytes]],
-                                       artifact_type: str | None, why: str) -> None:
+@pytest.mark.parametrize(
+    ("layers", "artifact_type", "why"),
+    [
+        ([(MEDIA_TYPE_LAYER, b"a"), (MEDIA_TYPE_LAYER, b"b")], ARTIFACT_TYPE, "2 layers"),
+        ([], ARTIFACT_TYPE, "0 layers"),
+        ([("application/vnd.oci.image.layer.v1.tar+gzip", b"a")], None, "its layer is"),
+        ([(MEDIA_TYPE_LAYER, b"a")], "application/vnd.example.other", "artifactType"),
+    ],
+)
+def test_foreign_artifacts_are_refused(
+    oci_registry: str, layers: list[tuple[str, bytes]], artifact_type: str | None, why: str
+) -> None:
     """Only one layer of our media type, under our artifactType (or none), is accepted."""
     doc = artifact(oci_registry, "aisoc/foreign", layers, artifact_type=artifact_type)
     put_manifest(oci_registry, "aisoc/foreign", "bad", doc)
@@ -298,13 +364,15 @@ def test_foreign_artifacts_are_refused(oci_registry: str, layers: list[tuple[str
 
 
 @pytest.mark.oci
-def test_plain_image_manifest_with_our_layer_is_accepted(oci_registry: str,
-                                                         package: Path) -> None:
+def test_plain_image_manifest_with_our_layer_is_accepted(oci_registry: str, package: Path) -> None:
     """No artifactType (OCI 1.0 style) is fine when the single layer is ours."""
     data = package.read_bytes()
-    put_manifest(oci_registry, "aisoc/plain", "1",
-                 artifact(oci_registry, "aisoc/plain", [(MEDIA_TYPE_LAYER, data)],
-                          artifact_type=None))
+    put_manifest(
+        oci_registry,
+        "aisoc/plain",
+        "1",
+        artifact(oci_registry, "aisoc/plain", [(MEDIA_TYPE_LAYER, data)], artifact_type=None),
+    )
     assert pull(oci_registry, "aisoc/plain:1").layer == data
 
 
@@ -314,8 +382,11 @@ def test_image_index_is_refused(oci_registry: str, package: Path) -> None:
     inner = artifact(oci_registry, "aisoc/index", [(MEDIA_TYPE_LAYER, package.read_bytes())])
     digest = put_manifest(oci_registry, "aisoc/index", "inner", inner)
     size = len(json.dumps(inner).encode())
-    index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
-             "manifests": [{"mediaType": oci.OCI_MANIFEST, "digest": digest, "size": size}]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_INDEX,
+        "manifests": [{"mediaType": oci.OCI_MANIFEST, "digest": digest, "size": size}],
+    }
     put_manifest(oci_registry, "aisoc/index", "idx", index, oci.OCI_INDEX)
     with pytest.raises(OciError) as caught:
         pull(oci_registry, "aisoc/index:idx")
@@ -382,8 +453,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         route = self.server.routes.get(self.path.split("?")[0], Route(b"{}", status=404))
         if route.auth is not None and self.headers.get("Authorization") != route.auth:
-            route = Route(b'{"errors": []}', {"Www-Authenticate": self.server.routes.challenge},
-                          status=401)
+            route = Route(
+                b'{"errors": []}', {"Www-Authenticate": self.server.routes.challenge}, status=401
+            )
         time.sleep(route.delay_s)
         self.send_response(route.status)
         for name, value in route.headers.items():
@@ -411,8 +483,9 @@ def liar() -> Iterator[tuple[str, Routes]]:
     """A loopback HTTP server answering canned routes: `(host:port, routes)`."""
     server = _LyingServer(("127.0.0.1", 0), _Handler)
     server.routes = Routes()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     try:
         yield f"127.0.0.1:{server.server_address[1]}", server.routes
@@ -422,13 +495,28 @@ def liar() -> Iterator[tuple[str, Routes]]:
         thread.join(timeout=5)
 
 
-def serve_package(routes: dict[str, Route], layer: bytes, *, ref: str = "1",
-                  size: int | None = None, digest: str | None = None,
-                  blob: Route | None = None) -> bytes:
-    doc = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
-           "config": {"mediaType": oci.OCI_EMPTY, "digest": sha(b"{}"), "size": 2},
-           "layers": [{"mediaType": MEDIA_TYPE_LAYER, "digest": digest or sha(layer),
-                       "size": len(layer) if size is None else size}]}
+def serve_package(
+    routes: dict[str, Route],
+    layer: bytes,
+    *,
+    ref: str = "1",
+    size: int | None = None,
+    digest: str | None = None,
+    blob: Route | None = None,
+) -> bytes:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": oci.OCI_EMPTY, "digest": sha(b"{}"), "size": 2},
+        "layers": [
+            {
+                "mediaType": MEDIA_TYPE_LAYER,
+                "digest": digest or sha(layer),
+                "size": len(layer) if size is None else size,
+            }
+        ],
+    }
     raw = json.dumps(doc).encode()
     routes[f"/v2/aisoc/x/manifests/{ref}"] = Route(raw, {"Content-Type": oci.OCI_MANIFEST})
     routes[f"/v2/aisoc/x/blobs/{digest or sha(layer)}"] = blob or Route(layer)
@@ -448,8 +536,9 @@ def test_registry_token_auth_is_answered(liar: tuple[str, Routes]) -> None:
     serve_package(routes, b"layer")
     for route in routes.values():
         route.auth = "Bearer tok-123"
-    routes.challenge = (f'Bearer realm="http://{host}/token",service="test",'
-                        'scope="repository:aisoc/x:pull"')
+    routes.challenge = (
+        f'Bearer realm="http://{host}/token",service="test",scope="repository:aisoc/x:pull"'
+    )
     routes["/token"] = Route(json.dumps({"token": "tok-123"}).encode())
     assert pull(host, "aisoc/x:1").layer == b"layer"
 
@@ -511,8 +600,7 @@ def test_layer_content_not_matching_its_digest(liar: tuple[str, Routes]) -> None
 
 
 @pytest.mark.parametrize("body", [b"0123456789-trailing", b"01234"])
-def test_blob_without_length_must_still_match_size(liar: tuple[str, Routes],
-                                                   body: bytes) -> None:
+def test_blob_without_length_must_still_match_size(liar: tuple[str, Routes], body: bytes) -> None:
     """With no Content-Length, extra (trailing) or missing bytes are caught while streaming."""
     host, routes = liar
     serve_package(routes, b"0123456789", blob=Route(body, length=False))
@@ -525,8 +613,7 @@ def test_content_encoding_is_refused(liar: tuple[str, Routes]) -> None:
     """A gzip Content-Encoding (an HTTP-level bomb) is not decoded."""
     host, routes = liar
     layer = b"x" * 100
-    serve_package(routes, layer, blob=Route(gzip.compress(layer),
-                                            {"Content-Encoding": "gzip"}))
+    serve_package(routes, layer, blob=Route(gzip.compress(layer), {"Content-Encoding": "gzip"}))
     with pytest.raises(OciError) as caught:
         pull(host, "aisoc/x:1")
     assert caught.value.code == "oci_registry_error"
@@ -544,8 +631,11 @@ def test_endless_manifest_is_cut_at_the_cap(liar: tuple[str, Routes]) -> None:
 def test_manifest_that_is_not_json(liar: tuple[str, Routes]) -> None:
     """Garbage, duplicate keys, or a non-OCI type: `oci_bad_artifact`."""
     host, routes = liar
-    for body in (b"<html>", b'{"schemaVersion": 2, "schemaVersion": 2}',
-                 json.dumps({"schemaVersion": 2, "layers": []}).encode()):
+    for body in (
+        b"<html>",
+        b'{"schemaVersion": 2, "schemaVersion": 2}',
+        json.dumps({"schemaVersion": 2, "layers": []}).encode(),
+    ):
         routes["/v2/aisoc/x/manifests/1"] = Route(body, {"Content-Type": "application/json"})
         with pytest.raises(OciError) as caught:
             pull(host, "aisoc/x:1")
@@ -568,8 +658,7 @@ def test_stalled_registry_hits_the_deadline(liar: tuple[str, Routes]) -> None:
 
 
 @pytest.mark.oci
-def test_push_refuses_an_unsafe_package_before_uploading(oci_registry: str,
-                                                         tmp_path: Path) -> None:
+def test_push_refuses_an_unsafe_package_before_uploading(oci_registry: str, tmp_path: Path) -> None:
     """A package the daemon would refuse (here a symlink) is never pushed."""
     link = tarfile.TarInfo(f"{PLUGIN_ID}/evil")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -591,11 +680,11 @@ def test_push_refuses_top_dir_other_than_id(oci_registry: str, tmp_path: Path) -
 
 
 @pytest.mark.oci
-def test_push_main_prints_the_digest(oci_registry: str, package: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_push_main_prints_the_digest(
+    oci_registry: str, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`aisoc plugin push FILE REF --insecure` exits 0 with the digest alone on stdout."""
-    code = run_aisoc(["plugin", "push", str(package), f"{oci_registry}/aisoc/cli:1",
-                      "--insecure"])
+    code = run_aisoc(["plugin", "push", str(package), f"{oci_registry}/aisoc/cli:1", "--insecure"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out == pull(oci_registry, "aisoc/cli:1").digest + "\n"
@@ -604,7 +693,8 @@ def test_push_main_prints_the_digest(oci_registry: str, package: Path,
 
 @pytest.mark.oci
 def test_push_main_without_insecure_refuses_plain_http(
-        oci_registry: str, package: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    oci_registry: str, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Exit 1 with one `aisoc plugin push: error:` line."""
     code = run_aisoc(["plugin", "push", str(package), f"{oci_registry}/aisoc/cli:2"])
     _, err = capsys.readouterr()
@@ -614,10 +704,17 @@ def test_push_main_without_insecure_refuses_plain_http(
     assert "plain HTTP" in err
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["only-a-file.tar.gz"], ["f.tar.gz", "aisoc/x:1"], ["f.tar.gz", "ghcr.io/x"],
-    ["f.tar.gz", "ghcr.io/x@sha256:" + "a" * 64], ["f.tar.gz", "ghcr.io/x:1", "--bogus"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["only-a-file.tar.gz"],
+        ["f.tar.gz", "aisoc/x:1"],
+        ["f.tar.gz", "ghcr.io/x"],
+        ["f.tar.gz", "ghcr.io/x@sha256:" + "a" * 64],
+        ["f.tar.gz", "ghcr.io/x:1", "--bogus"],
+    ],
+)
 def test_push_main_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Missing or malformed arguments exit 2 with usage on stderr."""
     assert run_aisoc(["plugin", "push", *argv]) == 2
@@ -632,8 +729,9 @@ def test_push_main_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_push_main_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An unreadable FILE is exit 1, not a traceback."""
-    assert run_aisoc(["plugin", "push", str(tmp_path / "nope.tar.gz"),
-                      "127.0.0.1:1/aisoc/x:1"]) == 1
+    assert (
+        run_aisoc(["plugin", "push", str(tmp_path / "nope.tar.gz"), "127.0.0.1:1/aisoc/x:1"]) == 1
+    )
     assert capsys.readouterr().err.startswith("aisoc plugin push: error: ")
 
 
@@ -641,15 +739,18 @@ def test_push_main_not_a_package(tmp_path: Path, capsys: pytest.CaptureFixture[s
     """A file that is not a tar.gz is refused before any network use."""
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(b"not a package")
-    assert run_aisoc(["plugin", "push", str(junk), f"127.0.0.1:{free_port()}/aisoc/x:1",
-                      "--insecure"]) == 1
+    assert (
+        run_aisoc(["plugin", "push", str(junk), f"127.0.0.1:{free_port()}/aisoc/x:1", "--insecure"])
+        == 1
+    )
     assert "not a valid tar+gzip" in capsys.readouterr().err
 
 
 def test_pulled_repr_hides_the_layer() -> None:
     """Logging a Pulled never dumps megabytes of layer bytes."""
-    pulled = oci_client.Pulled(digest=sha(b"m"), layer=b"\x00" * 1000,
-                        reference=parse_reference("ghcr.io/o/x:1"))
+    pulled = oci_client.Pulled(
+        digest=sha(b"m"), layer=b"\x00" * 1000, reference=parse_reference("ghcr.io/o/x:1")
+    )
     assert "layer" not in repr(pulled)
 
 
@@ -657,8 +758,9 @@ def test_pulled_repr_hides_the_layer() -> None:
 
 
 @pytest.mark.oci
-async def test_manager_installs_a_pushed_package(oci_registry: str, package: Path, env: Env,
-                                                 make_manager: ManagerFactory) -> None:
+async def test_manager_installs_a_pushed_package(
+    oci_registry: str, package: Path, env: Env, make_manager: ManagerFactory
+) -> None:
     """push → install_from_oci: the verified plugin lands in plugins.dir/<id>, enabled."""
     ref = f"{oci_registry}/aisoc/e2e:1.2.0"
     digest = push_package(package, ref, insecure_registries=[oci_registry])
@@ -671,12 +773,15 @@ async def test_manager_installs_a_pushed_package(oci_registry: str, package: Pat
 
 
 @pytest.mark.oci
-async def test_manager_refuses_an_unsigned_package(oci_registry: str, tmp_path: Path, env: Env,
-                                                   make_manager: ManagerFactory) -> None:
+async def test_manager_refuses_an_unsigned_package(
+    oci_registry: str, tmp_path: Path, env: Env, make_manager: ManagerFactory
+) -> None:
     """Strict mode: an unsigned package never reaches plugins.dir."""
     signed, unsigned = build_package(tmp_path / "signed"), tmp_path / "unsigned.tar.gz"
-    with tarfile.open(signed, "r:gz") as src, \
-            tarfile.open(unsigned, "w:gz", format=tarfile.PAX_FORMAT) as dst:
+    with (
+        tarfile.open(signed, "r:gz") as src,
+        tarfile.open(unsigned, "w:gz", format=tarfile.PAX_FORMAT) as dst,
+    ):
         for info in src.getmembers():
             if not info.name.endswith("plugin.sig"):
                 dst.addfile(info, src.extractfile(info) if info.isfile() else None)

@@ -44,16 +44,29 @@ def author_plugin(tmp_path: Path, plugin_type: str) -> Authored:
     plugins_dir = tmp_path / "plugins"
     plugin_dir = plugins_dir / f"my-{plugin_type}"
     private_key = tmp_path / "author-keys" / "signing.key"
-    assert run_aisoc(["plugin", "new", f"My {plugin_type}", "--type", plugin_type,
-                      "-o", str(plugin_dir)]) == 0
+    assert (
+        run_aisoc(
+            ["plugin", "new", f"My {plugin_type}", "--type", plugin_type, "-o", str(plugin_dir)]
+        )
+        == 0
+    )
     assert run_aisoc(["plugin", "keygen", "--out", str(private_key.parent)]) == 0
-    assert run_aisoc(["plugin", "sign", "--plugin-dir", str(plugin_dir),
-                      "--private-key", str(private_key)]) == 0
+    assert (
+        run_aisoc(
+            ["plugin", "sign", "--plugin-dir", str(plugin_dir), "--private-key", str(private_key)]
+        )
+        == 0
+    )
     keys_dir = tmp_path / "trusted"
     keys_dir.mkdir()
     shutil.copyfile(private_key.parent / "signing.pub", keys_dir / "author.pem")
-    return Authored(plugins_dir=plugins_dir, plugin_dir=plugin_dir, private_key=private_key,
-                    keys_dir=keys_dir, plugin_id=f"my-{plugin_type}")
+    return Authored(
+        plugins_dir=plugins_dir,
+        plugin_dir=plugin_dir,
+        private_key=private_key,
+        keys_dir=keys_dir,
+        plugin_id=f"my-{plugin_type}",
+    )
 
 
 @asynccontextmanager
@@ -61,9 +74,13 @@ async def strict_daemon(
     authored: Authored, plugin_config: Mapping[str, Mapping[str, Any]] | None = None
 ) -> AsyncIterator[PluginManager]:
     """Start the daemon's plugin manager in strict mode over the author's plugins dir."""
-    settings = Settings(plugins_dir=authored.plugins_dir, keys_dir=authored.keys_dir,
-                        trust_mode=TrustMode.STRICT, watch=False,
-                        plugin_config=dict(plugin_config or {}))
+    settings = Settings(
+        plugins_dir=authored.plugins_dir,
+        keys_dir=authored.keys_dir,
+        trust_mode=TrustMode.STRICT,
+        watch=False,
+        plugin_config=dict(plugin_config or {}),
+    )
     events = EventLog(audit=None, stream=io.StringIO())
     async with make_manager(settings, events, load_keyring(authored.keys_dir)) as manager:
         await manager.discover()
@@ -75,9 +92,15 @@ def run_generated_tests(plugin_dir: Path, *, bytecode: bool) -> subprocess.Compl
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     if not bytecode:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:asyncio", "-W", "error"],
-                          cwd=plugin_dir, capture_output=True, text=True, timeout=60,
-                          check=False, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:asyncio", "-W", "error"],
+        cwd=plugin_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize("plugin_type", TYPES)
@@ -90,7 +113,10 @@ async def test_generated_plugin_runs_verified_in_strict_mode(
     async with strict_daemon(authored) as manager:
         record = manager.get(authored.plugin_id)
         assert (record.state.value, record.signature_status, record.signing_key_id) == (
-            "enabled", "verified", "author"), record.error
+            "enabled",
+            "verified",
+            "author",
+        ), record.error
         outcome = await manager.run(authored.plugin_id, dict(template.example_payload), {})
     assert outcome.result == template.example_result
 
@@ -118,8 +144,12 @@ async def test_generated_plugin_changed_after_signing_is_refused(tmp_path: Path)
 def test_generated_tests_pass(plugin_type: str, tmp_path: Path) -> None:
     """The generated test module passes under pytest, run in the plugin directory."""
     plugin_dir = tmp_path / "p"
-    assert run_aisoc(["plugin", "new", f"Sample {plugin_type}", "--type", plugin_type,
-                      "-o", str(plugin_dir)]) == 0
+    assert (
+        run_aisoc(
+            ["plugin", "new", f"Sample {plugin_type}", "--type", plugin_type, "-o", str(plugin_dir)]
+        )
+        == 0
+    )
     result = run_generated_tests(plugin_dir, bytecode=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout
@@ -131,8 +161,12 @@ def test_generated_plugin_validates_without_warnings(
 ) -> None:
     """`validate` accepts every generated plugin with no error and no warning."""
     plugin_dir = tmp_path / "p"
-    assert run_aisoc(["plugin", "new", f"Sample {plugin_type}", "--type", plugin_type,
-                      "-o", str(plugin_dir)]) == 0
+    assert (
+        run_aisoc(
+            ["plugin", "new", f"Sample {plugin_type}", "--type", plugin_type, "-o", str(plugin_dir)]
+        )
+        == 0
+    )
     assert run_aisoc(["plugin", "validate", str(plugin_dir)]) == 0
     assert "0 error(s), 0 warning(s)" in capsys.readouterr().out
 
@@ -144,5 +178,16 @@ def test_running_the_generated_tests_keeps_the_signature_valid(tmp_path: Path) -
     assert result.returncode == 0, result.stdout + result.stderr
     assert (authored.plugin_dir / "__pycache__").is_dir()
     assert run_aisoc(["plugin", "validate", str(authored.plugin_dir)]) == 0
-    assert run_aisoc(["plugin", "verify", "--plugin-dir", str(authored.plugin_dir),
-                 "--keys-dir", str(authored.keys_dir)]) == 0
+    assert (
+        run_aisoc(
+            [
+                "plugin",
+                "verify",
+                "--plugin-dir",
+                str(authored.plugin_dir),
+                "--keys-dir",
+                str(authored.keys_dir),
+            ]
+        )
+        == 0
+    )

@@ -41,8 +41,9 @@ async def test_fifty_reloads_while_clients_call_run(env: Env, plugins: PluginFac
 
         async def client() -> None:
             while not done.is_set():
-                status, body = await api.json("POST", "/api/v1/plugins/test.hot/run",
-                                              json={"payload": {"wait": 0.005}})
+                status, body = await api.json(
+                    "POST", "/api/v1/plugins/test.hot/run", json={"payload": {"wait": 0.005}}
+                )
                 if status != 200:
                     failures.append((status, body))
                 else:
@@ -74,26 +75,36 @@ def _free_port() -> int:
 def test_sigterm_lets_the_run_in_flight_finish(env: Env, plugins: PluginFactory) -> None:
     """SIGTERM while a run is in flight: it completes (200), exit 0, audit ends daemon.stopped."""
     marker = env.tmp / "teardown-called"
-    plugins.write("slow", code=VERSIONED.format(version="v1") +
-                  f"    async def teardown(self):\n        open({str(marker)!r}, 'w').close()\n")
+    plugins.write(
+        "slow",
+        code=VERSIONED.format(version="v1")
+        + f"    async def teardown(self):\n        open({str(marker)!r}, 'w').close()\n",
+    )
     token = write_tokens(env.tmp / "tokens.toml", {"ops": ("plugins:execute",)})["ops"]
     port = _free_port()
     config = env.tmp / "config.toml"
     config.write_text(
         f'environment = "development"\n[plugins]\ndir = "{env.plugins}"\nwatch = false\n'
         f'[trust]\nkeys_dir = "{env.keys}"\n[audit]\npath = "{env.audit}"\n'
-        f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{env.tmp}/tokens.toml"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{env.tmp}/tokens.toml"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     answer: dict[str, Any] = {}
 
     def call() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-        conn.request("POST", "/api/v1/plugins/test.slow/run",
-                     body=json.dumps({"payload": {"wait": 1.0}}),
-                     headers={"Authorization": f"Bearer {token}",
-                              "Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/api/v1/plugins/test.slow/run",
+            body=json.dumps({"payload": {"wait": 1.0}}),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         try:
             response = conn.getresponse()
             answer.update(status=response.status, body=json.loads(response.read()))
@@ -112,9 +123,14 @@ def test_sigterm_lets_the_run_in_flight_finish(env: Env, plugins: PluginFactory)
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
-    assert answer == {"status": 200, "body": {"plugin_id": "test.slow",
-                                              "result": {"version": "v1"},
-                                              "duration_ms": answer["body"]["duration_ms"]}}
+    assert answer == {
+        "status": 200,
+        "body": {
+            "plugin_id": "test.slow",
+            "result": {"version": "v1"},
+            "duration_ms": answer["body"]["duration_ms"],
+        },
+    }
     names = [e["event"] for e in _events(env.audit)]
     assert names[-1] == "daemon.stopped"
     assert names.index("daemon.stopping") < names.index("plugin.run.completed")

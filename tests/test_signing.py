@@ -48,7 +48,10 @@ def test_vector_signature_verifies_with_vector_key(name: str) -> None:
     keys = {"vector-signer": signing.load_public_key(VECTOR_PUB.read_bytes())}
     decision = decide(digest=digest, signature_file=sig, keys=keys, mode=TrustMode.STRICT)
     assert (decision.status, decision.key_id, decision.allowed) == (
-        SignatureStatus.VERIFIED, "vector-signer", True)
+        SignatureStatus.VERIFIED,
+        "vector-signer",
+        True,
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -75,8 +78,10 @@ def test_raw_64_byte_signature_is_accepted() -> None:
     assert sig is not None
     raw = bytes.fromhex(sig.decode())
     keys = {"v": signing.load_public_key(VECTOR_PUB.read_bytes())}
-    assert decide(digest=digest, signature_file=raw, keys=keys,
-                  mode=TrustMode.STRICT).status is SignatureStatus.VERIFIED
+    assert (
+        decide(digest=digest, signature_file=raw, keys=keys, mode=TrustMode.STRICT).status
+        is SignatureStatus.VERIFIED
+    )
 
 
 @pytest.mark.parametrize("content", [b"", b"zz" * 64, b"ab" * 63, b"ab" * 65, b"\x00" * 63])
@@ -94,8 +99,10 @@ def test_signature_over_other_digest_is_invalid() -> None:
     digest, _ = _digest("legacy-connector")
     _, other_sig = _digest("geoip-enricher")
     keys = {"v": signing.load_public_key(VECTOR_PUB.read_bytes())}
-    assert decide(digest=digest, signature_file=other_sig, keys=keys,
-                  mode=TrustMode.WARN).status is SignatureStatus.INVALID
+    assert (
+        decide(digest=digest, signature_file=other_sig, keys=keys, mode=TrustMode.WARN).status
+        is SignatureStatus.INVALID
+    )
 
 
 def test_no_keys_means_invalid_not_verified() -> None:
@@ -157,7 +164,8 @@ def test_keyring_skips_bad_files_and_keeps_good_ones(tmp_path: Path) -> None:
     ring = load_keyring(tmp_path)
     assert list(ring.keys) == ["good"]
     assert {s.path.name for s in ring.skipped} == {f"{n}.pub" for n in _foreign_keys()} | {
-        "link.pem"}
+        "link.pem"
+    }
 
 
 def test_keyring_of_missing_dir_is_empty(tmp_path: Path) -> None:

@@ -42,8 +42,9 @@ def _make(case: str, plugins: PluginFactory, tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize(("mode", "case"), sorted(TABLE))
-async def test_trust_table(mode: str, case: str, env: Env, plugins: PluginFactory,
-                           make_manager: ManagerFactory) -> None:
+async def test_trust_table(
+    mode: str, case: str, env: Env, plugins: PluginFactory, make_manager: ManagerFactory
+) -> None:
     """Each mode x signature case ends in the state and status the contract gives."""
     _make(case, plugins, env.tmp)
     manager = await make_manager(TrustMode(mode))
@@ -59,20 +60,26 @@ async def test_trust_table(mode: str, case: str, env: Env, plugins: PluginFactor
         assert result.failed[0].to_json()["code"] == f"signature_{status}"
 
 
-async def test_refused_plugin_never_executes(env: Env, plugins: PluginFactory,
-                                             make_manager: ManagerFactory) -> None:
+async def test_refused_plugin_never_executes(
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory
+) -> None:
     """In strict mode an unverified plugin's module code never runs (no side effects)."""
     marker = env.tmp / "ran"
-    plugins.write("p", sign=False, code=f"open({str(marker)!r}, 'w').close()\n"
-                                        "class Plugin:\n    def run(self, p, c): return {}\n")
+    plugins.write(
+        "p",
+        sign=False,
+        code=f"open({str(marker)!r}, 'w').close()\n"
+        "class Plugin:\n    def run(self, p, c): return {}\n",
+    )
     manager = await make_manager(TrustMode.STRICT)
     await manager.discover()
     assert manager.get("test.p").state.value == "failed"
     assert not marker.exists()
 
 
-async def test_verified_records_key_id(env: Env, plugins: PluginFactory,
-                                       make_manager: ManagerFactory) -> None:
+async def test_verified_records_key_id(
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory
+) -> None:
     """signing_key_id is the stem of the key file that verified the plugin."""
     plugins.write("p")
     manager = await make_manager()
@@ -80,8 +87,9 @@ async def test_verified_records_key_id(env: Env, plugins: PluginFactory,
     assert manager.get("test.p").signing_key_id == "vector-signer"
 
 
-async def test_any_trusted_key_is_enough(env: Env, plugins: PluginFactory,
-                                         make_manager: ManagerFactory) -> None:
+async def test_any_trusted_key_is_enough(
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory
+) -> None:
     """With several keys, the one that verifies is named."""
     other = nacl.signing.SigningKey.generate()
     key = env.tmp / "second.key"
@@ -110,8 +118,9 @@ async def test_vector_plugins_load_verified(env: Env, make_manager: ManagerFacto
     assert legacy.result == {"result": "pong"}
 
 
-async def test_vector_plugins_refused_under_untrusted_key(env: Env,
-                                                          make_manager: ManagerFactory) -> None:
+async def test_vector_plugins_refused_under_untrusted_key(
+    env: Env, make_manager: ManagerFactory
+) -> None:
     """With only the untrusted key, strict mode refuses both vectors as invalid."""
     from tests.conftest import UNTRUSTED_PUB, VECTORS, copy_tree
 

@@ -33,8 +33,11 @@ def _spec_canonical(plugin_dir: Path) -> bytes:
     else:
         manifest = json.loads(json_file.read_text("utf-8"))
     manifest = {k: v for k, v in manifest.items() if k not in ("signature", "trust")}
-    files = {p.relative_to(plugin_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(plugin_dir.rglob("*.py")) if p.is_file() and not p.is_symlink()}
+    files = {
+        p.relative_to(plugin_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(plugin_dir.rglob("*.py"))
+        if p.is_file() and not p.is_symlink()
+    }
     doc = {"manifest": manifest, "files": files}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 

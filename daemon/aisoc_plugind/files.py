@@ -63,8 +63,7 @@ def read_regular(name: str | Path, *, cap: int, dir_fd: int | None = None) -> by
     except OSError as exc:
         if is_link(name, dir_fd=dir_fd):
             target = os.readlink(name, dir_fd=dir_fd)
-            raise FileRefused("symlink", f"is a symlink (to {target}); links are refused"
-                              ) from exc
+            raise FileRefused("symlink", f"is a symlink (to {target}); links are refused") from exc
         raise
     try:
         st = os.fstat(fd)
@@ -102,8 +101,15 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def replace_file(path: Path, data: bytes, *, mode: int, keep_owner: bool = False,
-                 tmp_suffix: str = ".tmp", sync_dir: bool = False) -> None:
+def replace_file(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int,
+    keep_owner: bool = False,
+    tmp_suffix: str = ".tmp",
+    sync_dir: bool = False,
+) -> None:
     """Replace `path` atomically: write a temporary file beside it, fsync, rename over it.
 
     `keep_owner` copies the uid and gid of the file being replaced (where permitted);
@@ -146,4 +152,4 @@ def fsync_dir(directory: Path) -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]

@@ -30,18 +30,30 @@ from aisoc_plugind.engine.manager import PluginManager
 __all__ = ["HangupHook", "build_app", "serve"]
 
 
-def build_app(*, manager: PluginManager, events: EventLog, tokens: TokenStore,
-              settings: Settings, ready: Callable[[], bool]) -> web.Application:
+def build_app(
+    *,
+    manager: PluginManager,
+    events: EventLog,
+    tokens: TokenStore,
+    settings: Settings,
+    ready: Callable[[], bool],
+) -> web.Application:
     """Return the control-API application (routes, guards, metrics); nothing is started."""
-    app = web.Application(middlewares=[envelope, guard],
-                          client_max_size=settings.api_max_body_bytes)
-    state = ApiState(manager=manager, events=events, tokens=tokens, settings=settings,
-                     ready=ready, metrics=ApiMetrics(manager.records),
-                     unix=settings.listen.is_unix,
-                     limiter=DenialLimiter(settings.api_denied_burst,
-                                           settings.api_denied_per_second),
-                     allowed_hosts=frozenset(h.strip().lower() for h in settings.api_allowed_hosts),
-                     spec=dumps(openapi_document()).encode("utf-8"))
+    app = web.Application(
+        middlewares=[envelope, guard], client_max_size=settings.api_max_body_bytes
+    )
+    state = ApiState(
+        manager=manager,
+        events=events,
+        tokens=tokens,
+        settings=settings,
+        ready=ready,
+        metrics=ApiMetrics(manager.records),
+        unix=settings.listen.is_unix,
+        limiter=DenialLimiter(settings.api_denied_burst, settings.api_denied_per_second),
+        allowed_hosts=frozenset(h.strip().lower() for h in settings.api_allowed_hosts),
+        spec=dumps(openapi_document()).encode("utf-8"),
+    )
     for route in ROUTES:
         state.routes[app.router.add_route(route.method, route.path, route.handler)] = route
     events.subscribe(state.metrics.observe)
@@ -54,8 +66,9 @@ HangupHook = Callable[[], Awaitable[None]]
 
 
 @asynccontextmanager
-async def serve(*, settings: Settings, events: EventLog, manager: PluginManager,
-                ready: Callable[[], bool]) -> AsyncIterator[HangupHook]:
+async def serve(
+    *, settings: Settings, events: EventLog, manager: PluginManager, ready: Callable[[], bool]
+) -> AsyncIterator[HangupHook]:
     """Serve the control API until the block ends; yield the SIGHUP hook (re-read tokens).
 
     Raises ConfigError before binding anything when the listen address is unsafe.
@@ -64,14 +77,17 @@ async def serve(*, settings: Settings, events: EventLog, manager: PluginManager,
     tls_context(settings)  # fail on bad TLS files before anything listens
     tokens = TokenStore(settings.tokens_file)
     emit_tokens_loaded(events, tokens, trigger="startup")
-    app = build_app(manager=manager, events=events, tokens=tokens, settings=settings,
-                    ready=ready)
+    app = build_app(manager=manager, events=events, tokens=tokens, settings=settings, ready=ready)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
     try:
         async with listening(runner, settings) as addresses:
-            events.emit(names.API_LISTENING, listen=settings.api_listen, addresses=addresses,
-                        tls=settings.api_tls_cert is not None and not settings.listen.is_unix)
+            events.emit(
+                names.API_LISTENING,
+                listen=settings.api_listen,
+                addresses=addresses,
+                tls=settings.api_tls_cert is not None and not settings.listen.is_unix,
+            )
 
             async def hangup() -> None:
                 tokens.reload()

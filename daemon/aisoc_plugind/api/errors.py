@@ -20,8 +20,15 @@ __all__ = ["ApiError", "dumps", "error_body", "error_response", "json_response",
 class ApiError(errors.PluginDError):
     """An error the API itself decides (bad input, refusal); `reason` marks a denial."""
 
-    def __init__(self, message: str, *, code: str, status: int, reason: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        status: int,
+        reason: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
         self.reason = reason
@@ -83,8 +90,8 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}, "detail": message}
 
 
-def error_response(status: int, code: str, message: str,
-                   headers: Mapping[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
     """Return a JSON error response with the given status, code and message."""
-    return web.json_response(error_body(code, message), status=status, headers=headers,
-                             dumps=dumps)
+    return web.json_response(error_body(code, message), status=status, headers=headers, dumps=dumps)

@@ -110,26 +110,49 @@ def authorize(request: web.Request, st: ApiState, permission: str) -> Principal:
     if principal is None:
         expired = st.tokens.expired_name(header)
         reason = "token_expired" if expired else denial_reason(header)
-        text = ("missing bearer token" if reason == "token_missing"
-                else f"token {expired!r} has expired" if expired else "invalid token")
-        raise ApiError(f"{text}: send Authorization: Bearer <token>", code="unauthorized",
-                       status=401, reason=reason,
-                       headers={"WWW-Authenticate": 'Bearer realm="aisoc-plugind"'})
+        text = (
+            "missing bearer token"
+            if reason == "token_missing"
+            else f"token {expired!r} has expired"
+            if expired
+            else "invalid token"
+        )
+        raise ApiError(
+            f"{text}: send Authorization: Bearer <token>",
+            code="unauthorized",
+            status=401,
+            reason=reason,
+            headers={"WWW-Authenticate": 'Bearer realm="aisoc-plugind"'},
+        )
     if not principal.allows(permission):
         request[PRINCIPAL] = principal  # the denial event names the token
-        raise ApiError(f"token {principal.name!r} lacks the permission {permission}",
-                       code="permission_denied", status=403, reason="permission_missing")
+        raise ApiError(
+            f"token {principal.name!r} lacks the permission {permission}",
+            code="permission_denied",
+            status=403,
+            reason="permission_missing",
+        )
     return principal
 
 
 def too_large(settings: Settings) -> ApiError:
     """Return the denial of a body over `api.max_body_bytes`."""
-    return ApiError(f"the request body exceeds {settings.api_max_body_bytes} bytes",
-                    code="payload_too_large", status=413, reason="body_too_large")
+    return ApiError(
+        f"the request body exceeds {settings.api_max_body_bytes} bytes",
+        code="payload_too_large",
+        status=413,
+        reason="body_too_large",
+    )
 
 
 def emit_tokens_loaded(events: EventLog, tokens: TokenStore, *, trigger: str) -> None:
     """Write `api.tokens.loaded`: how many tokens, their names, and any file problems."""
-    events.emit(names.API_TOKENS_LOADED, level="warning" if tokens.problems else "info",
-                path=str(tokens.path), tokens=len(tokens), names=tokens.names(),
-                problems=list(tokens.problems), trigger=trigger)
+    events.emit(
+        names.API_TOKENS_LOADED,
+        level="warning" if tokens.problems else "info",
+        path=str(tokens.path),
+        tokens=len(tokens),
+        names=tokens.names(),
+        problems=list(tokens.problems),
+        trigger=trigger,
+    )

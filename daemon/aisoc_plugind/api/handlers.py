@@ -65,8 +65,9 @@ def _depth_ok(doc: Any, limit: int) -> bool:
         value, depth = stack.pop()
         if depth > limit:
             return False
-        children = value.values() if isinstance(value, dict) else \
-            value if isinstance(value, list) else ()
+        children = (
+            value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        )
         stack.extend((child, depth + 1) for child in children)
     return True
 
@@ -79,18 +80,25 @@ async def _body(request: web.Request, allowed: Collection[str]) -> dict[str, Any
     try:
         doc = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        raise ApiError("the request body is not valid JSON", code="invalid_json",
-                       status=400) from exc
+        raise ApiError(
+            "the request body is not valid JSON", code="invalid_json", status=400
+        ) from exc
     if not isinstance(doc, dict):
-        raise ApiError("the request body must be a JSON object", code="invalid_body",
-                       status=400)
+        raise ApiError("the request body must be a JSON object", code="invalid_body", status=400)
     unknown = sorted(set(doc) - set(allowed))
     if unknown:
-        raise ApiError(f"unknown field(s) {', '.join(map(repr, unknown))[:200]}; allowed: "
-                       f"{', '.join(sorted(allowed))}", code="invalid_body", status=400)
+        raise ApiError(
+            f"unknown field(s) {', '.join(map(repr, unknown))[:200]}; allowed: "
+            f"{', '.join(sorted(allowed))}",
+            code="invalid_body",
+            status=400,
+        )
     if not _depth_ok(doc, MAX_BODY_DEPTH):
-        raise ApiError(f"the request body nests deeper than {MAX_BODY_DEPTH} levels",
-                       code="invalid_body", status=400)
+        raise ApiError(
+            f"the request body nests deeper than {MAX_BODY_DEPTH} levels",
+            code="invalid_body",
+            status=400,
+        )
     return doc
 
 
@@ -108,8 +116,9 @@ def _query_choice(request: web.Request, name: str, choices: Collection[str]) -> 
     if value is None or value == "":
         return None
     if value not in choices:
-        raise ApiError(f"{name} must be one of: {', '.join(sorted(choices))}",
-                       code="invalid_query", status=400)
+        raise ApiError(
+            f"{name} must be one of: {', '.join(sorted(choices))}", code="invalid_query", status=400
+        )
     return value
 
 
@@ -158,10 +167,14 @@ async def reload_plugin(request: web.Request) -> web.Response:
 
 def _reload_conflict(manager: PluginManager, plugin_id: str, exc: PluginDError) -> ApiError:
     record = manager.get(plugin_id)
-    now = (f"version {record.version} keeps serving ({record.state.value})"
-           if record.state in SERVING else f"the plugin is {record.state.value}")
-    return ApiError(f"reload of {plugin_id!r} failed: {exc.message}; {now}", code=exc.code,
-                    status=409)
+    now = (
+        f"version {record.version} keeps serving ({record.state.value})"
+        if record.state in SERVING
+        else f"the plugin is {record.state.value}"
+    )
+    return ApiError(
+        f"reload of {plugin_id!r} failed: {exc.message}; {now}", code=exc.code, status=409
+    )
 
 
 async def unload_plugin(request: web.Request) -> web.Response:
@@ -186,8 +199,11 @@ async def run_plugin(request: web.Request) -> web.Response:
     try:
         text = dumps(result.to_json())
     except (TypeError, ValueError, RecursionError) as exc:
-        raise ApiError("the plugin's result cannot be encoded as JSON",
-                       code="plugin_result_invalid", status=502) from exc
+        raise ApiError(
+            "the plugin's result cannot be encoded as JSON",
+            code="plugin_result_invalid",
+            status=502,
+        ) from exc
     return web.Response(text=text, content_type="application/json")
 
 
@@ -196,13 +212,19 @@ async def install_from_oci(request: web.Request) -> web.Response:
     body = await _body(request, ("oci_ref",))
     ref = body.get("oci_ref")
     if not isinstance(ref, str) or not _OCI_REF_RE.fullmatch(ref):
-        raise ApiError("`oci_ref` is required: a reference such as "
-                       "registry.example.org/plugins/geoip:1.2.0 (no spaces, <= 1024 chars)",
-                       code="invalid_body", status=400)
+        raise ApiError(
+            "`oci_ref` is required: a reference such as "
+            "registry.example.org/plugins/geoip:1.2.0 (no spaces, <= 1024 chars)",
+            code="invalid_body",
+            status=400,
+        )
     install = getattr(state_of(request).manager, "install_from_oci", None)
     if install is None:
-        raise ApiError("installing plugins from OCI registries is not available in this "
-                       "daemon", code="oci_not_configured", status=501)
+        raise ApiError(
+            "installing plugins from OCI registries is not available in this daemon",
+            code="oci_not_configured",
+            status=501,
+        )
     outcome = await install(ref, caller_of(request))
     data = outcome.to_json() if hasattr(outcome, "to_json") else dict(outcome)
     return json_response(data, status=201)

@@ -27,7 +27,8 @@ def check_listen(settings: Settings) -> None:
         f"api.listen {settings.api_listen} is not a loopback address and no TLS is "
         "configured: tokens would cross the network in clear text. Listen on 127.0.0.1 or "
         "unix:/run/aisoc-plugind/api.sock, set api.tls_cert and api.tls_key, or set "
-        "api.allow_insecure_listen = true to accept the risk")
+        "api.allow_insecure_listen = true to accept the risk"
+    )
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -42,8 +43,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load api.tls_cert {cert} / api.tls_key {key}: {exc}"
-                          ) from exc
+        raise ConfigError(f"cannot load api.tls_cert {cert} / api.tls_key {key}: {exc}") from exc
     return context
 
 

@@ -32,8 +32,9 @@ class _PluginStates(Collector):
         self._records = records
 
     def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily("aisoc_plugind_plugins", "Plugins by lifecycle state.",
-                                 labels=["state"])
+        return GaugeMetricFamily(
+            "aisoc_plugind_plugins", "Plugins by lifecycle state.", labels=["state"]
+        )
 
     def describe(self) -> Iterator[Metric]:
         yield self._family()
@@ -52,21 +53,37 @@ class ApiMetrics:
     def __init__(self, records: Callable[[], Iterable[PluginRecord]]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_PluginStates(records))
-        self._runs = Counter("aisoc_plugind_runs", "Plugin runs by plugin and outcome "
-                             "(ok or the error code).", ["plugin_id", "outcome"],
-                             registry=self.registry)
-        self._run_seconds = Histogram("aisoc_plugind_run_duration_seconds",
-                                      "Run latency as the API saw it.", ["plugin_id"],
-                                      buckets=RUN_BUCKETS, registry=self.registry)
-        self._reloads = Counter("aisoc_plugind_reloads",
-                                "Reloads by outcome (ok, failed), from the API, the watcher "
-                                "or an OCI install.",
-                                ["outcome"], registry=self.registry)
-        self._denied = Counter("aisoc_plugind_api_denied", "Denied API requests by reason.",
-                               ["reason"], registry=self.registry)
-        self._requests = Counter("aisoc_plugind_api_requests",
-                                 "API requests by method, route template and status.",
-                                 ["method", "route", "status"], registry=self.registry)
+        self._runs = Counter(
+            "aisoc_plugind_runs",
+            "Plugin runs by plugin and outcome (ok or the error code).",
+            ["plugin_id", "outcome"],
+            registry=self.registry,
+        )
+        self._run_seconds = Histogram(
+            "aisoc_plugind_run_duration_seconds",
+            "Run latency as the API saw it.",
+            ["plugin_id"],
+            buckets=RUN_BUCKETS,
+            registry=self.registry,
+        )
+        self._reloads = Counter(
+            "aisoc_plugind_reloads",
+            "Reloads by outcome (ok, failed), from the API, the watcher or an OCI install.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._denied = Counter(
+            "aisoc_plugind_api_denied",
+            "Denied API requests by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._requests = Counter(
+            "aisoc_plugind_api_requests",
+            "API requests by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
 
     def run(self, plugin_id: str, outcome: str, seconds: float) -> None:
         """Count one run of a known plugin."""

@@ -43,8 +43,11 @@ from aisoc_plugind.errors import PluginDError
 __all__ = ["envelope", "guard"]
 
 
-_SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-                     "Server": "aisoc-plugind"}
+_SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Server": "aisoc-plugind",
+}
 
 
 @web.middleware
@@ -54,12 +57,20 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if route is not None:
         request[ROUTE] = route
     if not st.unix and not host_allowed(request.headers.get("Host"), st.allowed_hosts):
-        raise ApiError("the Host header names no address of this API (api.allowed_hosts)",
-                       code="host_not_allowed", status=421, reason="host_not_allowed")
+        raise ApiError(
+            "the Host header names no address of this API (api.allowed_hosts)",
+            code="host_not_allowed",
+            status=421,
+            reason="host_not_allowed",
+        )
     refusal = browser_refusal(request.headers, st.allowed_hosts)
     if refusal is not None:
-        raise ApiError("browser requests from other origins are refused",
-                       code="origin_not_allowed", status=403, reason=refusal)
+        raise ApiError(
+            "browser requests from other origins are refused",
+            code="origin_not_allowed",
+            status=403,
+            reason=refusal,
+        )
     if (request.content_length or 0) > st.settings.api_max_body_bytes:
         raise too_large(st.settings)
     if route is not None and route.permission is not None:
@@ -68,7 +79,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise ApiError(
                 "the audit log cannot be written, so changes and runs are refused until it "
                 f"can ({st.events.audit.failure if st.events.audit else ''})",
-                code="audit_unavailable", status=503, reason="audit_unavailable")
+                code="audit_unavailable",
+                status=503,
+                reason="audit_unavailable",
+            )
     return await handler(request)
 
 
@@ -92,8 +106,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _from_error(request, exc)
     except Exception as exc:  # the last line of defence: never a bare 500 page or a crash
         _internal_error(request, exc)
-        return error_response(500, "internal_error",
-                      f"internal error (request id {request[RID]}); see the daemon log")
+        return error_response(
+            500, "internal_error", f"internal error (request id {request[RID]}); see the daemon log"
+        )
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -103,8 +118,12 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> web.Response:
         return error_response(404, "not_found", "no such route")
     if exc.status == 405:
         allow = exc.headers.get("Allow", "")
-        return error_response(405, "method_not_allowed", f"{request.method} is not allowed here; "
-                      f"allowed: {allow}", headers={"Allow": allow})
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed here; allowed: {allow}",
+            headers={"Allow": allow},
+        )
     code = re.sub(r"[^a-z0-9]+", "_", exc.reason.lower()).strip("_") or "http_error"
     return error_response(exc.status, code, exc.reason)
 
@@ -155,19 +174,31 @@ def _denied(request: web.Request, exc: ApiError) -> ApiError:
     reason = exc.reason or exc.code
     if reason != "rate_limited":
         st.metrics.denied(reason)
-    st.events.emit(names.API_DENIED, level="warning", route=_route_path(request),
-                   method=_method(request), status=exc.status,
-                   required_permission=route.permission if route else None, reason=reason,
-                   actor=principal.name if principal else None, peer=peer,
-                   request_id=request[RID], suppressed=suppressed)
+    st.events.emit(
+        names.API_DENIED,
+        level="warning",
+        route=_route_path(request),
+        method=_method(request),
+        status=exc.status,
+        required_permission=route.permission if route else None,
+        reason=reason,
+        actor=principal.name if principal else None,
+        peer=peer,
+        request_id=request[RID],
+        suppressed=suppressed,
+    )
     return exc
 
 
 def _rate_limited(st: ApiState) -> ApiError:
     retry = max(1, math.ceil(1 / st.settings.api_denied_per_second))
-    return ApiError("too many denied requests from this address; slow down",
-                    code="too_many_denied_requests", status=429, reason="rate_limited",
-                    headers={"Retry-After": str(retry)})
+    return ApiError(
+        "too many denied requests from this address; slow down",
+        code="too_many_denied_requests",
+        status=429,
+        reason="rate_limited",
+        headers={"Retry-After": str(retry)},
+    )
 
 
 def _internal_error(request: web.Request, exc: Exception) -> None:
@@ -176,10 +207,16 @@ def _internal_error(request: web.Request, exc: Exception) -> None:
         tb = tb.tb_next
     where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else None
     # The type and place only: an exception's text may quote a payload.
-    state_of(request).events.emit(names.API_ERROR, level="error", error_code="internal_error",
-                                error=type(exc).__name__, where=where,
-                                route=_route_path(request), method=_method(request),
-                                request_id=request[RID])
+    state_of(request).events.emit(
+        names.API_ERROR,
+        level="error",
+        error_code="internal_error",
+        error=type(exc).__name__,
+        where=where,
+        route=_route_path(request),
+        method=_method(request),
+        request_id=request[RID],
+    )
 
 
 def _account(request: web.Request, status: int, started: float) -> None:
@@ -189,9 +226,15 @@ def _account(request: web.Request, status: int, started: float) -> None:
         return
     principal = request.get(PRINCIPAL)
     plugin_id = request.match_info.get("id")
-    st.events.emit(names.API_REQUEST, level="info" if status < 400 else "warning",
-                   actor=principal.name if principal else None, request_id=request[RID],
-                   route=_route_path(request), method=_method(request), status=status,
-                   duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                   plugin_id=plugin_id if plugin_id and ID_RE.fullmatch(plugin_id) else None,
-                   peer=_peer(request))
+    st.events.emit(
+        names.API_REQUEST,
+        level="info" if status < 400 else "warning",
+        actor=principal.name if principal else None,
+        request_id=request[RID],
+        route=_route_path(request),
+        method=_method(request),
+        status=status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        plugin_id=plugin_id if plugin_id and ID_RE.fullmatch(plugin_id) else None,
+        peer=_peer(request),
+    )

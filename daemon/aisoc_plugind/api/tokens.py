@@ -20,8 +20,19 @@ from pathlib import Path
 from aisoc_plugind.api.tokens_file import PERMISSIONS, TokenEntry, read_tokens_file
 from aisoc_plugind.core.clock import utcnow
 
-__all__ = ["ADMIN", "EXECUTE", "PERMISSIONS", "READ", "Principal", "TokenStore", "bearer_token",
-           "denial_reason", "new_token", "token_hash", "well_formed"]
+__all__ = [
+    "ADMIN",
+    "EXECUTE",
+    "PERMISSIONS",
+    "READ",
+    "Principal",
+    "TokenStore",
+    "bearer_token",
+    "denial_reason",
+    "new_token",
+    "token_hash",
+    "well_formed",
+]
 
 READ, ADMIN, EXECUTE = PERMISSIONS
 TOKEN_PREFIX = "aisoc_pd_"  # noqa: S105 (a public prefix for secret scanners)

@@ -29,8 +29,17 @@ from aisoc_plugind.core.clock import parse_rfc3339
 from aisoc_plugind.errors import TokenFileError
 from aisoc_plugind.files import replace_file
 
-__all__ = ["NAME_RE", "PERMISSIONS", "TokenEntry", "load_for_update", "locked_dir", "parse_tokens",
-           "read_tokens_file", "render_tokens", "write_tokens_file"]
+__all__ = [
+    "NAME_RE",
+    "PERMISSIONS",
+    "TokenEntry",
+    "load_for_update",
+    "locked_dir",
+    "parse_tokens",
+    "read_tokens_file",
+    "render_tokens",
+    "write_tokens_file",
+]
 
 PERMISSIONS = ("plugins:read", "plugins:admin", "plugins:execute")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -39,8 +48,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-_HEADER = ("# aisoc-plugind API tokens: only SHA-256 hashes of the tokens are stored here.\n"
-           "# Managed by `aisoc-plugind token create|list|revoke`; rewritten on each change.\n")
+_HEADER = (
+    "# aisoc-plugind API tokens: only SHA-256 hashes of the tokens are stored here.\n"
+    "# Managed by `aisoc-plugind token create|list|revoke`; rewritten on each change.\n"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,8 +66,12 @@ class TokenEntry:
 
     def public(self) -> dict[str, Any]:
         """Return what may be shown: name, permissions, created, expires (never the hash)."""
-        return {"name": self.name, "permissions": list(self.permissions),
-                "created": self.created, "expires": self.expires or None}
+        return {
+            "name": self.name,
+            "permissions": list(self.permissions),
+            "created": self.created,
+            "expires": self.expires or None,
+        }
 
     def expired(self, now: datetime) -> bool:
         """Return True once `expires` has passed."""
@@ -75,7 +90,7 @@ def parse_tokens(data: bytes) -> tuple[dict[str, TokenEntry], list[str]]:
     problems = [f"unknown top-level key {k!r}" for k in doc if k != "tokens"]
     table = doc.get("tokens", {})
     if not isinstance(table, dict):
-        return {}, [*problems, "`tokens` must be a table of [tokens.\"<name>\"] tables"]
+        return {}, [*problems, '`tokens` must be a table of [tokens."<name>"] tables']
     entries: dict[str, TokenEntry] = {}
     for name, raw in table.items():
         entry, problem = _entry(name, raw)
@@ -101,8 +116,9 @@ def _entry(name: str, raw: Any) -> tuple[TokenEntry | None, str]:
     expires = raw.get("expires", "")
     if not _valid_expiry(expires):
         return None, "expires must be an RFC 3339 time with a zone"
-    return TokenEntry(name=name, sha256=digest, permissions=tuple(perms), created=created,
-                      expires=expires), ""
+    return TokenEntry(
+        name=name, sha256=digest, permissions=tuple(perms), created=created, expires=expires
+    ), ""
 
 
 def _valid_expiry(value: Any) -> bool:
@@ -125,8 +141,10 @@ def render_tokens(entries: Mapping[str, TokenEntry]) -> str:
     for name in sorted(entries):
         e = entries[name]
         perms = ", ".join(_toml_str(p) for p in e.permissions)
-        parts.append(f"\n[tokens.{_toml_str(name)}]\nsha256 = {_toml_str(e.sha256)}\n"
-                     f"permissions = [{perms}]\ncreated = {_toml_str(e.created)}\n")
+        parts.append(
+            f"\n[tokens.{_toml_str(name)}]\nsha256 = {_toml_str(e.sha256)}\n"
+            f"permissions = [{perms}]\ncreated = {_toml_str(e.created)}\n"
+        )
         if e.expires:
             parts.append(f"expires = {_toml_str(e.expires)}\n")
     return "".join(parts)
@@ -138,8 +156,10 @@ def read_tokens_file(path: Path) -> tuple[dict[str, TokenEntry], list[str]]:
         with path.open("rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
             if mode & (stat.S_IWGRP | stat.S_IWOTH):
-                return {}, [f"{path} is writable by group or others "
-                            f"({stat.filemode(mode)}); refusing to trust it"]
+                return {}, [
+                    f"{path} is writable by group or others "
+                    f"({stat.filemode(mode)}); refusing to trust it"
+                ]
             data = fh.read()
     except FileNotFoundError:
         return {}, [f"{path} does not exist; every API request will be refused"]
@@ -178,5 +198,6 @@ def load_for_update(path: Path) -> dict[str, TokenEntry]:
 
 def write_tokens_file(path: Path, entries: Mapping[str, TokenEntry]) -> None:
     """Replace the file atomically (temp file + rename), mode 0600, keeping its owner."""
-    replace_file(path, render_tokens(entries).encode("ascii"), mode=0o600, keep_owner=True,
-                 sync_dir=True)
+    replace_file(
+        path, render_tokens(entries).encode("ascii"), mode=0o600, keep_owner=True, sync_dir=True
+    )

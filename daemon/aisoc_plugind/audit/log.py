@@ -25,8 +25,9 @@ __all__ = ["SECRET_KEYS", "EventLog"]
 # High-volume events that are written but not fsync'ed under `audit.fsync = "mutations"`.
 _VOLUME_EVENTS = frozenset({PLUGIN_RUN_COMPLETED, PLUGIN_RUN_FAILED})
 # Keys whose values may be secrets; they never reach stdout or the audit file.
-SECRET_KEYS = frozenset({"token", "authorization", "payload", "context", "result", "password",
-                         "secret", "config"})
+SECRET_KEYS = frozenset(
+    {"token", "authorization", "payload", "context", "result", "password", "secret", "config"}
+)
 _FIRST_KEYS = ("timestamp", "event", "level", "seq")
 
 
@@ -64,10 +65,12 @@ class EventLog:
                 text = str(console(logger, name, ev))
                 # A path from a non-UTF-8 file name must not make printing the event fail.
                 return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
             return render_console
 
         def render_json(logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:
             return ev["_line"]
+
         return render_json
 
     def subscribe(self, listener: Callable[[Mapping[str, Any]], None]) -> None:
@@ -88,8 +91,10 @@ class EventLog:
     def _scrub_and_order(logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:
         out_ref = ev.pop("_out")
         ordered: dict[str, Any] = {
-            "timestamp": rfc3339(utcnow()), "event": ev.pop("event"),
-            "level": ev.pop("_level"), "seq": ev.pop("_seq"),
+            "timestamp": rfc3339(utcnow()),
+            "event": ev.pop("event"),
+            "level": ev.pop("_level"),
+            "seq": ev.pop("_seq"),
         }
         for key, value in ev.items():
             if key not in SECRET_KEYS and key not in _FIRST_KEYS and value is not None:
@@ -114,8 +119,13 @@ class EventLog:
         first = self.audit.failure is None
         self.audit.failure = f"{self.audit.path}: {exc}"
         if first:  # stdout still carries the event; say loudly that the file does not
-            line = json.dumps({"timestamp": rfc3339(utcnow()), "event": AUDIT_WRITE_FAILED,
-                               "level": "error", "path": str(self.audit.path),
-                               "error": str(exc)})
+            line = json.dumps(
+                {
+                    "timestamp": rfc3339(utcnow()),
+                    "event": AUDIT_WRITE_FAILED,
+                    "level": "error",
+                    "path": str(self.audit.path),
+                    "error": str(exc),
+                }
+            )
             print(line, file=sys.stderr, flush=True)
-

@@ -95,5 +95,6 @@ WATCHER_STARTED = "watcher.started"
 WATCHER_ERROR = "watcher.error"
 WATCHER_STOPPED = "watcher.stopped"
 
-ALL = frozenset(value for name, value in dict(globals()).items()
-                if name.isupper() and isinstance(value, str))
+ALL = frozenset(
+    value for name, value in dict(globals()).items() if name.isupper() and isinstance(value, str)
+)

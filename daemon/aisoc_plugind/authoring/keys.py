@@ -20,7 +20,7 @@ from aisoc_plugind.errors import (
     KeyFileError,
 )
 
-__all__ = ['PRIVATE_KEY_FILE', 'PUBLIC_KEY_FILE', 'KeyPair', 'read_private_key', 'write_keypair']
+__all__ = ["PRIVATE_KEY_FILE", "PUBLIC_KEY_FILE", "KeyPair", "read_private_key", "write_keypair"]
 
 PRIVATE_KEY_FILE = "signing.key"
 
@@ -46,8 +46,9 @@ def write_keypair(out_dir: Path) -> KeyPair:
     private_path, public_path = out_dir / PRIVATE_KEY_FILE, out_dir / PUBLIC_KEY_FILE
     for path in (private_path, public_path):
         if os.path.lexists(path):
-            raise AuthoringError(f"{path} already exists; keygen never overwrites a key "
-                                 "(choose another --out)")
+            raise AuthoringError(
+                f"{path} already exists; keygen never overwrites a key (choose another --out)"
+            )
     key = nacl.signing.SigningKey.generate()
     write_new_file(private_path, private_key_pem(key), 0o600)
     try:
@@ -55,8 +56,9 @@ def write_keypair(out_dir: Path) -> KeyPair:
     except BaseException:
         private_path.unlink(missing_ok=True)
         raise
-    return KeyPair(private_path=private_path, public_path=public_path,
-                   public_key=bytes(key.verify_key))
+    return KeyPair(
+        private_path=private_path, public_path=public_path, public_key=bytes(key.verify_key)
+    )
 
 
 def read_private_key(path: Path) -> Any:
@@ -64,8 +66,10 @@ def read_private_key(path: Path) -> Any:
     with path.open("rb") as fh:
         data = fh.read(MAX_KEY_FILE_BYTES + 1)
     if b"ENCRYPTED PRIVATE KEY" in data:
-        raise AuthoringError(f"{path}: encrypted keys are not supported; write a decrypted "
-                             f"copy with `openssl pkey -in {path} -out plain.key`")
+        raise AuthoringError(
+            f"{path}: encrypted keys are not supported; write a decrypted "
+            f"copy with `openssl pkey -in {path} -out plain.key`"
+        )
     try:
         return load_private_key(data)
     except KeyFileError as exc:

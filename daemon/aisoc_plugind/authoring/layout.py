@@ -34,14 +34,35 @@ __all__ = [
 ]
 
 # Never scanned nor packaged: caches and VCS metadata.
-EXCLUDED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", ".pytest_cache",
-                           ".mypy_cache", ".ruff_cache", ".idea", ".vscode"})
+EXCLUDED_DIRS = frozenset(
+    {
+        "__pycache__",
+        ".git",
+        ".hg",
+        ".svn",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".idea",
+        ".vscode",
+    }
+)
 
 
 # Never packaged (a `*.py` name always is, since the signature covers it): bytecode, editor
 # swap/backup/lock files, desktop metadata.
-JUNK_FILES = ("*.pyc", "*.pyo", ".DS_Store", "Thumbs.db", "*~", "*.swp", "*.swo", "*.swx",
-              ".#*", "#*#")
+JUNK_FILES = (
+    "*.pyc",
+    "*.pyo",
+    ".DS_Store",
+    "Thumbs.db",
+    "*~",
+    "*.swp",
+    "*.swo",
+    "*.swx",
+    ".#*",
+    "#*#",
+)
 
 
 # Side files that carry no behaviour; the "not covered by the signature" warning skips them.
@@ -50,8 +71,9 @@ DOC_FILES = ("README*", "LICENSE*", "LICENCE*", "COPYING*", "NOTICE*", "CHANGELO
 
 def _require_plugin_dir(root: Path) -> None:
     if root.is_symlink():
-        raise AuthoringError(f"{root} is a symlink; the daemon refuses linked plugin "
-                             "directories, give the real path")
+        raise AuthoringError(
+            f"{root} is a symlink; the daemon refuses linked plugin directories, give the real path"
+        )
     if not root.exists():
         raise AuthoringError(f"{root}: no such directory")
     if not root.is_dir():

@@ -19,7 +19,7 @@ from aisoc_plugind.errors import (
     AuthoringError,
 )
 
-__all__ = ['Package', 'build_package', 'source_date_epoch']
+__all__ = ["Package", "build_package", "source_date_epoch"]
 
 _UNSAFE_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9._+-]")
 
@@ -50,11 +50,15 @@ def build_package(plugin_dir: Path, *, mtime: int = 0) -> Package:
     bundle, manifest = report.signed_parts()
     contents: dict[str, bytes] = {}
     for rel in packaged(report.tree):
-        contents[rel] = (bundle.sources[rel] if rel in bundle.sources
-                         else read_file(plugin_dir / rel))
-    return Package(manifest=manifest, data=build_archive(manifest.id, contents, mtime=mtime),
-                   members=tuple(name for name, _ in archive_members(manifest.id, contents)),
-                   signed=SIGNATURE_FILE in contents)
+        contents[rel] = (
+            bundle.sources[rel] if rel in bundle.sources else read_file(plugin_dir / rel)
+        )
+    return Package(
+        manifest=manifest,
+        data=build_archive(manifest.id, contents, mtime=mtime),
+        members=tuple(name for name, _ in archive_members(manifest.id, contents)),
+        signed=SIGNATURE_FILE in contents,
+    )
 
 
 def source_date_epoch(environ: Mapping[str, str]) -> int:

@@ -59,8 +59,11 @@ class TypeTemplate:
 
 
 def _text(*parts: str) -> str:
-    return resources.files("aisoc_plugind.authoring").joinpath("templates", *parts).read_text(
-        encoding="utf-8")
+    return (
+        resources.files("aisoc_plugind.authoring")
+        .joinpath("templates", *parts)
+        .read_text(encoding="utf-8")
+    )
 
 
 @cache
@@ -69,11 +72,14 @@ def template(plugin_type: str) -> TypeTemplate:
     if plugin_type not in PLUGIN_TYPES:
         raise AuthoringError(f"no template for plugin type {plugin_type!r}")
     meta = json.loads(_text(plugin_type, "template.json"))
-    return TypeTemplate(summary=meta["summary"], code=_text(plugin_type, "plugin.py-tpl"),
-                        config_schema=meta["config_schema"],
-                        example_payload=meta["example_payload"],
-                        example_result=meta["example_result"],
-                        extra_tests=_text(plugin_type, "tests.py-tpl"))
+    return TypeTemplate(
+        summary=meta["summary"],
+        code=_text(plugin_type, "plugin.py-tpl"),
+        config_schema=meta["config_schema"],
+        example_payload=meta["example_payload"],
+        example_result=meta["example_result"],
+        extra_tests=_text(plugin_type, "tests.py-tpl"),
+    )
 
 
 def derive_id(name: str) -> str | None:
@@ -127,8 +133,9 @@ def create_plugin(
     try:
         target.mkdir()
     except FileExistsError as exc:
-        raise AuthoringError(f"{target} already exists; `new` only creates a new directory "
-                             "(choose another with -o)") from exc
+        raise AuthoringError(
+            f"{target} already exists; `new` only creates a new directory (choose another with -o)"
+        ) from exc
     try:
         for rel, text in files.items():
             write_new_file(target / rel, text.encode("utf-8"), 0o644)
@@ -152,8 +159,9 @@ def _manifest_text(
         "entry_point": ENTRY_POINT,
         "config_schema": tpl.config_schema,
     }
-    body = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False,
-                          width=100)
+    body = yaml.safe_dump(
+        doc, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100
+    )
     return _text("manifest-header.yaml-tpl") + body
 
 
@@ -172,8 +180,9 @@ def _py_literal(value: Any, indent: int = 0) -> str:
 
 def _flat_literal(value: Any) -> str:
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(k)}: {_flat_literal(v)}"
-                               for k, v in value.items()) + "}"
+        return (
+            "{" + ", ".join(f"{json.dumps(k)}: {_flat_literal(v)}" for k, v in value.items()) + "}"
+        )
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_flat_literal(v) for v in value) + "]"
     if isinstance(value, str):

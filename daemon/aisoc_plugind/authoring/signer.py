@@ -25,7 +25,8 @@ from aisoc_plugind.errors import (
     AuthoringError,
 )
 
-__all__ = ['Signed', 'Verification', 'sign_plugin', 'verify_plugin']
+__all__ = ["Signed", "Verification", "sign_plugin", "verify_plugin"]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Signed:
@@ -44,8 +45,13 @@ def sign_plugin(plugin_dir: Path, key: Any) -> Signed:
     digest = plugin_digest(manifest.as_json(), bundle.sources)
     raw = sign_digest(digest, key)
     key.verify_key.verify(digest, raw)  # never write a signature that does not verify
-    return Signed(manifest=manifest, files=tuple(bundle.sources), digest=digest,
-                  signature_file=encode_signature(raw), public_key=bytes(key.verify_key))
+    return Signed(
+        manifest=manifest,
+        files=tuple(bundle.sources),
+        digest=digest,
+        signature_file=encode_signature(raw),
+        public_key=bytes(key.verify_key),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,7 +73,13 @@ def verify_plugin(plugin_dir: Path, keys_dir: Path) -> Verification:
     bundle = read_bundle(plugin_dir)
     manifest = manifest_mod.parse(bundle.manifest_bytes, bundle.manifest_name)
     digest = plugin_digest(manifest.as_json(), bundle.sources)
-    decision = decide(digest=digest, signature_file=bundle.signature, keys=keyring.keys,
-                      mode=TrustMode.STRICT)
-    return Verification(manifest=manifest, decision=decision, files=tuple(bundle.sources),
-                        key_ids=tuple(sorted(keyring.keys)), skipped_keys=keyring.skipped)
+    decision = decide(
+        digest=digest, signature_file=bundle.signature, keys=keyring.keys, mode=TrustMode.STRICT
+    )
+    return Verification(
+        manifest=manifest,
+        decision=decision,
+        files=tuple(bundle.sources),
+        key_ids=tuple(sorted(keyring.keys)),
+        skipped_keys=keyring.skipped,
+    )

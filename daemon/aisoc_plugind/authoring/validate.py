@@ -34,7 +34,7 @@ from aisoc_plugind.errors import (
 
 PROG = "aisoc plugin"
 
-__all__ = ['Finding', 'Report', 'Severity', 'validate_plugin']
+__all__ = ["Finding", "Report", "Severity", "validate_plugin"]
 
 _EXTENSION_SUFFIXES = (".so", ".pyd", ".dylib", ".dll")
 
@@ -43,8 +43,9 @@ _YAML_LINE_RE = re.compile(r"\bline (\d+)\b")
 
 
 # Manifest problems raised before the document was loaded as a mapping.
-_UNLOADABLE = frozenset({"manifest_bad_syntax", "manifest_unsafe_yaml", "manifest_too_large",
-                         "manifest_not_mapping"})
+_UNLOADABLE = frozenset(
+    {"manifest_bad_syntax", "manifest_unsafe_yaml", "manifest_too_large", "manifest_not_mapping"}
+)
 
 
 class Severity(StrEnum):
@@ -74,16 +75,20 @@ class Finding:
         return f"{where}: {self.severity}: {what} [{self.code}]"
 
 
-def _error(code: str, message: str, *, path: str = "", line: int | None = None,
-           field: str = "") -> Finding:
-    return Finding(severity=Severity.ERROR, code=code, message=message, path=path, line=line,
-                   field=field)
+def _error(
+    code: str, message: str, *, path: str = "", line: int | None = None, field: str = ""
+) -> Finding:
+    return Finding(
+        severity=Severity.ERROR, code=code, message=message, path=path, line=line, field=field
+    )
 
 
-def _warning(code: str, message: str, *, path: str = "", line: int | None = None,
-             field: str = "") -> Finding:
-    return Finding(severity=Severity.WARNING, code=code, message=message, path=path,
-                   line=line, field=field)
+def _warning(
+    code: str, message: str, *, path: str = "", line: int | None = None, field: str = ""
+) -> Finding:
+    return Finding(
+        severity=Severity.WARNING, code=code, message=message, path=path, line=line, field=field
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,7 +117,8 @@ class Report:
             first = self.errors[0].render(self.root) if self.errors else "unreadable"
             raise AuthoringError(
                 f"{self.root} is not a valid plugin ({len(self.errors)} error(s); first: "
-                f"{first}); run `{PROG} validate {self.root}` for the full list")
+                f"{first}); run `{PROG} validate {self.root}` for the full list"
+            )
         return self.bundle, self.manifest
 
 
@@ -136,8 +142,7 @@ def validate_plugin(root: Path) -> Report:
     findings += _check_coverage(tree, bundle)
     findings += _check_private_keys(root, tree)
     ordered = sorted(findings, key=lambda f: (f.path, f.line or 0, f.field))
-    return Report(root=root, tree=tree, findings=tuple(ordered), manifest=manifest,
-                  bundle=bundle)
+    return Report(root=root, tree=tree, findings=tuple(ordered), manifest=manifest, bundle=bundle)
 
 
 def _daemon_view(root: Path, tree: Tree) -> tuple[Bundle | None, list[Finding]]:
@@ -164,13 +169,22 @@ def _check_manifest(
 ) -> tuple[Manifest | None, dict[str, Any] | None, list[Finding]]:
     """Parse the manifest; also return its mapping when only some fields are wrong."""
     if name is None or data is None:
-        return None, None, [_error("manifest_missing", f"no {' or '.join(MANIFEST_NAMES)} in "
-                                                       "the plugin directory")]
+        return (
+            None,
+            None,
+            [
+                _error(
+                    "manifest_missing", f"no {' or '.join(MANIFEST_NAMES)} in the plugin directory"
+                )
+            ],
+        )
     try:
         manifest = manifest_mod.parse(data, name)
     except ManifestError as exc:
-        findings = [_error(p.code, p.message, path=name, field=p.field,
-                           line=_yaml_line(p.message)) for p in exc.problems]
+        findings = [
+            _error(p.code, p.message, path=name, field=p.field, line=_yaml_line(p.message))
+            for p in exc.problems
+        ]
         loaded = not any(p.code in _UNLOADABLE for p in exc.problems)
         return None, _load_mapping(name, data) if loaded else None, findings
     return manifest, manifest.as_json(), []
@@ -208,8 +222,9 @@ def _compile_findings(root: Path, rel: str, data: bytes) -> list[Finding]:
             return [_error("python_syntax_error", exc.msg, path=rel, line=exc.lineno)]
         except ValueError as exc:  # source with NUL bytes on some 3.11 releases
             return [_error("python_syntax_error", str(exc), path=rel)]
-    return [_warning("python_compile_warning", str(w.message), path=rel, line=w.lineno)
-            for w in caught]
+    return [
+        _warning("python_compile_warning", str(w.message), path=rel, line=w.lineno) for w in caught
+    ]
 
 
 def _check_entry_point(
@@ -219,8 +234,14 @@ def _check_entry_point(
     if "entry_point" in flagged or not isinstance(entry, str):
         return []
     if entry not in sources:
-        return [_error("entry_point_missing", f"{entry} does not exist in the plugin directory",
-                       path=source, field="entry_point")]
+        return [
+            _error(
+                "entry_point_missing",
+                f"{entry} does not exist in the plugin directory",
+                path=source,
+                field="entry_point",
+            )
+        ]
     try:
         module = ast.parse(sources[entry], entry)
     except (SyntaxError, ValueError):
@@ -228,8 +249,14 @@ def _check_entry_point(
     names = set(_bound_names(module.body))
     if "Plugin" in names or "*" in names:
         return []
-    return [_warning("plugin_class_missing", "binds no top-level name `Plugin`; the daemon "
-                     "instantiates `Plugin` from the entry module", path=entry)]
+    return [
+        _warning(
+            "plugin_class_missing",
+            "binds no top-level name `Plugin`; the daemon "
+            "instantiates `Plugin` from the entry module",
+            path=entry,
+        )
+    ]
 
 
 def _bound_names(body: Sequence[ast.AST]) -> Iterator[str]:
@@ -247,46 +274,85 @@ def _bound_names(body: Sequence[ast.AST]) -> Iterator[str]:
                 yield from _bound_names(getattr(node, block, []))
 
 
-def _check_config_schema(source: str, mapping: Mapping[str, Any], flagged: set[str]
-                         ) -> list[Finding]:
+def _check_config_schema(
+    source: str, mapping: Mapping[str, Any], flagged: set[str]
+) -> list[Finding]:
     schema = mapping.get("config_schema")
     if "config_schema" in flagged or not isinstance(schema, dict):
         return []
     if "$schema" in schema and not isinstance(schema["$schema"], str):
-        return [_error("config_schema_invalid", "must be a string URI",
-                       field="config_schema.$schema", path=source)]
+        return [
+            _error(
+                "config_schema_invalid",
+                "must be a string URI",
+                field="config_schema.$schema",
+                path=source,
+            )
+        ]
     try:
         validator = manifest_mod.config_validator(schema)
     except jsonschema.exceptions.SchemaError as exc:
         field = "config_schema" + exc.json_path.removeprefix("$")
-        return [_error("config_schema_invalid", f"not a valid JSON Schema: {exc.message}",
-                       field=field, path=source)]
+        return [
+            _error(
+                "config_schema_invalid",
+                f"not a valid JSON Schema: {exc.message}",
+                field=field,
+                path=source,
+            )
+        ]
     try:
         empty = next(iter(validator.iter_errors({})), None)
     except Exception as exc:  # an unresolvable or endless $ref: nothing is fetched
-        return [_error("config_schema_invalid",
-                       f"cannot be used ({type(exc).__name__}): only $refs inside the schema "
-                       "are resolved", field="config_schema", path=source)]
+        return [
+            _error(
+                "config_schema_invalid",
+                f"cannot be used ({type(exc).__name__}): only $refs inside the schema are resolved",
+                field="config_schema",
+                path=source,
+            )
+        ]
     if empty is None:
         return []
-    return [_warning("config_required", f"an empty plugin config fails it ({empty.message}): "
-                     "the daemon refuses to load the plugin until the operator sets "
-                     "[plugin_config] for it; give every setting a default",
-                     field="config_schema", path=source)]
+    return [
+        _warning(
+            "config_required",
+            f"an empty plugin config fails it ({empty.message}): "
+            "the daemon refuses to load the plugin until the operator sets "
+            "[plugin_config] for it; give every setting a default",
+            field="config_schema",
+            path=source,
+        )
+    ]
 
 
 def _check_coverage(tree: Tree, bundle: Bundle | None) -> list[Finding]:
     """Warn about files the signature does not cover; fail on signed files packages drop."""
-    out = [_warning("file_not_signed", f"not covered by plugin.sig: {what}", path=rel)
-           for rel in tree.files if (what := _uncovered(rel)) is not None]
+    out = [
+        _warning("file_not_signed", f"not covered by plugin.sig: {what}", path=rel)
+        for rel in tree.files
+        if (what := _uncovered(rel)) is not None
+    ]
     if all(name in tree.files for name in MANIFEST_NAMES):
-        out.append(_warning("manifest_ignored", f"ignored: {MANIFEST_NAMES[0]} wins when both "
-                            "manifests exist; delete one", path=MANIFEST_NAMES[1]))
+        out.append(
+            _warning(
+                "manifest_ignored",
+                f"ignored: {MANIFEST_NAMES[0]} wins when both manifests exist; delete one",
+                path=MANIFEST_NAMES[1],
+            )
+        )
     if bundle is not None:
         hidden = sorted(set(bundle.sources) - set(tree.python_files))
-        out.extend(_error("file_excluded_but_signed", "the signature covers every *.py file, "
-                          f"but packages leave out {'/'.join(rel.split('/')[:-1])}/; move it "
-                          "out of the plugin directory", path=rel) for rel in hidden)
+        out.extend(
+            _error(
+                "file_excluded_but_signed",
+                "the signature covers every *.py file, "
+                f"but packages leave out {'/'.join(rel.split('/')[:-1])}/; move it "
+                "out of the plugin directory",
+                path=rel,
+            )
+            for rel in hidden
+        )
     return out
 
 
@@ -297,8 +363,10 @@ def _uncovered(rel: str) -> str | None:
     if matches(rel, DOC_FILES):
         return None
     if rel.endswith((".pyc", ".pyo")):
-        return ("stray bytecode: the daemon never loads it and packages leave it out, but a "
-                "normal import would run it; delete it")
+        return (
+            "stray bytecode: the daemon never loads it and packages leave it out, but a "
+            "normal import would run it; delete it"
+        )
     if is_junk(rel):
         return None
     risk = "; if the code reads it, it can be changed without breaking the signature"
@@ -311,7 +379,13 @@ def _uncovered(rel: str) -> str | None:
 
 def _check_private_keys(root: Path, tree: Tree) -> list[Finding]:
     """Fail on a private key inside the plugin: it would ship in every package."""
-    return [_error("private_key_in_plugin", "holds a PEM private key, which would ship with "
-                   "the plugin; move it out of the plugin directory", path=rel)
-            for rel in tree.files
-            if not rel.endswith(".py") and b"PRIVATE KEY-----" in read_file(root / rel, 8192)]
+    return [
+        _error(
+            "private_key_in_plugin",
+            "holds a PEM private key, which would ship with "
+            "the plugin; move it out of the plugin directory",
+            path=rel,
+        )
+        for rel in tree.files
+        if not rel.endswith(".py") and b"PRIVATE KEY-----" in read_file(root / rel, 8192)
+    ]

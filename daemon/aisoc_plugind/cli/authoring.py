@@ -34,11 +34,14 @@ PROG = "aisoc plugin"
 def _cmd_new(args: argparse.Namespace) -> int:
     plugin_id = args.id or scaffold.derive_id(args.name)
     if plugin_id is None:
-        raise CommandFailed(f"cannot derive an id from {args.name!r}; pass --id "
-                            f"(it must match {manifest_mod.ID_RE.pattern})")
+        raise CommandFailed(
+            f"cannot derive an id from {args.name!r}; pass --id "
+            f"(it must match {manifest_mod.ID_RE.pattern})"
+        )
     target = Path(args.output) if args.output else Path(plugin_id)
-    files = scaffold.create_plugin(target, name=args.name, plugin_type=args.type,
-                                   plugin_id=plugin_id, author=args.author)
+    files = scaffold.create_plugin(
+        target, name=args.name, plugin_type=args.type, plugin_id=plugin_id, author=args.author
+    )
     say(f"created {args.type} plugin {plugin_id} in {target}/")
     for rel in files:
         say(f"  {rel}")
@@ -55,20 +58,26 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if report.errors or report.manifest is None:
         raise CommandFailed(f"{root} is not a valid plugin: {counts}")
     m = report.manifest
-    say(f"{root}: ok: {m.id} {m.version} ({m.plugin_type}); plugin.sig will cover "
-         f"{m.source} and {len(report.bundle.sources) if report.bundle else 0} Python "
-         f"file(s); {counts}")
+    say(
+        f"{root}: ok: {m.id} {m.version} ({m.plugin_type}); plugin.sig will cover "
+        f"{m.source} and {len(report.bundle.sources) if report.bundle else 0} Python "
+        f"file(s); {counts}"
+    )
     return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     pair = write_keypair(Path(args.out))
-    say(f"wrote {pair.private_path}  (private key, mode 0600: keep it secret, outside any "
-         "plugin directory)")
+    say(
+        f"wrote {pair.private_path}  (private key, mode 0600: keep it secret, outside any "
+        "plugin directory)"
+    )
     say(f"wrote {pair.public_path}  (public key)")
     say(f"public key: {pair.public_key.hex()}")
-    say(f"to trust it, copy {pair.public_path} into the daemon's trust.keys_dir as "
-         "<key id>.pem (the file stem is the key id)")
+    say(
+        f"to trust it, copy {pair.public_path} into the daemon's trust.keys_dir as "
+        "<key id>.pem (the file stem is the key id)"
+    )
     return 0
 
 
@@ -76,8 +85,10 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     key_path = Path(args.private_key)
     mode = stat.S_IMODE(key_path.stat().st_mode)
     if mode & 0o077:
-        warn(f"{PROG} sign", f"{key_path} is readable by other users (mode {mode:04o}); "
-                      f"chmod 600 {key_path}")
+        warn(
+            f"{PROG} sign",
+            f"{key_path} is readable by other users (mode {mode:04o}); chmod 600 {key_path}",
+        )
     plugin_dir = Path(args.plugin_dir)
     signed = sign_plugin(plugin_dir, read_private_key(key_path))
     out = Path(args.out) if args.out else plugin_dir / SIGNATURE_FILE
@@ -86,8 +97,10 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     say(f"signed {m.id} {m.version}: wrote {out}")
     say(f"digest: {signed.digest.hex()}")
     say(f"public key: {signed.public_key.hex()}")
-    say(f"covers: {m.source} (minus signature, trust) and {len(signed.files)} Python "
-         f"file(s): {', '.join(signed.files)}")
+    say(
+        f"covers: {m.source} (minus signature, trust) and {len(signed.files)} Python "
+        f"file(s): {', '.join(signed.files)}"
+    )
     return 0
 
 
@@ -101,8 +114,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     say(f"key id: {d.key_id or '-'}")
     say(f"plugin: {m.id} {m.version} ({m.plugin_type})")
     say(f"digest: {d.digest_hex}")
-    say(f"checked: {m.source} (minus signature, trust) and {len(result.files)} Python "
-         "file(s):")
+    say(f"checked: {m.source} (minus signature, trust) and {len(result.files)} Python file(s):")
     for rel in result.files:
         say(f"  {rel}")
     say(f"trusted keys: {', '.join(result.key_ids) or 'none'}")
@@ -110,8 +122,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 0
     say(f"reason: {d.reason}")
     if d.status is SignatureStatus.INVALID:
-        say("note: plugin.sig signs one digest over all of the above, so it cannot tell which "
-             f"file changed; compare the digest with the one `{PROG} sign` printed")
+        say(
+            "note: plugin.sig signs one digest over all of the above, so it cannot tell which "
+            f"file changed; compare the digest with the one `{PROG} sign` printed"
+        )
     hint = f"; sign it with `{PROG} sign`" if d.status is SignatureStatus.UNSIGNED else ""
     raise CommandFailed(f"{plugin_dir} is not verified ({d.status}): {d.reason}{hint}")
 
@@ -121,11 +135,15 @@ def _cmd_package(args: argparse.Namespace) -> int:
     package = build_package(plugin_dir, mtime=source_date_epoch(os.environ))
     out = Path(args.output) if args.output else Path(package.default_name())
     if out.resolve().is_relative_to(plugin_dir.resolve()):
-        raise CommandFailed(f"{out} is inside the plugin directory; write the package "
-                                "elsewhere with -o")
+        raise CommandFailed(
+            f"{out} is inside the plugin directory; write the package elsewhere with -o"
+        )
     if not package.signed:
-        warn(f"{PROG} package", f"{plugin_dir} has no {SIGNATURE_FILE}: a strict-mode daemon "
-                                f"refuses the plugin; run `{PROG} sign` first")
+        warn(
+            f"{PROG} package",
+            f"{plugin_dir} has no {SIGNATURE_FILE}: a strict-mode daemon "
+            f"refuses the plugin; run `{PROG} sign` first",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_file(out, package.data)
     m = package.manifest
@@ -156,8 +174,11 @@ def _push_ref(value: str) -> str:
 def _args_push(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", type=Path, help="the package to push")
     p.add_argument("ref", metavar="OCI_REF", type=_push_ref, help="HOST[:PORT]/REPOSITORY:TAG")
-    p.add_argument("--insecure", action="store_true",
-                   help="talk plain HTTP to this registry (local test registries only)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="talk plain HTTP to this registry (local test registries only)",
+    )
 
 
 def _plugin_id(value: str) -> str:
@@ -168,17 +189,26 @@ def _plugin_id(value: str) -> str:
 
 def _one_line(value: str) -> str:
     if not value.strip() or not value.isprintable() or len(value) > 200:
-        raise argparse.ArgumentTypeError(f"{value!r} must be one printable line of at most "
-                                         "200 characters")
+        raise argparse.ArgumentTypeError(
+            f"{value!r} must be one printable line of at most 200 characters"
+        )
     return value.strip()
 
 
 def _args_new(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", type=_one_line, help="display name of the plugin")
-    p.add_argument("--type", choices=sorted(manifest_mod.PLUGIN_TYPES), default="enricher",
-                   help="plugin type (default: enricher)")
-    p.add_argument("-o", "--output", metavar="DIR",
-                   help="directory to create (default: ./<id>); must not exist")
+    p.add_argument(
+        "--type",
+        choices=sorted(manifest_mod.PLUGIN_TYPES),
+        default="enricher",
+        help="plugin type (default: enricher)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="directory to create (default: ./<id>); must not exist",
+    )
     p.add_argument("--id", type=_plugin_id, help="manifest id (default: derived from NAME)")
     p.add_argument("--author", type=_one_line, help='manifest author, e.g. "Name <mail>"')
 
@@ -188,56 +218,104 @@ def _args_validate(p: argparse.ArgumentParser) -> None:
 
 
 def _args_keygen(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="DIR", required=True,
-                   help="directory for signing.key and signing.pub (created if missing)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        required=True,
+        help="directory for signing.key and signing.pub (created if missing)",
+    )
 
 
 def _args_sign(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin-dir", metavar="DIR", required=True, help="plugin directory")
-    p.add_argument("--private-key", metavar="KEY", required=True,
-                   help="Ed25519 PKCS#8 PEM private key (keygen's signing.key)")
+    p.add_argument(
+        "--private-key",
+        metavar="KEY",
+        required=True,
+        help="Ed25519 PKCS#8 PEM private key (keygen's signing.key)",
+    )
     p.add_argument("--out", metavar="FILE", help="signature file (default: DIR/plugin.sig)")
 
 
 def _args_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin-dir", metavar="DIR", required=True, help="plugin directory")
-    p.add_argument("--keys-dir", metavar="DIR", required=True,
-                   help="trusted public keys (*.pem, *.pub); key id = file stem")
+    p.add_argument(
+        "--keys-dir",
+        metavar="DIR",
+        required=True,
+        help="trusted public keys (*.pem, *.pub); key id = file stem",
+    )
 
 
 def _args_package(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="plugin directory")
-    p.add_argument("-o", "--output", metavar="FILE",
-                   help="archive to write (default: ./<id>-<version>.tar.gz)")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="archive to write (default: ./<id>-<version>.tar.gz)"
+    )
 
 
 PLUGIN_COMMANDS: tuple[Command, ...] = (
-    Command(name="new", help="create a plugin that loads and runs as generated",
-             run=_cmd_new, arguments=_args_new, example="""\
+    Command(
+        name="new",
+        help="create a plugin that loads and runs as generated",
+        run=_cmd_new,
+        arguments=_args_new,
+        example="""\
   aisoc plugin new "GeoIP Enricher" --type enricher --author "SecOps <secops@example.org>"
-  cd geoip-enricher && python -m pytest -q"""),
-    Command(name="validate", help="check the manifest, code and layout; list every problem",
-             run=_cmd_validate, arguments=_args_validate, example="""\
+  cd geoip-enricher && python -m pytest -q""",
+    ),
+    Command(
+        name="validate",
+        help="check the manifest, code and layout; list every problem",
+        run=_cmd_validate,
+        arguments=_args_validate,
+        example="""\
   aisoc plugin validate ./geoip-enricher
-exit status: 0 valid (warnings allowed), 1 problems found (each with file, line and field)"""),
-    Command(name="keygen", help="write an Ed25519 signing key pair",
-             run=_cmd_keygen, arguments=_args_keygen, example="""\
+exit status: 0 valid (warnings allowed), 1 problems found (each with file, line and field)""",
+    ),
+    Command(
+        name="keygen",
+        help="write an Ed25519 signing key pair",
+        run=_cmd_keygen,
+        arguments=_args_keygen,
+        example="""\
   aisoc plugin keygen --out ~/.aisoc
   # on the daemon host, trust it under the key id "secops":
-  install -m 0644 signing.pub /opt/aisoc/plugin-keys/secops.pem"""),
-    Command(name="sign", help="write plugin.sig over the manifest and every *.py file",
-             run=_cmd_sign, arguments=_args_sign, example="""\
-  aisoc plugin sign --plugin-dir ./geoip-enricher --private-key ~/.aisoc/signing.key"""),
-    Command(name="verify", help="check plugin.sig against trusted keys, as a strict daemon",
-             run=_cmd_verify, arguments=_args_verify, example="""\
+  install -m 0644 signing.pub /opt/aisoc/plugin-keys/secops.pem""",
+    ),
+    Command(
+        name="sign",
+        help="write plugin.sig over the manifest and every *.py file",
+        run=_cmd_sign,
+        arguments=_args_sign,
+        example="""\
+  aisoc plugin sign --plugin-dir ./geoip-enricher --private-key ~/.aisoc/signing.key""",
+    ),
+    Command(
+        name="verify",
+        help="check plugin.sig against trusted keys, as a strict daemon",
+        run=_cmd_verify,
+        arguments=_args_verify,
+        example="""\
   aisoc plugin verify --plugin-dir ./geoip-enricher --keys-dir /opt/aisoc/plugin-keys
-exit status: 0 verified, 1 unsigned or invalid (the reason is printed)"""),
-    Command(name="package", help="write a reproducible .tar.gz of the plugin",
-             run=_cmd_package, arguments=_args_package, example="""\
+exit status: 0 verified, 1 unsigned or invalid (the reason is printed)""",
+    ),
+    Command(
+        name="package",
+        help="write a reproducible .tar.gz of the plugin",
+        run=_cmd_package,
+        arguments=_args_package,
+        example="""\
   aisoc plugin package ./geoip-enricher -o dist/geoip-enricher-0.1.0.tar.gz
-  SOURCE_DATE_EPOCH=1700000000 aisoc plugin package ./geoip-enricher   # entry mtimes"""),
-    Command(name="push", help="push a package to an OCI registry; print the manifest digest",
-            run=_cmd_push, arguments=_args_push, example="""\
+  SOURCE_DATE_EPOCH=1700000000 aisoc plugin package ./geoip-enricher   # entry mtimes""",
+    ),
+    Command(
+        name="push",
+        help="push a package to an OCI registry; print the manifest digest",
+        run=_cmd_push,
+        arguments=_args_push,
+        example="""\
   aisoc plugin push shodan-1.2.0.tar.gz ghcr.io/myorg/aisoc-plugins/shodan:1.2.0
-  aisoc plugin push shodan-1.2.0.tar.gz 127.0.0.1:5000/aisoc/shodan:1.2.0 --insecure"""),
+  aisoc plugin push shodan-1.2.0.tar.gz 127.0.0.1:5000/aisoc/shodan:1.2.0 --insecure""",
+    ),
 )

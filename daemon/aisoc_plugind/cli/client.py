@@ -56,12 +56,13 @@ class Endpoint:
             return _UnixConnection(self.api[5:], self.timeout)
         parts = urlsplit(self.api)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"invalid API address {self.api!r}: use http://HOST:PORT, "
-                             "https://HOST:PORT or unix:/path.sock")
+            raise UsageError(
+                f"invalid API address {self.api!r}: use http://HOST:PORT, "
+                "https://HOST:PORT or unix:/path.sock"
+            )
         if parts.scheme == "https":
             context = ssl.create_default_context(cafile=self.cacert)
-            return http.client.HTTPSConnection(parts.netloc, timeout=self.timeout,
-                                               context=context)
+            return http.client.HTTPSConnection(parts.netloc, timeout=self.timeout, context=context)
         return http.client.HTTPConnection(parts.netloc, timeout=self.timeout)
 
     def base_path(self) -> str:
@@ -69,8 +70,7 @@ class Endpoint:
         return "" if self.api.startswith("unix:") else urlsplit(self.api).path.rstrip("/")
 
 
-def request(endpoint: Endpoint, method: str, path: str, body: Any = None
-            ) -> tuple[int, Any]:
+def request(endpoint: Endpoint, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """Send one request; return (status, decoded JSON body or None); raise ClientError."""
     headers = {"Accept": "application/json"}
     if endpoint.token:

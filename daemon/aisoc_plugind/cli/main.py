@@ -26,49 +26,69 @@ __all__ = ["aisoc_main", "aisoc_parser", "main", "plugind_parser", "run_aisoc", 
 
 
 def _root(prog: str, description: str, epilog: str) -> Parser:
-    parser = Parser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
 def plugind_parser() -> Parser:
     """Return the `aisoc-plugind` command tree."""
-    parser = _root("aisoc-plugind", "AiSOC plugin lifecycle daemon.",
-                   "examples:\n  aisoc-plugind run --config /etc/aisoc-plugind/config.toml\n"
-                   "  aisoc-plugind check-config --config config.toml\n"
-                   "  aisoc-plugind token create --tokens-file tokens.toml --name ops "
-                   "--permissions plugins:read")
-    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True,
-                                parser_class=Parser)
+    parser = _root(
+        "aisoc-plugind",
+        "AiSOC plugin lifecycle daemon.",
+        "examples:\n  aisoc-plugind run --config /etc/aisoc-plugind/config.toml\n"
+        "  aisoc-plugind check-config --config config.toml\n"
+        "  aisoc-plugind token create --tokens-file tokens.toml --name ops "
+        "--permissions plugins:read",
+    )
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True, parser_class=Parser)
     for command in DAEMON_COMMANDS:
-        child = sub.add_parser(command.name, help=command.help, description=command.help,
-                               epilog=f"example:\n{command.example}",
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        child = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            epilog=f"example:\n{command.example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.arguments(child)
         child.set_defaults(_command=command, _prog=command.error_prefix, _parser=child)
-    token = sub.add_parser("token", help="create, list or revoke API tokens",
-                           description="Create, list or revoke control-API tokens.")
+    token = sub.add_parser(
+        "token",
+        help="create, list or revoke API tokens",
+        description="Create, list or revoke control-API tokens.",
+    )
     add_commands(token, TOKEN_COMMANDS, dest="action")
     return parser
 
 
 def aisoc_parser() -> Parser:
     """Return the `aisoc` command tree."""
-    parser = _root("aisoc", "Author and operate AiSOC plugins.",
-                   "run `aisoc plugin --help` (authoring) or `aisoc plugins --help` "
-                   "(operating a daemon)")
-    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True,
-                                parser_class=Parser)
+    parser = _root(
+        "aisoc",
+        "Author and operate AiSOC plugins.",
+        "run `aisoc plugin --help` (authoring) or `aisoc plugins --help` (operating a daemon)",
+    )
+    sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True, parser_class=Parser)
     plugin = sub.add_parser(
-        "plugin", help="author plugins: scaffold, check, sign, verify, package, push",
-        description="Author AiSOC plugins: scaffold, check, sign, verify, package and push "
-                    "them.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "plugin",
+        help="author plugins: scaffold, check, sign, verify, package, push",
+        description="Author AiSOC plugins: scaffold, check, sign, verify, package and push them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="typical flow: new -> validate -> keygen -> sign -> verify -> package -> push\n"
-               "run `aisoc plugin COMMAND --help` for an example of each")
+        "run `aisoc plugin COMMAND --help` for an example of each",
+    )
     add_commands(plugin, PLUGIN_COMMANDS)
-    plugins = sub.add_parser("plugins", help="operate the plugins of a running daemon",
-                             description="Operate the plugins of aisoc-plugind.")
+    plugins = sub.add_parser(
+        "plugins",
+        help="operate the plugins of a running daemon",
+        description="Operate the plugins of aisoc-plugind.",
+    )
     common_options(plugins, None)
     add_commands(plugins, OPERATOR_COMMANDS, common=common_options)
     return parser

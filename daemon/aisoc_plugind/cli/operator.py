@@ -25,8 +25,10 @@ _PROG = "aisoc plugins"
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def _error_code(record: dict[str, Any]) -> str:
@@ -37,10 +39,18 @@ def _error_code(record: dict[str, Any]) -> str:
 def render_list(doc: dict[str, Any]) -> str:
     """Return the plugin list as a table."""
     rows = [("ID", "VERSION", "TYPE", "STATE", "SIGNATURE", "KEY", "ERROR")]
-    rows += [(str(r.get("id")), str(r.get("version")), str(r.get("plugin_type")),
-              str(r.get("state")), str(r.get("signature_status") or "-"),
-              str(r.get("signing_key_id") or "-"), _error_code(r) or "-")
-             for r in doc.get("plugins", [])]
+    rows += [
+        (
+            str(r.get("id")),
+            str(r.get("version")),
+            str(r.get("plugin_type")),
+            str(r.get("state")),
+            str(r.get("signature_status") or "-"),
+            str(r.get("signing_key_id") or "-"),
+            _error_code(r) or "-",
+        )
+        for r in doc.get("plugins", [])
+    ]
     return _table(rows) if len(rows) > 1 else "no plugins"
 
 
@@ -48,8 +58,13 @@ def render_record(doc: dict[str, Any]) -> str:
     """Return one plugin record as `key: value` lines."""
     lines = []
     for key, value in doc.items():
-        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) \
-            else "-" if value is None else str(value)
+        shown = (
+            json.dumps(value, ensure_ascii=False)
+            if isinstance(value, dict | list)
+            else "-"
+            if value is None
+            else str(value)
+        )
         lines.append(f"{key + ':':<18}{shown}")
     return "\n".join(lines)
 
@@ -132,34 +147,45 @@ def _install(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any
 
 def _endpoint(args: argparse.Namespace) -> Endpoint:
     """Return where the API is and how to authenticate, from options and environment."""
-    return Endpoint(api=args.api or os.environ.get("AISOC_API") or DEFAULT_API,
-                    token=args.token or os.environ.get("AISOC_TOKEN") or None,
-                    timeout=args.timeout or 60.0, cacert=args.cacert)
+    return Endpoint(
+        api=args.api or os.environ.get("AISOC_API") or DEFAULT_API,
+        token=args.token or os.environ.get("AISOC_TOKEN") or None,
+        timeout=args.timeout or 60.0,
+        cacert=args.cacert,
+    )
 
 
-
-
-def _command(fetch: Callable[[Endpoint, argparse.Namespace], tuple[Any, Callable[[Any], str]]]
-             ) -> Callable[[argparse.Namespace], int]:
+def _command(
+    fetch: Callable[[Endpoint, argparse.Namespace], tuple[Any, Callable[[Any], str]]],
+) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         doc, render = fetch(_endpoint(args), args)
         print(json.dumps(doc, indent=2, ensure_ascii=False) if args.json else render(doc))
         return 0
+
     return run
 
 
 def common_options(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
     """Add the connection options; with SUPPRESS (on a subcommand) they may follow it too."""
-    parser.add_argument("--api", default=default,
-                        help=f"API address (default: $AISOC_API or {DEFAULT_API}; "
-                             "unix:/path.sock works)")
-    parser.add_argument("--token", default=default,
-                        help="bearer token (default: $AISOC_TOKEN; prefer the variable)")
+    parser.add_argument(
+        "--api",
+        default=default,
+        help=f"API address (default: $AISOC_API or {DEFAULT_API}; unix:/path.sock works)",
+    )
+    parser.add_argument(
+        "--token", default=default, help="bearer token (default: $AISOC_TOKEN; prefer the variable)"
+    )
     parser.add_argument("--cacert", default=default, help="CA bundle for an https API")
-    parser.add_argument("--timeout", type=float, default=default,
-                        help="seconds to wait for the API (default 60)")
-    parser.add_argument("--json", action="store_true", default=default,
-                        help="print the API's JSON instead of a table")
+    parser.add_argument(
+        "--timeout", type=float, default=default, help="seconds to wait for the API (default 60)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default,
+        help="print the API's JSON instead of a table",
+    )
 
 
 def _plugin_id(p: argparse.ArgumentParser) -> None:
@@ -181,11 +207,15 @@ def _args_install(p: argparse.ArgumentParser) -> None:
     p.add_argument("oci_ref", help="e.g. registry.example.org/plugins/geoip:1.2.0")
 
 
-def _op(name: str, text: str, fetch: Callable[[Endpoint, argparse.Namespace],
-                                              tuple[Any, Callable[[Any], str]]],
-        arguments: Callable[[argparse.ArgumentParser], None] = _plugin_id) -> Command:
-    return Command(name=name, help=text, run=_command(fetch), arguments=arguments,
-                   error_prefix=_PROG)
+def _op(
+    name: str,
+    text: str,
+    fetch: Callable[[Endpoint, argparse.Namespace], tuple[Any, Callable[[Any], str]]],
+    arguments: Callable[[argparse.ArgumentParser], None] = _plugin_id,
+) -> Command:
+    return Command(
+        name=name, help=text, run=_command(fetch), arguments=arguments, error_prefix=_PROG
+    )
 
 
 def _no_args(p: argparse.ArgumentParser) -> None:

@@ -62,21 +62,33 @@ def _serve(service: Service) -> list[str]:
         anyio.run(service.run)
     except* (ConfigError, OSError) as group:
         # Errors at bind time (port or socket in use, unreadable TLS key) end the daemon.
-        failures = [exc.message if isinstance(exc, ConfigError) else str(exc)
-                    for exc in group.exceptions]
+        failures = [
+            exc.message if isinstance(exc, ConfigError) else str(exc) for exc in group.exceptions
+        ]
     return failures
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path,
-                   help="TOML config file (default: built-in defaults + environment)")
+    p.add_argument(
+        "--config", type=Path, help="TOML config file (default: built-in defaults + environment)"
+    )
 
 
 DAEMON_COMMANDS: tuple[Command, ...] = (
-    Command(name="run", help="run the daemon in the foreground (for systemd)", run=_run,
-            arguments=_config_option, error_prefix=_PROG,
-            example="  aisoc-plugind run --config /etc/aisoc-plugind/config.toml"),
-    Command(name="check-config", help="validate the config, print the effective settings",
-            run=_check_config, arguments=_config_option, error_prefix=_PROG,
-            example="  aisoc-plugind check-config --config config.toml"),
+    Command(
+        name="run",
+        help="run the daemon in the foreground (for systemd)",
+        run=_run,
+        arguments=_config_option,
+        error_prefix=_PROG,
+        example="  aisoc-plugind run --config /etc/aisoc-plugind/config.toml",
+    ),
+    Command(
+        name="check-config",
+        help="validate the config, print the effective settings",
+        run=_check_config,
+        arguments=_config_option,
+        error_prefix=_PROG,
+        example="  aisoc-plugind check-config --config config.toml",
+    ),
 )

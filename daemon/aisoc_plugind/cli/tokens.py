@@ -45,15 +45,19 @@ def _parse_permissions(text: str) -> tuple[str, ...]:
     perms = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [p for p in perms if p not in PERMISSIONS]
     if unknown or not perms:
-        raise TokenFileError(f"unknown permission {', '.join(unknown) or '(none given)'}; "
-                             f"choose from: {', '.join(PERMISSIONS)}")
+        raise TokenFileError(
+            f"unknown permission {', '.join(unknown) or '(none given)'}; "
+            f"choose from: {', '.join(PERMISSIONS)}"
+        )
     return perms
 
 
 def _create(args: argparse.Namespace) -> int:
     if not NAME_RE.fullmatch(args.name):
-        raise TokenFileError(f"invalid token name {args.name!r}: use 1-64 characters "
-                             "A-Z a-z 0-9 . _ @ - (starting with a letter or digit)")
+        raise TokenFileError(
+            f"invalid token name {args.name!r}: use 1-64 characters "
+            "A-Z a-z 0-9 . _ @ - (starting with a letter or digit)"
+        )
     perms = _parse_permissions(args.permissions)
     path = _tokens_file(args)
     with locked_dir(path):
@@ -63,13 +67,19 @@ def _create(args: argparse.Namespace) -> int:
         token = new_token()
         now = utcnow()
         expires = rfc3339(now + args.expires_in) if args.expires_in else ""
-        entries[args.name] = TokenEntry(name=args.name, sha256=token_hash(token),
-                                        permissions=perms, created=rfc3339(now),
-                                        expires=expires)
+        entries[args.name] = TokenEntry(
+            name=args.name,
+            sha256=token_hash(token),
+            permissions=perms,
+            created=rfc3339(now),
+            expires=expires,
+        )
         write_tokens_file(path, entries)
     print(token)
-    print(f"created token {args.name!r} ({', '.join(perms)}) in {path}; it is shown once",
-          file=sys.stderr)
+    print(
+        f"created token {args.name!r} ({', '.join(perms)}) in {path}; it is shown once",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -82,8 +92,10 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps({"tokens": shown}, indent=2))
         return EXIT_OK
     rows = [("NAME", "PERMISSIONS", "CREATED", "EXPIRES")]
-    rows += [(t["name"], ",".join(t["permissions"]), t["created"], t["expires"] or "never")
-             for t in shown]
+    rows += [
+        (t["name"], ",".join(t["permissions"]), t["created"], t["expires"] or "never")
+        for t in shown
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -97,8 +109,9 @@ def _revoke(args: argparse.Namespace) -> int:
         if entries.pop(args.name, None) is None:
             raise TokenFileError(f"no token named {args.name!r} in {path}")
         write_tokens_file(path, entries)
-    print(f"revoked token {args.name!r}; the daemon refuses it from its next request",
-          file=sys.stderr)
+    print(
+        f"revoked token {args.name!r}; the daemon refuses it from its next request", file=sys.stderr
+    )
     return EXIT_OK
 
 
@@ -115,16 +128,26 @@ def _tokens_file(args: argparse.Namespace) -> Path:
 
 
 def _file_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens-file", type=Path, default=None,
-                   help=f"tokens file (default: ${TOKENS_FILE_ENV} or {DEFAULT_TOKENS_FILE})")
+    p.add_argument(
+        "--tokens-file",
+        type=Path,
+        default=None,
+        help=f"tokens file (default: ${TOKENS_FILE_ENV} or {DEFAULT_TOKENS_FILE})",
+    )
 
 
 def _args_create(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="token name (the audit log's actor)")
-    p.add_argument("--permissions", required=True,
-                   help=f"comma-separated, from: {', '.join(PERMISSIONS)}")
-    p.add_argument("--expires-in", type=_duration_arg, default=None, metavar="DURATION",
-                   help="refuse the token after this long: 90d, 12h or 30m (default: never)")
+    p.add_argument(
+        "--permissions", required=True, help=f"comma-separated, from: {', '.join(PERMISSIONS)}"
+    )
+    p.add_argument(
+        "--expires-in",
+        type=_duration_arg,
+        default=None,
+        metavar="DURATION",
+        help="refuse the token after this long: 90d, 12h or 30m (default: never)",
+    )
     _file_option(p)
 
 
@@ -139,12 +162,28 @@ def _args_revoke(p: argparse.ArgumentParser) -> None:
 
 
 TOKEN_COMMANDS: tuple[Command, ...] = (
-    Command(name="create", help="create a token; prints it alone on stdout", run=_create,
-            arguments=_args_create, error_prefix=_PREFIX, example="""\
+    Command(
+        name="create",
+        help="create a token; prints it alone on stdout",
+        run=_create,
+        arguments=_args_create,
+        error_prefix=_PREFIX,
+        example="""\
   aisoc-plugind token create --tokens-file /etc/aisoc-plugind/tokens.toml \\
-      --name soc-runner --permissions plugins:execute --expires-in 90d"""),
-    Command(name="list", help="list names, permissions, creation and expiry times", run=_list,
-            arguments=_args_list, error_prefix=_PREFIX),
-    Command(name="revoke", help="delete a token by name", run=_revoke, arguments=_args_revoke,
-            error_prefix=_PREFIX),
+      --name soc-runner --permissions plugins:execute --expires-in 90d""",
+    ),
+    Command(
+        name="list",
+        help="list names, permissions, creation and expiry times",
+        run=_list,
+        arguments=_args_list,
+        error_prefix=_PREFIX,
+    ),
+    Command(
+        name="revoke",
+        help="delete a token by name",
+        run=_revoke,
+        arguments=_args_revoke,
+        error_prefix=_PREFIX,
+    ),
 )

@@ -75,22 +75,32 @@ class Command:
     error_prefix: str | None = None
 
 
-def add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], *,
-                 dest: str = "command", metavar: str = "COMMAND",
-                 common: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+def add_commands(
+    parser: argparse.ArgumentParser,
+    commands: Sequence[Command],
+    *,
+    dest: str = "command",
+    metavar: str = "COMMAND",
+    common: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
     """Add `commands` as the subcommands of `parser`; `common` adds shared options to each."""
-    sub = parser.add_subparsers(dest=dest, metavar=metavar, required=True,
-                                parser_class=Parser)
+    sub = parser.add_subparsers(dest=dest, metavar=metavar, required=True, parser_class=Parser)
     for command in commands:
         epilog = f"example:\n{command.example}" if command.example else None
-        child = sub.add_parser(command.name, help=command.help, description=command.help,
-                               allow_abbrev=False, epilog=epilog,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        child = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            allow_abbrev=False,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.arguments(child)
         if common is not None:
             common(child)
-        child.set_defaults(_command=command, _prog=command.error_prefix or child.prog,
-                           _parser=child)
+        child.set_defaults(
+            _command=command, _prog=command.error_prefix or child.prog, _parser=child
+        )
 
 
 def run_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:

@@ -28,15 +28,24 @@ def preflight(settings: Settings) -> list[ConfigWarning]:
     """Return warnings about risky but legal settings (INTERFACE §2, seed 'Trust modes')."""
     out: list[ConfigWarning] = []
     if settings.environment != "development" and settings.trust_mode is not TrustMode.STRICT:
-        out.append(ConfigWarning(
-            code=f"trust_mode_{settings.trust_mode.value}_outside_development",
-            message=f"PLUGIN_TRUST_MODE={settings.trust_mode.value} outside development "
-                    f"(ENVIRONMENT={settings.environment}): plugins that are not verified "
-                    "will load"))
-    out += _dir_warnings(settings.plugins_dir, "plugins_dir",
-                         "anyone who can write there can run code as this daemon")
-    out += _dir_warnings(settings.keys_dir, "keys_dir",
-                         "anyone who can write there can make their own plugins trusted")
+        out.append(
+            ConfigWarning(
+                code=f"trust_mode_{settings.trust_mode.value}_outside_development",
+                message=f"PLUGIN_TRUST_MODE={settings.trust_mode.value} outside development "
+                f"(ENVIRONMENT={settings.environment}): plugins that are not verified "
+                "will load",
+            )
+        )
+    out += _dir_warnings(
+        settings.plugins_dir,
+        "plugins_dir",
+        "anyone who can write there can run code as this daemon",
+    )
+    out += _dir_warnings(
+        settings.keys_dir,
+        "keys_dir",
+        "anyone who can write there can make their own plugins trusted",
+    )
     out += _listen_warnings(settings)
     return out
 
@@ -50,16 +59,21 @@ def _dir_warnings(path: Path, name: str, why: str) -> list[ConfigWarning]:
         return [ConfigWarning(code=f"{name}_unreadable", message=f"{path}: {exc.strerror}")]
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         mode = stat.filemode(st.st_mode)
-        return [ConfigWarning(code=f"{name}_writable",
-                              message=f"{name} {path} is writable by group or others ({mode}): "
-                                      f"{why}")]
+        return [
+            ConfigWarning(
+                code=f"{name}_writable",
+                message=f"{name} {path} is writable by group or others ({mode}): {why}",
+            )
+        ]
     return []
 
 
 def _listen_warnings(settings: Settings) -> list[ConfigWarning]:
     if settings.listen.is_loopback:
         return []
-    return [ConfigWarning(code="api_listen_not_loopback",
-                          message=f"api.listen {settings.api_listen} is reachable from other "
-                                  "hosts")]
-
+    return [
+        ConfigWarning(
+            code="api_listen_not_loopback",
+            message=f"api.listen {settings.api_listen} is reachable from other hosts",
+        )
+    ]

@@ -59,7 +59,8 @@ class Settings:
     shutdown_grace_s: float = 20.0
     oci_allow_insecure_registries: tuple[str, ...] = ()
     plugin_config: Mapping[str, Mapping[str, Any]] = field(
-        default_factory=lambda: MappingProxyType({}))
+        default_factory=lambda: MappingProxyType({})
+    )
     config_file: Path | None = None
 
     @property
@@ -114,8 +115,16 @@ def _as_opt_path(v: Any) -> Path | None:
 def _as_bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
-    if isinstance(v, str) and v.strip().lower() in {"1", "true", "yes", "on", "0", "false",
-                                                    "no", "off"}:
+    if isinstance(v, str) and v.strip().lower() in {
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    }:
         return v.strip().lower() in {"1", "true", "yes", "on"}
     raise ValueError("must be true or false")
 
@@ -128,6 +137,7 @@ def _positive(kind: type[int] | type[float]) -> Callable[[Any], Any]:
         if number <= 0:
             raise ValueError("must be a positive number")
         return number
+
     return parse
 
 
@@ -137,6 +147,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
         if text not in options:
             raise ValueError(f"{v!r} is not one of: {', '.join(options)}")
         return text
+
     return parse
 
 
@@ -159,8 +170,13 @@ KEYS: tuple[_Key, ...] = (
     _Key("watch_debounce_ms", "plugins", "watch_debounce_ms", None, _positive(int)),
     _Key("run_timeout_s", "plugins", "run_timeout_s", None, _positive(float)),
     _Key("run_concurrency", "plugins", "run_concurrency", None, _positive(int)),
-    _Key("trust_mode", "trust", "mode", "PLUGIN_TRUST_MODE",
-         lambda v: TrustMode(_choice(tuple(m.value for m in TrustMode))(v))),
+    _Key(
+        "trust_mode",
+        "trust",
+        "mode",
+        "PLUGIN_TRUST_MODE",
+        lambda v: TrustMode(_choice(tuple(m.value for m in TrustMode))(v)),
+    ),
     _Key("keys_dir", "trust", "keys_dir", "PLUGIN_TRUSTED_KEYS_DIR", _as_path),
     _Key("api_listen", "api", "listen", "AISOC_PLUGIND_LISTEN", _listen),
     _Key("tokens_file", "api", "tokens_file", "AISOC_PLUGIND_TOKENS_FILE", _as_path),
@@ -172,8 +188,13 @@ KEYS: tuple[_Key, ...] = (
     _Key("api_denied_burst", "api", "denied_burst", None, _positive(int)),
     _Key("api_denied_per_second", "api", "denied_per_second", None, _positive(float)),
     _Key("audit_path", "audit", "path", "AISOC_PLUGIND_AUDIT_LOG", _as_path),
-    _Key("audit_fsync", "audit", "fsync", None,
-         lambda v: FsyncPolicy(_choice(tuple(p.value for p in FsyncPolicy))(v))),
+    _Key(
+        "audit_fsync",
+        "audit",
+        "fsync",
+        None,
+        lambda v: FsyncPolicy(_choice(tuple(p.value for p in FsyncPolicy))(v)),
+    ),
     _Key("audit_fail_closed", "audit", "fail_closed", None, _as_bool),
     _Key("log_format", "log", "format", None, _choice(("json", "console"))),
     _Key("shutdown_grace_s", "daemon", "shutdown_grace_s", None, _positive(float)),
@@ -230,8 +251,9 @@ def _unknown_keys(doc: Mapping[str, Any]) -> list[str]:
     for name, value in doc.items():
         if isinstance(value, dict) and name in _SECTIONS:
             if name != "plugin_config":
-                problems += [f"unknown config key {name}.{k}" for k in value
-                             if (name, k) not in known]
+                problems += [
+                    f"unknown config key {name}.{k}" for k in value if (name, k) not in known
+                ]
         elif ("", name) not in known:
             problems.append(f"unknown config key {name}")
     return problems

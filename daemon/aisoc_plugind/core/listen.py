@@ -37,7 +37,7 @@ def parse_listen(text: str) -> ListenAddress:
     """Parse `HOST:PORT` (IPv6 in brackets) or `unix:/absolute/path`; raise ValueError."""
     text = text.strip()
     if text.startswith(UNIX_PREFIX):
-        path = text[len(UNIX_PREFIX):]
+        path = text[len(UNIX_PREFIX) :]
         if not path.startswith("/"):
             raise ValueError("unix socket path must be absolute (unix:/run/x.sock)")
         return ListenAddress(text=text, unix_path=path)

@@ -34,8 +34,17 @@ MAX_MANIFEST_BYTES = 64 * 1024
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,63}$")
 PLUGIN_TYPES = frozenset({"enricher", "action", "connector", "responder", "detection", "widget"})
 REQUIRED = ("id", "name", "version", "plugin_type")
-_STR_FIELDS = ("name", "version", "description", "author", "homepage", "license",
-               "min_aisoc_version", "entry_point", "oci_image")
+_STR_FIELDS = (
+    "name",
+    "version",
+    "description",
+    "author",
+    "homepage",
+    "license",
+    "min_aisoc_version",
+    "entry_point",
+    "oci_image",
+)
 _ENTRY_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*/)*[A-Za-z_][A-Za-z0-9_]*\.py$")
 
 
@@ -68,7 +77,8 @@ class _StrictSafeLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(
-                None, None, "aliases are not allowed in manifests", event.start_mark)
+                None, None, "aliases are not allowed in manifests", event.start_mark
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -88,13 +98,27 @@ def _load_yaml(text: str) -> Any:
     except _DuplicateKeyError as exc:
         raise _duplicate(exc, YAML_MANIFEST) from exc
     except yaml.constructor.ConstructorError as exc:
-        raise ManifestError([Problem(field="", code="manifest_unsafe_yaml",
-                                     message=f"refused YAML construct: {_one_line(exc)}")],
-                            source=YAML_MANIFEST) from exc
+        raise ManifestError(
+            [
+                Problem(
+                    field="",
+                    code="manifest_unsafe_yaml",
+                    message=f"refused YAML construct: {_one_line(exc)}",
+                )
+            ],
+            source=YAML_MANIFEST,
+        ) from exc
     except yaml.YAMLError as exc:
-        raise ManifestError([Problem(field="", code="manifest_bad_syntax",
-                                     message=f"YAML does not parse: {_one_line(exc)}")],
-                            source=YAML_MANIFEST) from exc
+        raise ManifestError(
+            [
+                Problem(
+                    field="",
+                    code="manifest_bad_syntax",
+                    message=f"YAML does not parse: {_one_line(exc)}",
+                )
+            ],
+            source=YAML_MANIFEST,
+        ) from exc
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -112,20 +136,35 @@ def _reject_constant(name: str) -> Any:
 
 def _load_json(text: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates,
-                          parse_constant=_reject_constant)
+        return json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
     except _DuplicateKeyError as exc:
         raise _duplicate(exc, JSON_MANIFEST) from exc
     except ValueError as exc:
-        raise ManifestError([Problem(field="", code="manifest_bad_syntax",
-                                     message=f"JSON does not parse: {_one_line(exc)}")],
-                            source=JSON_MANIFEST) from exc
+        raise ManifestError(
+            [
+                Problem(
+                    field="",
+                    code="manifest_bad_syntax",
+                    message=f"JSON does not parse: {_one_line(exc)}",
+                )
+            ],
+            source=JSON_MANIFEST,
+        ) from exc
 
 
 def _duplicate(exc: BaseException, source: str) -> ManifestError:
-    return ManifestError([Problem(field="", code="manifest_duplicate_key",
-                                  message=f"{_one_line(exc)}: a key may appear only once")],
-                         source=source)
+    return ManifestError(
+        [
+            Problem(
+                field="",
+                code="manifest_duplicate_key",
+                message=f"{_one_line(exc)}: a key may appear only once",
+            )
+        ],
+        source=source,
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -135,36 +174,56 @@ def _one_line(exc: BaseException) -> str:
 def parse(data: bytes, source: str = YAML_MANIFEST) -> Manifest:
     """Parse manifest bytes read from `source` (a file name) and validate them."""
     if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError([Problem(field="", code="manifest_too_large",
-                                     message=f"{len(data)} bytes, the limit is "
-                                             f"{MAX_MANIFEST_BYTES}")], source=source)
+        raise ManifestError(
+            [
+                Problem(
+                    field="",
+                    code="manifest_too_large",
+                    message=f"{len(data)} bytes, the limit is {MAX_MANIFEST_BYTES}",
+                )
+            ],
+            source=source,
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ManifestError([Problem(field="", code="manifest_bad_syntax",
-                                     message="not UTF-8 text")], source=source) from exc
+        raise ManifestError(
+            [Problem(field="", code="manifest_bad_syntax", message="not UTF-8 text")], source=source
+        ) from exc
     try:
         loaded = _load_json(text) if source.endswith(".json") else _load_yaml(text)
     except RecursionError as exc:  # e.g. 2000 nested brackets: an error, not a crash
-        raise ManifestError([Problem(field="", code="manifest_too_deep",
-                                     message="nested too deeply to parse")],
-                            source=source) from exc
+        raise ManifestError(
+            [Problem(field="", code="manifest_too_deep", message="nested too deeply to parse")],
+            source=source,
+        ) from exc
     return validate(loaded, source=source)
 
 
 def validate(loaded: Any, *, source: str = YAML_MANIFEST) -> Manifest:
     """Validate an already-parsed manifest mapping; list every problem in one error."""
     if not isinstance(loaded, dict):
-        raise ManifestError([Problem(field="", code="manifest_not_mapping",
-                                     message="the manifest must be a mapping of keys")],
-                            source=source)
+        raise ManifestError(
+            [
+                Problem(
+                    field="",
+                    code="manifest_not_mapping",
+                    message="the manifest must be a mapping of keys",
+                )
+            ],
+            source=source,
+        )
     problems = list(_problems(loaded))
     if problems:
         raise ManifestError(problems, source=source)
     return Manifest(
-        id=loaded["id"], name=loaded["name"], version=loaded["version"],
-        plugin_type=loaded["plugin_type"], entry_point=loaded.get("entry_point", "plugin.py"),
-        source=source, data=_freeze(loaded),
+        id=loaded["id"],
+        name=loaded["name"],
+        version=loaded["version"],
+        plugin_type=loaded["plugin_type"],
+        entry_point=loaded.get("entry_point", "plugin.py"),
+        source=source,
+        data=_freeze(loaded),
     )
 
 
@@ -176,54 +235,82 @@ def _problems(m: dict[str, Any]) -> list[Problem]:
 
 
 def _check_required(m: dict[str, Any]) -> list[Problem]:
-    return [Problem(field=k, code="manifest_missing_field", message="required field is missing")
-            for k in REQUIRED if k not in m]
+    return [
+        Problem(field=k, code="manifest_missing_field", message="required field is missing")
+        for k in REQUIRED
+        if k not in m
+    ]
 
 
 def _check_strings(m: dict[str, Any]) -> list[Problem]:
-    return [Problem(field=k, code="manifest_bad_field",
-                    message=f"must be a non-empty string, found {type(m[k]).__name__}"
-                    + (" (quote it in YAML)" if isinstance(m[k], int | float) else ""))
-            for k in ("id", "plugin_type", *_STR_FIELDS)
-            if k in m and (not isinstance(m[k], str) or not m[k].strip())]
+    return [
+        Problem(
+            field=k,
+            code="manifest_bad_field",
+            message=f"must be a non-empty string, found {type(m[k]).__name__}"
+            + (" (quote it in YAML)" if isinstance(m[k], int | float) else ""),
+        )
+        for k in ("id", "plugin_type", *_STR_FIELDS)
+        if k in m and (not isinstance(m[k], str) or not m[k].strip())
+    ]
 
 
 def _check_id(m: dict[str, Any]) -> list[Problem]:
     value = m.get("id")
     if isinstance(value, str) and not ID_RE.fullmatch(value):
-        return [Problem(field="id", code="manifest_bad_id",
-                        message=f"{value!r} must match {ID_RE.pattern}")]
+        return [
+            Problem(
+                field="id", code="manifest_bad_id", message=f"{value!r} must match {ID_RE.pattern}"
+            )
+        ]
     return []
 
 
 def _check_type(m: dict[str, Any]) -> list[Problem]:
     value = m.get("plugin_type")
     if isinstance(value, str) and value not in PLUGIN_TYPES:
-        return [Problem(field="plugin_type", code="manifest_bad_type",
-                        message=f"{value!r} is not one of {', '.join(sorted(PLUGIN_TYPES))}")]
+        return [
+            Problem(
+                field="plugin_type",
+                code="manifest_bad_type",
+                message=f"{value!r} is not one of {', '.join(sorted(PLUGIN_TYPES))}",
+            )
+        ]
     return []
 
 
 def _check_entry_point(m: dict[str, Any]) -> list[Problem]:
     value = m.get("entry_point")
     if isinstance(value, str) and not _ENTRY_RE.fullmatch(value):
-        return [Problem(field="entry_point", code="manifest_bad_field",
-                        message=f"{value!r} must be a relative path of Python identifiers "
-                                "ending in .py (no '..', no absolute path)")]
+        return [
+            Problem(
+                field="entry_point",
+                code="manifest_bad_field",
+                message=f"{value!r} must be a relative path of Python identifiers "
+                "ending in .py (no '..', no absolute path)",
+            )
+        ]
     return []
 
 
 def _check_optional_shapes(m: dict[str, Any]) -> list[Problem]:
     out: list[Problem] = []
     tags = m.get("tags")
-    if tags is not None and (not isinstance(tags, list)
-                             or not all(isinstance(t, str) for t in tags)):
-        out.append(Problem(field="tags", code="manifest_bad_field",
-                           message="must be a list of strings"))
+    if tags is not None and (
+        not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)
+    ):
+        out.append(
+            Problem(field="tags", code="manifest_bad_field", message="must be a list of strings")
+        )
     schema = m.get("config_schema")
     if schema is not None and not isinstance(schema, dict):
-        out.append(Problem(field="config_schema", code="manifest_bad_field",
-                           message="must be a JSON Schema object"))
+        out.append(
+            Problem(
+                field="config_schema",
+                code="manifest_bad_field",
+                message="must be a JSON Schema object",
+            )
+        )
     return out
 
 
@@ -231,14 +318,24 @@ def _check_json_values(m: dict[str, Any]) -> list[Problem]:
     bad = _non_json_path(m, "")
     if bad is None:
         return []
-    return [Problem(field=bad, code="manifest_bad_field",
-                    message="value has no JSON form (dates, binary, non-string keys and "
-                            "NaN cannot be signed); quote it")]
+    return [
+        Problem(
+            field=bad,
+            code="manifest_bad_field",
+            message="value has no JSON form (dates, binary, non-string keys and "
+            "NaN cannot be signed); quote it",
+        )
+    ]
 
 
 _CHECKS: tuple[Callable[[dict[str, Any]], list[Problem]], ...] = (
-    _check_required, _check_strings, _check_id, _check_type, _check_entry_point,
-    _check_optional_shapes, _check_json_values,
+    _check_required,
+    _check_strings,
+    _check_id,
+    _check_type,
+    _check_entry_point,
+    _check_optional_shapes,
+    _check_json_values,
 )
 
 
@@ -305,8 +402,10 @@ def config_problem(schema: dict[str, Any], config: Mapping[str, Any]) -> str | N
     except RecursionError as exc:
         raise ValueError("config_schema refers to itself without end") from exc
     except Exception as exc:  # referencing's Unresolvable and friends (no public base class)
-        raise ValueError(f"config_schema cannot be used ({type(exc).__name__}): only $refs "
-                         "inside the schema are resolved") from exc
+        raise ValueError(
+            f"config_schema cannot be used ({type(exc).__name__}): only $refs "
+            "inside the schema are resolved"
+        ) from exc
     if error is None:
         return None
     # Never exc.message: it quotes the offending value, and config holds secrets.

@@ -21,8 +21,7 @@ from typing import Any
 from aisoc_plugind.core.clock import rfc3339
 from aisoc_plugind.errors import PluginStateConflict
 
-__all__ = ["SERVING", "TRANSITIONS", "PluginRecord", "State", "can_transition",
-           "check_transition"]
+__all__ = ["SERVING", "TRANSITIONS", "PluginRecord", "State", "can_transition", "check_transition"]
 
 
 class State(StrEnum):
@@ -58,11 +57,11 @@ def check_transition(plugin_id: str, from_state: State, to_state: State) -> None
     if can_transition(from_state, to_state):
         return
     code = {State.FAILED: "plugin_failed", State.UNLOADED: "plugin_unloaded"}.get(
-        from_state, "plugin_state_conflict")
+        from_state, "plugin_state_conflict"
+    )
     raise PluginStateConflict(
-        f"plugin {plugin_id!r} is {from_state.value}; cannot become {to_state.value}",
-        code=code)
-
+        f"plugin {plugin_id!r} is {from_state.value}; cannot become {to_state.value}", code=code
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,12 +99,18 @@ class PluginRecord:
     def to_json(self) -> dict[str, Any]:
         """Return the record as the API and CLI show it."""
         return {
-            "id": self.id, "name": self.name, "version": self.version,
-            "plugin_type": self.plugin_type, "state": self.state.value,
-            "enabled": self.enabled, "signature_status": self.signature_status,
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "plugin_type": self.plugin_type,
+            "state": self.state.value,
+            "enabled": self.enabled,
+            "signature_status": self.signature_status,
             "signing_key_id": self.signing_key_id,
-            "error": dict(self.error) if self.error else None, "path": self.path,
+            "error": dict(self.error) if self.error else None,
+            "path": self.path,
             "loaded_at": rfc3339(self.loaded_at) if self.loaded_at else None,
-            "manifest": dict(self.manifest), "digest": self.digest,
+            "manifest": dict(self.manifest),
+            "digest": self.digest,
             "path_missing": self.path_missing,
         }

@@ -101,8 +101,9 @@ def _pem_der(data: bytes, label: bytes) -> bytes:
         raise KeyFileError("not a PEM file", code="key_not_pem")
     if match.group(1) != label:
         found = match.group(1).decode("ascii", "replace")
-        raise KeyFileError(f"expected a {label.decode()} PEM block, found {found}",
-                           code="key_wrong_type")
+        raise KeyFileError(
+            f"expected a {label.decode()} PEM block, found {found}", code="key_wrong_type"
+        )
     try:
         return base64.b64decode(b"".join(match.group(2).split()), validate=True)
     except binascii.Error as exc:
@@ -114,22 +115,21 @@ def load_public_key(pem: bytes) -> nacl.signing.VerifyKey:
     der = _pem_der(pem, b"PUBLIC KEY")
     if len(der) != len(_SPKI_PREFIX) + 32 or not der.startswith(_SPKI_PREFIX):
         raise KeyFileError("not an Ed25519 public key (SPKI)", code="key_not_ed25519")
-    return nacl.signing.VerifyKey(der[len(_SPKI_PREFIX):])
+    return nacl.signing.VerifyKey(der[len(_SPKI_PREFIX) :])
 
 
 def load_private_key(pem: bytes) -> nacl.signing.SigningKey:
     """Parse an unencrypted Ed25519 PKCS#8 PEM private key."""
     der = _pem_der(pem, b"PRIVATE KEY")
     if len(der) != len(_PKCS8_PREFIX) + 32 or not der.startswith(_PKCS8_PREFIX):
-        raise KeyFileError("not an unencrypted Ed25519 PKCS#8 private key",
-                           code="key_not_ed25519")
-    seed = der[len(_PKCS8_PREFIX):]
+        raise KeyFileError("not an unencrypted Ed25519 PKCS#8 private key", code="key_not_ed25519")
+    seed = der[len(_PKCS8_PREFIX) :]
     return nacl.signing.SigningKey(seed)
 
 
 def _pem(label: str, der: bytes) -> bytes:
     body = base64.b64encode(der).decode("ascii")
-    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
     text = "\n".join([f"-----BEGIN {label}-----", *lines, f"-----END {label}-----"])
     return (text + "\n").encode("ascii")
 
@@ -182,13 +182,18 @@ def decide(
 ) -> TrustDecision:
     """Apply the trust-mode table of INTERFACE §5 to one plugin; never raises."""
     if mode is TrustMode.DISABLED:
-        return TrustDecision(status=SignatureStatus.SKIPPED, key_id=None, allowed=True,
-                             reason="trust mode is disabled: signature not checked",
-                             digest_hex=digest.hex())
+        return TrustDecision(
+            status=SignatureStatus.SKIPPED,
+            key_id=None,
+            allowed=True,
+            reason="trust mode is disabled: signature not checked",
+            digest_hex=digest.hex(),
+        )
     status, key_id, reason = _check(digest, signature_file, keys)
     allowed = status is SignatureStatus.VERIFIED or mode is TrustMode.WARN
-    return TrustDecision(status=status, key_id=key_id, allowed=allowed, reason=reason,
-                         digest_hex=digest.hex())
+    return TrustDecision(
+        status=status, key_id=key_id, allowed=allowed, reason=reason, digest_hex=digest.hex()
+    )
 
 
 def _check(
@@ -204,7 +209,10 @@ def _check(
         return SignatureStatus.INVALID, None, "no trusted keys are loaded"
     key_id = find_signer(digest, signature, keys)
     if key_id is None:
-        return (SignatureStatus.INVALID, None,
-                f"signature matches none of the {len(keys)} trusted key(s); the manifest, "
-                "a *.py file or plugin.sig changed, or the signer's key is not trusted")
+        return (
+            SignatureStatus.INVALID,
+            None,
+            f"signature matches none of the {len(keys)} trusted key(s); the manifest, "
+            "a *.py file or plugin.sig changed, or the signer's key is not trusted",
+        )
     return SignatureStatus.VERIFIED, key_id, f"verified by key {key_id}"

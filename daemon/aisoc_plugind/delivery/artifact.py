@@ -11,8 +11,18 @@ from typing import Any, NoReturn
 from aisoc_plugind.delivery.reference import DIGEST_RE
 from aisoc_plugind.errors import OciError
 
-__all__ = ["ARTIFACT_TYPE", "EMPTY_CONFIG", "MEDIA_TYPE_LAYER", "OCI_EMPTY", "OCI_INDEX",
-           "OCI_MANIFEST", "Descriptor", "build_manifest", "layer_descriptor", "sha256_digest"]
+__all__ = [
+    "ARTIFACT_TYPE",
+    "EMPTY_CONFIG",
+    "MEDIA_TYPE_LAYER",
+    "OCI_EMPTY",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "Descriptor",
+    "build_manifest",
+    "layer_descriptor",
+    "sha256_digest",
+]
 
 MEDIA_TYPE_LAYER = "application/vnd.aisoc.plugin.layer.v1.tar+gzip"
 
@@ -87,8 +97,11 @@ def _strict_json(raw: bytes) -> dict[str, Any]:
         return dict(pairs)
 
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates,
-                         parse_constant=lambda c: _raise(ValueError(f"{c} is not JSON")))
+        doc = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=no_duplicates,
+            parse_constant=lambda c: _raise(ValueError(f"{c} is not JSON")),
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad_artifact(f"the manifest is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict):
@@ -101,8 +114,10 @@ def _check_manifest_type(doc: Mapping[str, Any], content_type: str | None) -> No
     if declared == OCI_INDEX or "manifests" in doc:
         raise _bad_artifact("it is an image index (several manifests); push one package")
     if declared != OCI_MANIFEST or doc.get("schemaVersion") != 2:
-        raise _bad_artifact(f"it is {declared or 'an untyped document'!r}, not an OCI image "
-                            "manifest (schemaVersion 2)")
+        raise _bad_artifact(
+            f"it is {declared or 'an untyped document'!r}, not an OCI image "
+            "manifest (schemaVersion 2)"
+        )
 
 
 def _descriptor(value: Any, what: str) -> Descriptor:
@@ -132,16 +147,28 @@ def build_manifest(
     """Return the canonical bytes of an OCI 1.1 artifact manifest for one package layer."""
     annotations = {ANNOTATION_TITLE: title}
     if plugin_id is not None and version is not None:
-        annotations |= {ANNOTATION_PLUGIN_ID: plugin_id, ANNOTATION_PLUGIN_VERSION: version,
-                        ANNOTATION_VERSION: version}
+        annotations |= {
+            ANNOTATION_PLUGIN_ID: plugin_id,
+            ANNOTATION_PLUGIN_VERSION: version,
+            ANNOTATION_VERSION: version,
+        }
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": ARTIFACT_TYPE,
-        "config": {"mediaType": OCI_EMPTY, "digest": sha256_digest(EMPTY_CONFIG),
-                   "size": len(EMPTY_CONFIG)},
-        "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size,
-                    "annotations": {ANNOTATION_TITLE: title}}],
+        "config": {
+            "mediaType": OCI_EMPTY,
+            "digest": sha256_digest(EMPTY_CONFIG),
+            "size": len(EMPTY_CONFIG),
+        },
+        "layers": [
+            {
+                "mediaType": layer.media_type,
+                "digest": layer.digest,
+                "size": layer.size,
+                "annotations": {ANNOTATION_TITLE: title},
+            }
+        ],
         "annotations": annotations,
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()

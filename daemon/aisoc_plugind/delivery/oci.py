@@ -50,10 +50,16 @@ def pull_package(
     its exact descriptor size and sha256 enforced. Raises OciError.
     """
     reference = parse_reference(ref)
-    deadline = Deadline(limits.deadline_s, lambda: OciError(
-        f"pulling {reference} took longer than {limits.deadline_s:g} s", code="oci_timeout"))
-    with registry_errors(reference.registry), \
-            Registry(reference, insecure_registries, deadline) as registry:
+    deadline = Deadline(
+        limits.deadline_s,
+        lambda: OciError(
+            f"pulling {reference} took longer than {limits.deadline_s:g} s", code="oci_timeout"
+        ),
+    )
+    with (
+        registry_errors(reference.registry),
+        Registry(reference, insecure_registries, deadline) as registry,
+    ):
         raw, content_type, stated = registry.fetch_manifest(limits.manifest_bytes)
         digest = _manifest_digest(reference, raw, stated)
         layer = layer_descriptor(raw, content_type)
@@ -65,8 +71,10 @@ def _manifest_digest(reference: Reference, raw: bytes, stated: str | None) -> st
     digest = sha256_digest(raw)
     expected = reference.digest or (stated if stated and stated.startswith("sha256:") else None)
     if expected is not None and expected != digest:
-        raise OciError(f"the manifest of {reference} has digest {digest}, expected {expected}",
-                       code="oci_digest_mismatch")
+        raise OciError(
+            f"the manifest of {reference} has digest {digest}, expected {expected}",
+            code="oci_digest_mismatch",
+        )
     return digest
 
 
@@ -82,10 +90,16 @@ def push_package(file: Path, ref: str, *, insecure_registries: Sequence[str] = (
     plugin = inspect_package(data, limits)
     layer = Descriptor(media_type=MEDIA_TYPE_LAYER, digest=sha256_digest(data), size=len(data))
     raw = build_manifest(layer, title=file.name, plugin_id=plugin.id, version=plugin.version)
-    deadline = Deadline(PUSH_DEADLINE_S, lambda: OciError(
-        f"pushing to {reference} took longer than {PUSH_DEADLINE_S:g} s", code="oci_timeout"))
-    with registry_errors(reference.registry), \
-            Registry(reference, insecure_registries, deadline) as registry:
+    deadline = Deadline(
+        PUSH_DEADLINE_S,
+        lambda: OciError(
+            f"pushing to {reference} took longer than {PUSH_DEADLINE_S:g} s", code="oci_timeout"
+        ),
+    )
+    with (
+        registry_errors(reference.registry),
+        Registry(reference, insecure_registries, deadline) as registry,
+    ):
         registry.upload_blob(EMPTY_CONFIG)
         registry.upload_blob(data)
         registry.put_manifest(raw, reference.target)

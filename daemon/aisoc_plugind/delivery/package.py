@@ -56,10 +56,15 @@ def extract_package(layer: bytes, staging: Path, *, limits: Limits = DEFAULT_LIM
     relative to directory descriptors; every rule break raises ArchiveError. On error,
     `staging` may hold a partial tree: removing it is the caller's job.
     """
-    deadline = Deadline(limits.deadline_s, lambda: ArchiveError(
-        f"extraction took longer than {limits.deadline_s:g} s", code="archive_timeout"))
-    stream = Gunzip(layer, budget=limits.extracted_bytes + TAR_METADATA_ALLOWANCE,
-                    deadline=deadline)
+    deadline = Deadline(
+        limits.deadline_s,
+        lambda: ArchiveError(
+            f"extraction took longer than {limits.deadline_s:g} s", code="archive_timeout"
+        ),
+    )
+    stream = Gunzip(
+        layer, budget=limits.extracted_bytes + TAR_METADATA_ALLOWANCE, deadline=deadline
+    )
     with _archive_errors(staging):
         root = os.open(staging, _DIR_FLAGS)
         try:
@@ -84,9 +89,11 @@ def inspect_package(data: bytes, limits: Limits = DEFAULT_LIMITS) -> manifest_mo
         found = extract_package(data, staging, limits=limits)
     plugin = manifest_mod.parse(found.manifest_bytes, found.manifest_name)
     if found.top != plugin.id:
-        raise ArchiveError(f"the package's top directory is {found.top!r} but the manifest id "
-                           f"is {plugin.id!r}; build it with `aisoc plugin package`",
-                           code="archive_layout")
+        raise ArchiveError(
+            f"the package's top directory is {found.top!r} but the manifest id "
+            f"is {plugin.id!r}; build it with `aisoc plugin package`",
+            code="archive_layout",
+        )
     return plugin
 
 
@@ -110,24 +117,35 @@ def _archive_errors(staging: Path) -> Iterator[None]:
     try:
         yield
     except (tarfile.TarError, zlib.error, EOFError) as exc:
-        raise ArchiveError(f"the package is not a valid tar+gzip archive: {brief(exc)}",
-                           code="archive_corrupt") from exc
+        raise ArchiveError(
+            f"the package is not a valid tar+gzip archive: {brief(exc)}", code="archive_corrupt"
+        ) from exc
     except OSError as exc:
         hint = " (it must be empty)" if exc.errno in (errno.EEXIST, errno.ELOOP) else ""
-        raise OciError(f"cannot write into staging {staging}{hint}: {exc.strerror}",
-                       code="oci_staging_failed") from exc
+        raise OciError(
+            f"cannot write into staging {staging}{hint}: {exc.strerror}", code="oci_staging_failed"
+        ) from exc
 
 
 _NAME_RULES: tuple[tuple[Callable[[str], bool], str, str], ...] = (
     (lambda n: not n, "archive_path_invalid", "is empty"),
     (lambda n: "\x00" in n, "archive_path_invalid", "holds a NUL byte"),
     (lambda n: "\\" in n, "archive_path_invalid", "holds a backslash"),
-    (lambda n: any(ord(c) < 0x20 or ord(c) == 0x7F for c in n), "archive_path_invalid",
-     "holds a control character"),
-    (lambda n: any(0xD800 <= ord(c) <= 0xDFFF for c in n), "archive_path_invalid",
-     "is not valid UTF-8"),
-    (lambda n: not unicodedata.is_normalized("NFC", n), "archive_path_invalid",
-     "is not in Unicode NFC form"),
+    (
+        lambda n: any(ord(c) < 0x20 or ord(c) == 0x7F for c in n),
+        "archive_path_invalid",
+        "holds a control character",
+    ),
+    (
+        lambda n: any(0xD800 <= ord(c) <= 0xDFFF for c in n),
+        "archive_path_invalid",
+        "is not valid UTF-8",
+    ),
+    (
+        lambda n: not unicodedata.is_normalized("NFC", n),
+        "archive_path_invalid",
+        "is not in Unicode NFC form",
+    ),
     (lambda n: n.startswith("/"), "archive_absolute_path", "is an absolute path"),
     (lambda n: ".." in n.split("/"), "archive_path_traversal", "has a '..' component"),
 )
@@ -142,8 +160,11 @@ def member_path(name: str, limits: Limits) -> tuple[str, ...]:
     if not parts:
         raise ArchiveError(f"entry {show_name(name)} names no file", code="archive_path_invalid")
     if len(name.encode()) > limits.path_length or len(parts) > limits.depth:
-        raise ArchiveError(f"entry {show_name(name)} is longer than {limits.path_length} bytes or "
-                           f"deeper than {limits.depth} levels", code="archive_path_too_long")
+        raise ArchiveError(
+            f"entry {show_name(name)} is longer than {limits.path_length} bytes or "
+            f"deeper than {limits.depth} levels",
+            code="archive_path_too_long",
+        )
     return parts
 
 
@@ -164,8 +185,10 @@ class _Extractor:
         self._deadline.left()
         self._entries += 1
         if self._entries > self._limits.entries:
-            raise ArchiveError(f"the package has more than {self._limits.entries} entries",
-                               code="archive_too_many_entries")
+            raise ArchiveError(
+                f"the package has more than {self._limits.entries} entries",
+                code="archive_too_many_entries",
+            )
         rel = self._under_top(member_path(info.name, self._limits), info)
         if info.isdir():
             self._add_dir(rel)
@@ -176,16 +199,21 @@ class _Extractor:
         top, rel = parts[0], parts[1:]
         if self.top is None:
             if not manifest_mod.ID_RE.match(top):
-                raise ArchiveError(f"the top directory {show_name(top)} is not a plugin id",
-                                   code="archive_layout")
+                raise ArchiveError(
+                    f"the top directory {show_name(top)} is not a plugin id", code="archive_layout"
+                )
             self.top = top
         elif top != self.top:
-            raise ArchiveError(f"entries under two top-level names, {show_name(self.top)} and "
-                               f"{show_name(top)}; a package has one top directory",
-                               code="archive_layout")
+            raise ArchiveError(
+                f"entries under two top-level names, {show_name(self.top)} and "
+                f"{show_name(top)}; a package has one top directory",
+                code="archive_layout",
+            )
         if not rel and not info.isdir():
-            raise ArchiveError(f"{show_name(info.name)} is a file at the top level; a package "
-                               "holds one directory", code="archive_layout")
+            raise ArchiveError(
+                f"{show_name(info.name)} is a file at the top level; a package holds one directory",
+                code="archive_layout",
+            )
         return rel
 
     def _add_dir(self, rel: tuple[str, ...]) -> None:
@@ -194,8 +222,7 @@ class _Extractor:
         os.close(self._open_dirs(rel))
         self._kinds[rel] = "dir"
 
-    def _add_file(self, rel: tuple[str, ...], info: tarfile.TarInfo,
-                  tar: tarfile.TarFile) -> None:
+    def _add_file(self, rel: tuple[str, ...], info: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
         if rel in self._kinds:
             raise _duplicate(rel)
         self._take_budget(info)
@@ -222,27 +249,34 @@ class _Extractor:
     def _take_budget(self, info: tarfile.TarInfo) -> None:
         self._declared += info.size
         if info.size > self._limits.file_bytes:
-            raise ArchiveError(f"{show_name(info.name)} is {info.size} bytes, the per-file limit "
-                               f"is {self._limits.file_bytes}", code="archive_too_large")
+            raise ArchiveError(
+                f"{show_name(info.name)} is {info.size} bytes, the per-file limit "
+                f"is {self._limits.file_bytes}",
+                code="archive_too_large",
+            )
         if self._declared > self._limits.extracted_bytes:
-            raise ArchiveError(f"the package holds more than {self._limits.extracted_bytes} "
-                               "bytes of files", code="archive_too_large")
+            raise ArchiveError(
+                f"the package holds more than {self._limits.extracted_bytes} bytes of files",
+                code="archive_too_large",
+            )
 
-    def _copy(self, source: IO[bytes], fd: int, info: tarfile.TarInfo,
-              keep: list[bytes] | None) -> int:
+    def _copy(
+        self, source: IO[bytes], fd: int, info: tarfile.TarInfo, keep: list[bytes] | None
+    ) -> int:
         written = 0
         while chunk := source.read(CHUNK):
             self._deadline.left()
             written += len(chunk)
             if written > min(info.size, self._limits.file_bytes):
-                raise ArchiveError(f"{show_name(info.name)} is longer than its header says",
-                                   code="archive_corrupt")
+                raise ArchiveError(
+                    f"{show_name(info.name)} is longer than its header says", code="archive_corrupt"
+                )
             if keep is not None:  # the manifest: at most its cap (+1, so "too large" shows)
                 room = manifest_mod.MAX_MANIFEST_BYTES + 1 - (written - len(chunk))
-                keep.append(chunk[:max(room, 0)])
+                keep.append(chunk[: max(room, 0)])
             view = memoryview(chunk)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         return written
 
     def _open_dirs(self, rel: tuple[str, ...]) -> int:
@@ -275,20 +309,23 @@ class _Extractor:
         """Check the archive's end and its layout; say what was extracted."""
         while chunk := tar.fileobj.read(CHUNK):
             if chunk.strip(b"\0"):
-                raise ArchiveError("data follows the end-of-archive marker",
-                                   code="archive_corrupt")
+                raise ArchiveError("data follows the end-of-archive marker", code="archive_corrupt")
         if self.top is None:
             raise ArchiveError("the package is empty", code="archive_layout")
         name = next((n for n in manifest_mod.MANIFEST_NAMES if n in self._manifests), None)
         if name is None:
-            raise ArchiveError(f"{self.top}/ holds no {' or '.join(manifest_mod.MANIFEST_NAMES)}",
-                               code="archive_layout")
+            raise ArchiveError(
+                f"{self.top}/ holds no {' or '.join(manifest_mod.MANIFEST_NAMES)}",
+                code="archive_layout",
+            )
         return Extracted(top=self.top, manifest_name=name, manifest_bytes=self._manifests[name])
 
 
 def _duplicate(rel: tuple[str, ...]) -> ArchiveError:
-    return ArchiveError(f"{show_name('/'.join(rel))} appears twice or as both file and directory",
-                        code="archive_duplicate")
+    return ArchiveError(
+        f"{show_name('/'.join(rel))} appears twice or as both file and directory",
+        code="archive_duplicate",
+    )
 
 
 def archive_members(top: str, contents: Mapping[str, bytes]) -> list[tuple[str, bytes | None]]:
@@ -302,8 +339,10 @@ def archive_members(top: str, contents: Mapping[str, bytes]) -> list[tuple[str, 
 
 def _tar_gz(members: Sequence[tuple[str, bytes | None]], mtime: int) -> bytes:
     buffer = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for name, data in members:
             tar.addfile(_tar_info(name, data, mtime), None if data is None else io.BytesIO(data))
     return buffer.getvalue()

@@ -57,8 +57,11 @@ def parse_reference(ref: str) -> Reference:
     if not ref or len(ref) > 1024 or ref != ref.strip() or any(c.isspace() for c in ref):
         raise bad_reference(ref, "it is empty, too long or holds whitespace")
     if "://" in ref:
-        raise bad_reference(ref, "write it without a URL scheme; plain HTTP is allowed per "
-                                  "registry with oci.allow_insecure_registries")
+        raise bad_reference(
+            ref,
+            "write it without a URL scheme; plain HTTP is allowed per "
+            "registry with oci.allow_insecure_registries",
+        )
     name, at, digest = ref.partition("@")
     host, slash, rest = name.partition("/")
     if not slash:
@@ -85,14 +88,20 @@ def _check_host(ref: str, host: str) -> None:
         raise bad_reference(ref, f"{host!r} has a port out of range")
     # Like Docker: without a dot, a port or `localhost`, the first part would be a namespace.
     if not ("." in host or ":" in host or host.lower() == "localhost"):
-        raise bad_reference(ref, f"{host!r} is not an explicit registry host (name one with a "
-                                  "dot or a port, e.g. ghcr.io/... or 127.0.0.1:5000/...)")
+        raise bad_reference(
+            ref,
+            f"{host!r} is not an explicit registry host (name one with a "
+            "dot or a port, e.g. ghcr.io/... or 127.0.0.1:5000/...)",
+        )
 
 
 def _check_parts(ref: str, repository: str, tag: str | None, digest: str | None) -> None:
     if not _REPOSITORY_RE.match(repository) or len(repository) > 255:
-        raise bad_reference(ref, f"{repository!r} is not a valid repository name (lowercase "
-                                  "letters, digits and . _ - separators)")
+        raise bad_reference(
+            ref,
+            f"{repository!r} is not a valid repository name (lowercase "
+            "letters, digits and . _ - separators)",
+        )
     if tag is not None and not _TAG_RE.match(tag):
         raise bad_reference(ref, f"{tag!r} is not a valid tag")
     if digest is not None and not DIGEST_RE.match(digest):

@@ -42,25 +42,40 @@ class _GuardedAdapter(requests.adapters.HTTPAdapter):
         self._allow_http = allow_http
         self._deadline = deadline
 
-    def send(self, request: requests.PreparedRequest, stream: bool = False,
-             timeout: Any = None, verify: Any = True, cert: Any = None,
-             proxies: Mapping[str, str] | None = None) -> requests.Response:
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> requests.Response:
         url = request.url or ""
         if not self._allow_http and urlsplit(url).scheme != "https":
-            raise OciError(f"refused plain-HTTP request to {urlsplit(url).netloc}; only "
-                           "registries in oci.allow_insecure_registries may use HTTP",
-                           code="oci_insecure_registry")
+            raise OciError(
+                f"refused plain-HTTP request to {urlsplit(url).netloc}; only "
+                "registries in oci.allow_insecure_registries may use HTTP",
+                code="oci_insecure_registry",
+            )
         left = self._deadline.left()
         timeout = (min(_CONNECT_TIMEOUT_S, left), min(_READ_TIMEOUT_S, left))
-        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert,
-                            proxies=dict(proxies or {}))
+        return super().send(
+            request,
+            stream=stream,
+            timeout=timeout,
+            verify=verify,
+            cert=cert,
+            proxies=dict(proxies or {}),
+        )
 
 
 class Registry:
     """One repository on one registry, over oras' session and token auth, without retries."""
 
-    def __init__(self, ref: Reference, insecure_registries: Sequence[str],
-                 deadline: Deadline) -> None:
+    def __init__(
+        self, ref: Reference, insecure_registries: Sequence[str], deadline: Deadline
+    ) -> None:
         self.ref = ref
         self._deadline = deadline
         allow_http = allows_http(ref.registry, insecure_registries)
@@ -81,12 +96,21 @@ class Registry:
 
     # oras' own do_request() retries every failure with sleeps of 3 s up to 83 s and has no
     # timeout; the daemon wants one bounded attempt, so this is its auth flow without that.
-    def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
-                data: bytes | None = None) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+    ) -> requests.Response:
         """Send one request (bodies are streamed: read them with `_read_body`), answering
         a 401/403 challenge with oras' token auth or Docker-config basic auth."""
-        sent = {"Accept-Encoding": "identity", "User-Agent": f"aisoc-plugind/{__version__}",
-                **(headers or {})}
+        sent = {
+            "Accept-Encoding": "identity",
+            "User-Agent": f"aisoc-plugind/{__version__}",
+            **(headers or {}),
+        }
         token = getattr(self._client.auth, "token", None)
         if token and urlsplit(url).netloc == self.ref.registry:
             sent["Authorization"] = f"Bearer {token}"
@@ -101,47 +125,75 @@ class Registry:
             response = self._send(method, url, sent, data)
         return response
 
-    def _send(self, method: str, url: str, headers: dict[str, str],
-              data: bytes | None) -> requests.Response:
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None
+    ) -> requests.Response:
         # stream=True everywhere: no body is read unless a bounded reader reads it.
-        return self._session.request(method, url, headers=headers, data=data, stream=True,
-                                     allow_redirects=method in ("GET", "HEAD"))
+        return self._session.request(
+            method,
+            url,
+            headers=headers,
+            data=data,
+            stream=True,
+            allow_redirects=method in ("GET", "HEAD"),
+        )
 
-    def _authenticate(self, response: requests.Response, headers: dict[str, str],
-                      refresh: bool) -> tuple[dict[str, str], bool]:
+    def _authenticate(
+        self, response: requests.Response, headers: dict[str, str], refresh: bool
+    ) -> tuple[dict[str, str], bool]:
         challenge = response.headers.get("Www-Authenticate", "")
         basic = getattr(self._client.auth, "_basic_auth", None)  # from the Docker config
         if challenge.lower().startswith("basic"):
             if not basic or headers.get("Authorization") == f"Basic {basic}":
                 return headers, False
             return {**headers, "Authorization": f"Basic {basic}"}, True
-        updated, changed = self._client.auth.authenticate_request(response, dict(headers),
-                                                                  refresh=refresh)
+        updated, changed = self._client.auth.authenticate_request(
+            response, dict(headers), refresh=refresh
+        )
         return dict(updated), bool(changed)
 
     def fetch_manifest(self, cap: int) -> tuple[bytes, str | None, str | None]:
         """Return the manifest bytes as received, its Content-Type and Docker-Content-Digest."""
         url = f"{self._base}/manifests/{self.ref.target}"
-        with self.request("GET", url,
-                          headers={"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}) as response:
+        with self.request(
+            "GET", url, headers={"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
+        ) as response:
             _expect(response, (200,), f"manifest {self.ref}")
-            raw = _read_body(response, limit=cap, exact=False, deadline=self._deadline,
-                             what=f"the manifest of {self.ref}")
-            return (raw, response.headers.get("Content-Type"),
-                    response.headers.get("Docker-Content-Digest"))
+            raw = _read_body(
+                response,
+                limit=cap,
+                exact=False,
+                deadline=self._deadline,
+                what=f"the manifest of {self.ref}",
+            )
+            return (
+                raw,
+                response.headers.get("Content-Type"),
+                response.headers.get("Docker-Content-Digest"),
+            )
 
     def fetch_blob(self, layer: Descriptor, cap: int) -> bytes:
         """Stream the blob, enforcing the descriptor's exact size and digest."""
         if layer.size > cap:
-            raise OciError(f"the layer of {self.ref} is {layer.size} bytes, the limit is {cap}",
-                           code="oci_too_large")
+            raise OciError(
+                f"the layer of {self.ref} is {layer.size} bytes, the limit is {cap}",
+                code="oci_too_large",
+            )
         with self.request("GET", f"{self._base}/blobs/{layer.digest}") as response:
             _expect(response, (200,), f"layer {layer.digest} of {self.ref}")
-            data = _read_body(response, limit=layer.size, exact=True, deadline=self._deadline,
-                              what=f"layer {layer.digest}")
+            data = _read_body(
+                response,
+                limit=layer.size,
+                exact=True,
+                deadline=self._deadline,
+                what=f"layer {layer.digest}",
+            )
         if sha256_digest(data) != layer.digest:
-            raise OciError(f"layer of {self.ref}: content has digest {sha256_digest(data)}, the "
-                           f"manifest says {layer.digest}", code="oci_digest_mismatch")
+            raise OciError(
+                f"layer of {self.ref}: content has digest {sha256_digest(data)}, the "
+                f"manifest says {layer.digest}",
+                code="oci_digest_mismatch",
+            )
         return data
 
     def upload_blob(self, data: bytes) -> str:
@@ -150,28 +202,34 @@ class Registry:
         with self.request("HEAD", f"{self._base}/blobs/{digest}") as response:
             if response.status_code == 200:
                 return digest
-        with self.request("POST", f"{self._base}/blobs/uploads/",
-                          headers={"Content-Length": "0"}) as response:
+        with self.request(
+            "POST", f"{self._base}/blobs/uploads/", headers={"Content-Length": "0"}
+        ) as response:
             _expect(response, (202,), f"starting an upload to {self.ref.registry}")
             location = response.headers.get("Location")
         if not location:
-            raise OciError(f"registry {self.ref.registry} gave no upload location",
-                           code="oci_registry_error")
+            raise OciError(
+                f"registry {self.ref.registry} gave no upload location", code="oci_registry_error"
+            )
         url = _with_digest(urljoin(f"{self._base}/", location), digest)
-        with self.request("PUT", url, headers={"Content-Type": "application/octet-stream"},
-                          data=data) as response:
+        with self.request(
+            "PUT", url, headers={"Content-Type": "application/octet-stream"}, data=data
+        ) as response:
             _expect(response, (201, 204), f"uploading blob {digest}")
         return digest
 
     def put_manifest(self, raw: bytes, tag: str) -> None:
         """Store `raw` under `tag`; refuse a registry that reports another digest."""
-        with self.request("PUT", f"{self._base}/manifests/{tag}",
-                          headers={"Content-Type": OCI_MANIFEST}, data=raw) as response:
+        with self.request(
+            "PUT", f"{self._base}/manifests/{tag}", headers={"Content-Type": OCI_MANIFEST}, data=raw
+        ) as response:
             _expect(response, (201, 204), f"pushing the manifest of {self.ref}")
             stored = response.headers.get("Docker-Content-Digest")
         if stored and stored != sha256_digest(raw):
-            raise OciError(f"registry stored the manifest as {stored}, expected "
-                           f"{sha256_digest(raw)}", code="oci_digest_mismatch")
+            raise OciError(
+                f"registry stored the manifest as {stored}, expected {sha256_digest(raw)}",
+                code="oci_digest_mismatch",
+            )
 
 
 def _with_digest(url: str, digest: str) -> str:
@@ -187,8 +245,10 @@ def _expect(response: requests.Response, ok: tuple[int, ...], what: str) -> None
     if response.status_code in ok:
         return
     code = _STATUS_CODES.get(response.status_code, "oci_registry_error")
-    raise OciError(f"{what}: registry answered HTTP {response.status_code}"
-                   f"{_registry_reason(response)}", code=code)
+    raise OciError(
+        f"{what}: registry answered HTTP {response.status_code}{_registry_reason(response)}",
+        code=code,
+    )
 
 
 def _registry_reason(response: requests.Response) -> str:
@@ -200,13 +260,13 @@ def _registry_reason(response: requests.Response) -> str:
         return ""
 
 
-def _read_body(response: requests.Response, *, limit: int, exact: bool,
-               deadline: Deadline, what: str) -> bytes:
+def _read_body(
+    response: requests.Response, *, limit: int, exact: bool, deadline: Deadline, what: str
+) -> bytes:
     """Read at most `limit` bytes (exactly `limit` when `exact`) as sent, undecoded."""
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise OciError(f"{what}: refused Content-Encoding {encoding!r}",
-                       code="oci_registry_error")
+        raise OciError(f"{what}: refused Content-Encoding {encoding!r}", code="oci_registry_error")
     _check_length(response.headers.get("Content-Length"), limit, exact, what)
     chunks: list[bytes] = []
     total = 0
@@ -235,8 +295,9 @@ def _size_error(what: str, detail: str, exact: bool) -> OciError:
     return OciError(f"{what}: {detail}", code=code)
 
 
-_PLAINTEXT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
-                                    "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"})
+_PLAINTEXT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
+)
 
 
 @contextmanager
@@ -249,22 +310,31 @@ def registry_errors(registry: str) -> Iterator[None]:
     except (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError) as exc:
         raise OciError(f"registry {registry} timed out", code="oci_timeout") from exc
     except requests.exceptions.ConnectionError as exc:
-        raise OciError(f"cannot reach registry {registry}: {brief(exc)}",
-                       code="oci_unreachable") from exc
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError,
-            ValueError, KeyError) as exc:
-        raise OciError(f"registry {registry}: {brief(exc)}",
-                       code="oci_registry_error") from exc
+        raise OciError(
+            f"cannot reach registry {registry}: {brief(exc)}", code="oci_unreachable"
+        ) from exc
+    except (
+        requests.exceptions.RequestException,
+        urllib3.exceptions.HTTPError,
+        OSError,
+        ValueError,
+        KeyError,
+    ) as exc:
+        raise OciError(f"registry {registry}: {brief(exc)}", code="oci_registry_error") from exc
 
 
 def _tls_error(registry: str, exc: BaseException) -> OciError:
     reason = _ssl_reason(exc)
     if reason in _PLAINTEXT_TLS_REASONS:
-        return OciError(f"registry {registry} answered TLS with plain HTTP; plain HTTP is "
-                        "allowed only for registries in oci.allow_insecure_registries "
-                        "(aisoc plugin push: --insecure)", code="oci_insecure_registry")
-    return OciError(f"TLS with registry {registry} failed: {reason or brief(exc)}",
-                    code="oci_tls_error")
+        return OciError(
+            f"registry {registry} answered TLS with plain HTTP; plain HTTP is "
+            "allowed only for registries in oci.allow_insecure_registries "
+            "(aisoc plugin push: --insecure)",
+            code="oci_insecure_registry",
+        )
+    return OciError(
+        f"TLS with registry {registry} failed: {reason or brief(exc)}", code="oci_tls_error"
+    )
 
 
 def _ssl_reason(exc: BaseException) -> str | None:
@@ -276,6 +346,10 @@ def _ssl_reason(exc: BaseException) -> str | None:
         if isinstance(current, ssl.SSLError):
             return str(current.reason)
         if isinstance(current, BaseException):
-            todo += [current.__cause__, current.__context__, getattr(current, "reason", None),
-                     *current.args]
+            todo += [
+                current.__cause__,
+                current.__context__,
+                getattr(current, "reason", None),
+                *current.args,
+            ]
     return None

@@ -46,15 +46,17 @@ class Gunzip:
         return b""
 
     def _next_input(self) -> bytes:
-        chunk = bytes(self._src[self._pos:self._pos + CHUNK])
+        chunk = bytes(self._src[self._pos : self._pos + CHUNK])
         self._pos += len(chunk)
         return chunk
 
     def _count(self, out: bytes) -> bytes:
         self.total += len(out)
         if self.total > self._budget:
-            raise ArchiveError(f"the package decompresses to more than {self._budget} bytes",
-                               code="archive_too_large")
+            raise ArchiveError(
+                f"the package decompresses to more than {self._budget} bytes",
+                code="archive_too_large",
+            )
         return out
 
     def tell(self) -> int:
@@ -70,16 +72,23 @@ class Gunzip:
         self._src.release()
 
 
-_LINK_TYPES = {tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hardlink",
-               tarfile.GNUTYPE_LONGLINK: "a GNU long-link header"}
+_LINK_TYPES = {
+    tarfile.SYMTYPE: "a symlink",
+    tarfile.LNKTYPE: "a hardlink",
+    tarfile.GNUTYPE_LONGLINK: "a GNU long-link header",
+}
 
 
-_SPECIAL_TYPES = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device",
-                  tarfile.FIFOTYPE: "a FIFO", tarfile.CONTTYPE: "a contiguous file",
-                  tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
-                  tarfile.GNUTYPE_LONGNAME: "a GNU long-name header",
-                  tarfile.XGLTYPE: "a PAX global header",
-                  tarfile.SOLARIS_XHDTYPE: "a Solaris extended header"}
+_SPECIAL_TYPES = {
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.CONTTYPE: "a contiguous file",
+    tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
+    tarfile.GNUTYPE_LONGNAME: "a GNU long-name header",
+    tarfile.XGLTYPE: "a PAX global header",
+    tarfile.SOLARIS_XHDTYPE: "a Solaris extended header",
+}
 
 
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
@@ -119,17 +128,18 @@ class StrictTarInfo(tarfile.TarInfo):
 
     def _proc_strict_pax(self, tar: tarfile.TarFile) -> Self:
         if not 0 <= self.size <= PAX_HEADER_MAX:
-            raise ArchiveError(f"a PAX header of {self.size} bytes (limit {PAX_HEADER_MAX})",
-                               code="archive_too_large")
+            raise ArchiveError(
+                f"a PAX header of {self.size} bytes (limit {PAX_HEADER_MAX})",
+                code="archive_too_large",
+            )
         buf = tar.fileobj.read(_blocks(self.size))
         if len(buf) != _blocks(self.size):
             raise ArchiveError("the archive ends inside a PAX header", code="archive_corrupt")
-        records = _pax_records(buf[:self.size])
+        records = _pax_records(buf[: self.size])
         try:
             member = self.fromtarfile(tar)
         except tarfile.HeaderError as exc:  # only the end marker gets here unconverted
-            raise ArchiveError("a PAX header describes no entry", code="archive_corrupt") \
-                from exc
+            raise ArchiveError("a PAX header describes no entry", code="archive_corrupt") from exc
         if member.type == tarfile.XHDTYPE:
             raise ArchiveError("two PAX headers in a row", code="archive_corrupt")
         _apply_pax(member, records)
@@ -145,19 +155,24 @@ def _blocks(size: int) -> int:
 def _check_type(info: tarfile.TarInfo) -> None:
     if info.type in _LINK_TYPES:
         target = f" (to {show_name(info.linkname)})" if info.linkname else ""
-        raise ArchiveError(f"{show_name(info.name)} is {_LINK_TYPES[info.type]}{target}; links are "
-                           "refused", code="archive_link")
+        raise ArchiveError(
+            f"{show_name(info.name)} is {_LINK_TYPES[info.type]}{target}; links are refused",
+            code="archive_link",
+        )
     if info.type not in (*_FILE_TYPES, tarfile.DIRTYPE, tarfile.XHDTYPE):
         kind = _SPECIAL_TYPES.get(info.type, f"an entry of type {info.type!r}")
-        raise ArchiveError(f"{show_name(info.name)} is {kind}; only regular files and directories "
-                           "are allowed", code="archive_special_file")
+        raise ArchiveError(
+            f"{show_name(info.name)} is {kind}; only regular files and directories are allowed",
+            code="archive_special_file",
+        )
 
 
 def _locate_next(info: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
     """Set where the next header starts; refuse sizes tar readers disagree about."""
     if info.size < 0 or (info.isdir() and info.size != 0):
-        raise ArchiveError(f"{show_name(info.name)} has an invalid size {info.size}",
-                           code="archive_corrupt")
+        raise ArchiveError(
+            f"{show_name(info.name)} has an invalid size {info.size}", code="archive_corrupt"
+        )
     tar.offset = info.offset_data + _blocks(info.size)
 
 
@@ -169,9 +184,14 @@ def _pax_records(buf: bytes) -> dict[str, bytes]:
         space = buf.find(b" ", pos, pos + 21)
         length = int(buf[pos:space]) if space > pos and buf[pos:space].isdigit() else 0
         end = pos + length
-        key, eq, value = buf[space + 1:end - 1].partition(b"=")
-        if length <= space - pos + 1 or end > len(buf) or buf[end - 1:end] != b"\n" \
-                or not eq or not key:
+        key, eq, value = buf[space + 1 : end - 1].partition(b"=")
+        if (
+            length <= space - pos + 1
+            or end > len(buf)
+            or buf[end - 1 : end] != b"\n"
+            or not eq
+            or not key
+        ):
             raise ArchiveError("a malformed PAX record", code="archive_corrupt")
         name = key.decode("utf-8", "replace")
         if name in records:
@@ -187,16 +207,20 @@ _UTF8_CHARSET = b"ISO-IR 10646 2000 UTF-8"
 def _apply_pax(info: tarfile.TarInfo, records: Mapping[str, bytes]) -> None:
     for key, value in records.items():
         if key.startswith("GNU.sparse."):
-            raise ArchiveError(f"{show_name(info.name)} is a GNU sparse file; only regular files "
-                               "and directories are allowed", code="archive_special_file")
+            raise ArchiveError(
+                f"{show_name(info.name)} is a GNU sparse file; only regular files "
+                "and directories are allowed",
+                code="archive_special_file",
+            )
         if key == "hdrcharset" and value != _UTF8_CHARSET:
             raise ArchiveError("PAX hdrcharset other than UTF-8", code="archive_path_invalid")
         if key == "path":
             info.name = _pax_text(value).rstrip("/")
         elif key == "size":
             if not (value.isdigit() and len(value) <= 20):
-                raise ArchiveError(f"PAX size {value[:30]!r} is not a number",
-                                   code="archive_corrupt")
+                raise ArchiveError(
+                    f"PAX size {value[:30]!r} is not a number", code="archive_corrupt"
+                )
             info.size = int(value)
 
 
@@ -204,8 +228,9 @@ def _pax_text(value: bytes) -> str:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ArchiveError(f"a PAX path {value[:100]!r} is not UTF-8",
-                           code="archive_path_invalid") from exc
+        raise ArchiveError(
+            f"a PAX path {value[:100]!r} is not UTF-8", code="archive_path_invalid"
+        ) from exc
 
 
 def show_name(name: str) -> str:

@@ -41,8 +41,11 @@ MAX_FILES = 2000
 MAX_DEPTH = 16
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_REFUSED_CODES = {"symlink": "bundle_symlink", "not_regular": "bundle_not_regular",
-                  "too_large": "bundle_too_large"}
+_REFUSED_CODES = {
+    "symlink": "bundle_symlink",
+    "not_regular": "bundle_not_regular",
+    "too_large": "bundle_too_large",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,8 +118,13 @@ def read_bundle(path: Path) -> Bundle:
         sources = dict(_sources(fd, path))
     finally:
         os.close(fd)
-    return Bundle(path=path, manifest_name=manifest_name, manifest_bytes=manifest_bytes,
-                  signature=signature, sources=MappingProxyType(dict(sorted(sources.items()))))
+    return Bundle(
+        path=path,
+        manifest_name=manifest_name,
+        manifest_bytes=manifest_bytes,
+        signature=signature,
+        sources=MappingProxyType(dict(sorted(sources.items()))),
+    )
 
 
 def scan_tree(root: Path, *, skip_dirs: frozenset[str] = frozenset()) -> Tree:
@@ -136,20 +144,29 @@ def scan_tree(root: Path, *, skip_dirs: frozenset[str] = frozenset()) -> Tree:
                 refused.append(_refusal(entry))
     finally:
         os.close(fd)
-    return Tree(root=root, dirs=tuple(sorted(dirs)), files=tuple(sorted(files)),
-                refused=tuple(sorted(refused, key=lambda r: r.path)))
+    return Tree(
+        root=root,
+        dirs=tuple(sorted(dirs)),
+        files=tuple(sorted(files)),
+        refused=tuple(sorted(refused, key=lambda r: r.path)),
+    )
 
 
 def _refusal(entry: _Entry) -> Refused:
     if entry.kind == "link":
         target = os.readlink(entry.name, dir_fd=entry.parent)
-        return Refused(path=entry.rel, code="bundle_symlink",
-                       why=f"a symlink (to {target}); links are refused")
+        return Refused(
+            path=entry.rel, code="bundle_symlink", why=f"a symlink (to {target}); links are refused"
+        )
     if entry.kind == "deep":
-        return Refused(path=entry.rel, code="bundle_too_large",
-                       why=f"nested deeper than {MAX_DEPTH} levels")
-    return Refused(path=entry.rel, code="bundle_not_regular",
-                   why="not a regular file (a FIFO, socket or device)")
+        return Refused(
+            path=entry.rel, code="bundle_too_large", why=f"nested deeper than {MAX_DEPTH} levels"
+        )
+    return Refused(
+        path=entry.rel,
+        code="bundle_not_regular",
+        why="not a regular file (a FIFO, socket or device)",
+    )
 
 
 def _open_root(path: Path) -> int:
@@ -159,10 +176,13 @@ def _open_root(path: Path) -> int:
         raise BundleError(f"{path}: directory does not exist", code="plugin_dir_missing") from exc
     except OSError as exc:
         if path.is_symlink():
-            raise BundleError(f"{path}: the plugin directory is a symlink (to "
-                              f"{os.readlink(path)}); refused", code="bundle_symlink") from exc
-        raise BundleError(f"{path}: cannot open directory: {exc.strerror}",
-                          code="bundle_unreadable") from exc
+            raise BundleError(
+                f"{path}: the plugin directory is a symlink (to {os.readlink(path)}); refused",
+                code="bundle_symlink",
+            ) from exc
+        raise BundleError(
+            f"{path}: cannot open directory: {exc.strerror}", code="bundle_unreadable"
+        ) from exc
 
 
 def _read_manifest_fd(fd: int, path: Path) -> tuple[str, bytes]:
@@ -188,8 +208,9 @@ def _read_file(dir_fd: int, name: str, cap: int, shown: Path) -> bytes:
     except FileRefused as exc:
         raise BundleError(f"{shown} {exc.detail}", code=_REFUSED_CODES[exc.reason]) from exc
     except OSError as exc:
-        raise BundleError(f"{shown}: cannot open: {exc.strerror}",
-                          code="bundle_unreadable") from exc
+        raise BundleError(
+            f"{shown}: cannot open: {exc.strerror}", code="bundle_unreadable"
+        ) from exc
 
 
 def _sources(root_fd: int, root: Path) -> Iterator[tuple[str, bytes]]:
@@ -205,16 +226,20 @@ def _sources(root_fd: int, root: Path) -> Iterator[tuple[str, bytes]]:
         data = _read_file(entry.parent, entry.name, MAX_SOURCE_BYTES, root / entry.rel)
         files, total = files + 1, total + len(data)
         if files > MAX_FILES:
-            raise BundleError(f"{root / entry.rel}: more than {MAX_FILES} Python files",
-                              code="bundle_too_large")
+            raise BundleError(
+                f"{root / entry.rel}: more than {MAX_FILES} Python files", code="bundle_too_large"
+            )
         if total > MAX_TOTAL_BYTES:
-            raise BundleError(f"{root / entry.rel}: Python files exceed {MAX_TOTAL_BYTES} "
-                              "bytes in all", code="bundle_too_large")
+            raise BundleError(
+                f"{root / entry.rel}: Python files exceed {MAX_TOTAL_BYTES} bytes in all",
+                code="bundle_too_large",
+            )
         yield entry.rel, data
 
 
-def _walk(dir_fd: int, prefix: str, depth: int, root: Path,
-          skip_dirs: frozenset[str]) -> Iterator[_Entry]:
+def _walk(
+    dir_fd: int, prefix: str, depth: int, root: Path, skip_dirs: frozenset[str]
+) -> Iterator[_Entry]:
     """Yield the entries under `dir_fd` in name order, depth first, never following a link."""
     with os.scandir(dir_fd) as entries:
         found = sorted((e.name, _kind(e)) for e in entries)
@@ -247,5 +272,6 @@ def _open_subdir(dir_fd: int, name: str, shown: Path) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
-        raise BundleError(f"{shown}: cannot open: {exc.strerror}",
-                          code="bundle_unreadable") from exc
+        raise BundleError(
+            f"{shown}: cannot open: {exc.strerror}", code="bundle_unreadable"
+        ) from exc

@@ -24,21 +24,34 @@ class EngineEvents:
         """Write one event (see `EventLog.emit`)."""
         return self.log.emit(event, level=level, **fields)
 
-    def state(self, event: str, record: PluginRecord, before: State | None,
-              caller: Caller) -> None:
+    def state(self, event: str, record: PluginRecord, before: State | None, caller: Caller) -> None:
         """Write a lifecycle transition of `record` (from `before` to its current state)."""
-        self.log.emit(event, plugin_id=record.id, path=record.path, version=record.version,
-                      from_state=before.value if before else None,
-                      to_state=record.state.value, signature_status=record.signature_status,
-                      signing_key_id=record.signing_key_id, **caller.fields())
+        self.log.emit(
+            event,
+            plugin_id=record.id,
+            path=record.path,
+            version=record.version,
+            from_state=before.value if before else None,
+            to_state=record.state.value,
+            signature_status=record.signature_status,
+            signing_key_id=record.signing_key_id,
+            **caller.fields(),
+        )
 
-    def load_failed(self, record: PluginRecord | None, path: Path, exc: PluginDError,
-                    caller: Caller) -> None:
+    def load_failed(
+        self, record: PluginRecord | None, path: Path, exc: PluginDError, caller: Caller
+    ) -> None:
         """Write `plugin.load.failed` for a directory (and its record, once one exists)."""
-        self.log.emit(names.PLUGIN_LOAD_FAILED, level="error",
-                      plugin_id=record.id if record else None, path=str(path),
-                      version=record.version if record else None,
-                      from_state=State.DISCOVERED.value if record else None,
-                      to_state=State.FAILED.value,
-                      signature_status=record.signature_status if record else None,
-                      error_code=exc.code, error=exc.message, **caller.fields())
+        self.log.emit(
+            names.PLUGIN_LOAD_FAILED,
+            level="error",
+            plugin_id=record.id if record else None,
+            path=str(path),
+            version=record.version if record else None,
+            from_state=State.DISCOVERED.value if record else None,
+            to_state=State.FAILED.value,
+            signature_status=record.signature_status if record else None,
+            error_code=exc.code,
+            error=exc.message,
+            **caller.fields(),
+        )

@@ -60,8 +60,9 @@ class Staging:
             await anyio.to_thread.run_sync(package.extract_into, staging)
             yield package.digest, staging
         finally:
-            await anyio.to_thread.run_sync(functools.partial(
-                shutil.rmtree, staging, ignore_errors=True))
+            await anyio.to_thread.run_sync(
+                functools.partial(shutil.rmtree, staging, ignore_errors=True)
+            )
 
     def _make(self) -> Path:
         try:
@@ -70,7 +71,8 @@ class Staging:
             raise PluginLoadError(
                 f"cannot stage an install in {self.plugins_dir}: {exc.strerror} (the "
                 "service needs write access to plugins.dir to install from OCI)",
-                code="plugin_dir_not_writable") from exc
+                code="plugin_dir_not_writable",
+            ) from exc
 
     def place(self, staging: Path, plugin_id: str) -> Path:
         """Move a verified staging directory to `plugins.dir/<id>`; never overwrite."""
@@ -79,7 +81,8 @@ class Staging:
             raise PluginStateConflict(
                 f"{target} already exists; remove it (or install into a new directory and "
                 "reload) — installed plugin files are never overwritten",
-                code="plugin_dir_exists")
+                code="plugin_dir_exists",
+            )
         staging.chmod(0o755)
         staging.rename(target)
         return target

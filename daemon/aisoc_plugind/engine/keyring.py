@@ -37,8 +37,7 @@ class SkippedKey:
 class Keyring:
     """The trusted keys by id, plus the files that were skipped."""
 
-    keys: Mapping[str, nacl.signing.VerifyKey] = field(
-        default_factory=lambda: MappingProxyType({}))
+    keys: Mapping[str, nacl.signing.VerifyKey] = field(default_factory=lambda: MappingProxyType({}))
     skipped: tuple[SkippedKey, ...] = ()
     directory: Path | None = None
 
@@ -54,15 +53,26 @@ def load_keyring(directory: Path) -> Keyring:
     except FileNotFoundError:
         return Keyring(directory=directory)
     except OSError as exc:
-        return Keyring(directory=directory, skipped=(SkippedKey(
-            path=directory, code="keys_dir_unreadable", message=exc.strerror or str(exc)),))
+        return Keyring(
+            directory=directory,
+            skipped=(
+                SkippedKey(
+                    path=directory, code="keys_dir_unreadable", message=exc.strerror or str(exc)
+                ),
+            ),
+        )
     keys: dict[str, nacl.signing.VerifyKey] = {}
     skipped: list[SkippedKey] = []
     for name in names:
         path = directory / name
         if Path(name).stem in keys:
-            skipped.append(SkippedKey(path=path, code="key_duplicate_id",
-                                      message=f"key id {Path(name).stem!r} is already taken"))
+            skipped.append(
+                SkippedKey(
+                    path=path,
+                    code="key_duplicate_id",
+                    message=f"key id {Path(name).stem!r} is already taken",
+                )
+            )
             continue
         try:
             keys[Path(name).stem] = load_public_key(_read_key_file(path))

@@ -48,17 +48,23 @@ class Preparer:
         try:
             bundle = await anyio.to_thread.run_sync(read_bundle, path)
         except OSError as exc:  # e.g. a subdirectory that cannot be listed
-            raise BundleError(f"{path}: cannot read: {exc.strerror or exc}",
-                              code="bundle_unreadable") from exc
+            raise BundleError(
+                f"{path}: cannot read: {exc.strerror or exc}", code="bundle_unreadable"
+            ) from exc
         return bundle, parse_manifest(bundle.manifest_bytes, bundle.manifest_name)
 
     async def prepare(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> Prepared:
         """Verify, configure, import, construct and set up one version; raise PluginDError."""
         decision = self.trust.require(bundle, manifest, caller)
         request = LoadRequest(
-            plugin_id=manifest.id, version=manifest.version, root=bundle.path,
-            sources=bundle.sources, entry_point=manifest.entry_point,
-            config=self.config_for(manifest), group=_group(manifest.id, decision))
+            plugin_id=manifest.id,
+            version=manifest.version,
+            root=bundle.path,
+            sources=bundle.sources,
+            entry_point=manifest.entry_point,
+            config=self.config_for(manifest),
+            group=_group(manifest.id, decision),
+        )
         plugin = await self.host.load(request)
         return Prepared(bundle=bundle, manifest=manifest, decision=decision, plugin=plugin)
 
@@ -75,7 +81,8 @@ class Preparer:
         if problem is not None:
             raise PluginLoadError(
                 f'[plugin_config."{manifest.id}"] does not match config_schema: {problem}',
-                code="plugin_config_invalid")
+                code="plugin_config_invalid",
+            )
         return config
 
 

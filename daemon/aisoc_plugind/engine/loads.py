@@ -36,8 +36,14 @@ __all__ = ["Loads"]
 class Loads:
     """The load and reload flows of the plugin lifecycle."""
 
-    def __init__(self, table: PluginTable, preparer: Preparer, events: EngineEvents,
-                 runs: RunTracker, plugins_dir: Path) -> None:
+    def __init__(
+        self,
+        table: PluginTable,
+        preparer: Preparer,
+        events: EngineEvents,
+        runs: RunTracker,
+        plugins_dir: Path,
+    ) -> None:
         self.table = table
         self.preparer = preparer
         self.events = events
@@ -55,8 +61,9 @@ class Loads:
         except PluginDError:
             raise
         except Exception as exc:  # a bug or a parser we do not control: contain it here
-            error = PluginLoadError(f"loading failed unexpectedly ({type(exc).__name__})",
-                                    code="plugin_load_error")
+            error = PluginLoadError(
+                f"loading failed unexpectedly ({type(exc).__name__})", code="plugin_load_error"
+            )
             self.events.load_failed(None, path, error, caller)
             return self.table.reject(path, error)
 
@@ -74,23 +81,30 @@ class Loads:
             del self.table.slots[manifest.id]  # failed/unloaded and its directory is gone
         return await self._load_fresh(bundle, manifest, caller)
 
-    def _other_owner(self, owner: Slot, path: Path, manifest: Manifest, caller: Caller
-                     ) -> LoadOutcome:
+    def _other_owner(
+        self, owner: Slot, path: Path, manifest: Manifest, caller: Caller
+    ) -> LoadOutcome:
         """Report `path` as a duplicate of the id's owner, unless the owner merely moved."""
         if owner.record.state in SERVING and not Path(owner.record.path).is_dir():
             return Deferred(path=path, plugin_id=manifest.id)
         error = DuplicatePluginId(
             f"duplicate plugin id {manifest.id!r}: {path} declares the id already loaded "
-            f"from {owner.record.path}; the first one loaded wins")
-        self.events.emit(names.PLUGIN_DUPLICATE_ID, level="warning", plugin_id=manifest.id,
-                         path=str(path), loaded_path=owner.record.path,
-                         error_code=error.code, error=error.message, **caller.fields())
-        failed = _new_record(manifest, path).moved_to(State.FAILED).with_(
-            error=error.as_dict())
+            f"from {owner.record.path}; the first one loaded wins"
+        )
+        self.events.emit(
+            names.PLUGIN_DUPLICATE_ID,
+            level="warning",
+            plugin_id=manifest.id,
+            path=str(path),
+            loaded_path=owner.record.path,
+            error_code=error.code,
+            error=error.message,
+            **caller.fields(),
+        )
+        failed = _new_record(manifest, path).moved_to(State.FAILED).with_(error=error.as_dict())
         return self.table.reject(path, error, record=failed)
 
-    async def _load_fresh(self, bundle: Bundle, manifest: Manifest, caller: Caller
-                          ) -> LoadOutcome:
+    async def _load_fresh(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> LoadOutcome:
         path = bundle.path
         self.table.clear(path)
         record = _new_record(manifest, path)
@@ -98,8 +112,9 @@ class Loads:
         try:
             prepared = await self.preparer.prepare(bundle, manifest, caller)
         except PluginDError as exc:
-            failed = record.moved_to(State.FAILED).with_(error=exc.as_dict(),
-                                                         **_signature_fields(exc))
+            failed = record.moved_to(State.FAILED).with_(
+                error=exc.as_dict(), **_signature_fields(exc)
+            )
             self.table.slots[manifest.id] = Slot(record=failed)
             self.events.load_failed(failed, path, exc, caller)
             return self.table.reject(path, exc, plugin_id=manifest.id)
@@ -116,8 +131,10 @@ class Loads:
         """Load a failed or unloaded plugin afresh, from wherever its id now lives."""
         plugin_id = slot.record.id
         if path is None:
-            raise PluginLoadError(f"no directory under {self.plugins_dir} holds "
-                                  f"plugin {plugin_id!r}", code="plugin_dir_missing")
+            raise PluginLoadError(
+                f"no directory under {self.plugins_dir} holds plugin {plugin_id!r}",
+                code="plugin_dir_missing",
+            )
         del self.table.slots[plugin_id]  # the new attempt owns the id, wherever it lives
         try:
             outcome = await self.load_guarded(path, caller)
@@ -136,31 +153,49 @@ class Loads:
             prepared = await self._prepare_reload(slot, path, caller)
         except PluginDError as exc:
             slot.record = slot.record.with_(error=exc.as_dict())
-            self.events.emit(names.PLUGIN_RELOAD_FAILED, level="error",
-                             plugin_id=slot.record.id, path=str(path or slot.record.path),
-                             version=old_version, error_code=exc.code, error=exc.message,
-                             duration_ms=elapsed_ms(started), **caller.fields())
+            self.events.emit(
+                names.PLUGIN_RELOAD_FAILED,
+                level="error",
+                plugin_id=slot.record.id,
+                path=str(path or slot.record.path),
+                version=old_version,
+                error_code=exc.code,
+                error=exc.message,
+                duration_ms=elapsed_ms(started),
+                **caller.fields(),
+            )
             raise
         old = slot.live
         self.swap_in(slot, prepared)
         await self.runs.retire_if_idle(old, slot.record.id)
         record = slot.record
-        self.events.emit(names.PLUGIN_RELOAD_COMPLETED, plugin_id=record.id, path=record.path,
-                         version=record.version, from_version=old_version,
-                         state=record.state.value, signature_status=record.signature_status,
-                         signing_key_id=record.signing_key_id,
-                         duration_ms=elapsed_ms(started), **caller.fields())
+        self.events.emit(
+            names.PLUGIN_RELOAD_COMPLETED,
+            plugin_id=record.id,
+            path=record.path,
+            version=record.version,
+            from_version=old_version,
+            state=record.state.value,
+            signature_status=record.signature_status,
+            signing_key_id=record.signing_key_id,
+            duration_ms=elapsed_ms(started),
+            **caller.fields(),
+        )
         return record
 
-    async def _prepare_reload(self, slot: Slot, path: Path | None, caller: Caller
-                              ) -> Prepared:
+    async def _prepare_reload(self, slot: Slot, path: Path | None, caller: Caller) -> Prepared:
         if path is None:
-            raise PluginLoadError(f"{slot.record.path} is gone and no other directory "
-                                  f"holds plugin {slot.record.id!r}", code="plugin_dir_missing")
+            raise PluginLoadError(
+                f"{slot.record.path} is gone and no other directory "
+                f"holds plugin {slot.record.id!r}",
+                code="plugin_dir_missing",
+            )
         bundle, manifest = await self.preparer.read(path)
         if manifest.id != slot.record.id:
-            raise PluginLoadError(f"{path} now declares id {manifest.id!r}, not "
-                                  f"{slot.record.id!r}", code="plugin_id_changed")
+            raise PluginLoadError(
+                f"{path} now declares id {manifest.id!r}, not {slot.record.id!r}",
+                code="plugin_id_changed",
+            )
         return await self.preparer.prepare(bundle, manifest, caller)
 
     async def load_installed(self, target: Path, plugin_id: str, caller: Caller) -> None:
@@ -181,12 +216,23 @@ class Loads:
         old, slot.live = slot.live, Live(plugin=prepared.plugin)
         m, d = prepared.manifest, prepared.decision
         slot.record = slot.record.with_(
-            name=m.name, version=m.version, plugin_type=m.plugin_type,
-            path=str(prepared.bundle.path), manifest=m.as_json(), loaded_at=utcnow(),
-            signature_status=d.status.value, signing_key_id=d.key_id, digest=d.digest_hex,
-            error=None, path_missing=False)
-        slot.signature = (parse_signature(prepared.bundle.signature or b"")
-                          if d.status is SignatureStatus.VERIFIED else None)
+            name=m.name,
+            version=m.version,
+            plugin_type=m.plugin_type,
+            path=str(prepared.bundle.path),
+            manifest=m.as_json(),
+            loaded_at=utcnow(),
+            signature_status=d.status.value,
+            signing_key_id=d.key_id,
+            digest=d.digest_hex,
+            error=None,
+            path_missing=False,
+        )
+        slot.signature = (
+            parse_signature(prepared.bundle.signature or b"")
+            if d.status is SignatureStatus.VERIFIED
+            else None
+        )
         slot.signature_file = prepared.bundle.signature
         self.table.clear(prepared.bundle.path)
         if old is not None:
@@ -202,9 +248,13 @@ class Loads:
         for slot in self.table.slots.values():
             gone = not Path(slot.record.path).is_dir()
             if gone and not slot.record.path_missing and slot.record.state in SERVING:
-                self.events.emit(names.PLUGIN_PATH_MISSING, level="warning",
-                                 plugin_id=slot.record.id, path=slot.record.path,
-                                 version=slot.record.version)
+                self.events.emit(
+                    names.PLUGIN_PATH_MISSING,
+                    level="warning",
+                    plugin_id=slot.record.id,
+                    path=slot.record.path,
+                    version=slot.record.version,
+                )
             slot.record = slot.record.with_(path_missing=gone)
 
     def gone(self, path: Path) -> bool:
@@ -218,10 +268,18 @@ class Loads:
 
 def _new_record(manifest: Manifest, path: Path) -> PluginRecord:
     return PluginRecord(
-        id=manifest.id, name=manifest.name, version=manifest.version,
-        plugin_type=manifest.plugin_type, state=State.DISCOVERED, signature_status=None,
-        signing_key_id=None, error=None, path=str(path), loaded_at=None,
-        manifest=manifest.as_json())
+        id=manifest.id,
+        name=manifest.name,
+        version=manifest.version,
+        plugin_type=manifest.plugin_type,
+        state=State.DISCOVERED,
+        signature_status=None,
+        signing_key_id=None,
+        error=None,
+        path=str(path),
+        loaded_at=None,
+        manifest=manifest.as_json(),
+    )
 
 
 def _signature_fields(exc: PluginDError) -> dict[str, str]:
@@ -233,4 +291,3 @@ def _signature_fields(exc: PluginDError) -> dict[str, str]:
 def _keeps_id(record: PluginRecord) -> bool:
     """Return True when a plugin's id stays with it against another directory claiming it."""
     return record.state in SERVING or Path(record.path).is_dir()
-

@@ -48,18 +48,31 @@ __all__ = ["PluginManager"]
 class PluginManager:
     """Own every plugin's record and code; use as `async with PluginManager(...) as m`."""
 
-    def __init__(self, settings: Settings, events: EventLog, keyring: Keyring, *,
-                 host: PluginHost | None = None, fetch: PackageFetcher | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        events: EventLog,
+        keyring: Keyring,
+        *,
+        host: PluginHost | None = None,
+        fetch: PackageFetcher | None = None,
+    ) -> None:
         self.settings = settings
         self.events = events
         self._events = EngineEvents(events)
         self._table = PluginTable()
         self._trust = TrustGate(settings, self._events, keyring)
-        self._host = host or InProcessHost(timeout_s=settings.run_timeout_s,
-                                           concurrency=settings.run_concurrency)
+        self._host = host or InProcessHost(
+            timeout_s=settings.run_timeout_s, concurrency=settings.run_concurrency
+        )
         self._runs = RunTracker(self._events)
-        self._loads = Loads(self._table, Preparer(settings, self._trust, self._host),
-                            self._events, self._runs, settings.plugins_dir)
+        self._loads = Loads(
+            self._table,
+            Preparer(settings, self._trust, self._host),
+            self._events,
+            self._runs,
+            settings.plugins_dir,
+        )
         self._staging = Staging(settings.plugins_dir, fetch) if fetch is not None else None
         self._lock = anyio.Lock()
 
@@ -84,8 +97,9 @@ class PluginManager:
         """Return the record of a plugin, or raise PluginNotFound."""
         return self._table.get(plugin_id).record
 
-    def records(self, *, plugin_type: str | None = None, state: str | None = None
-                ) -> list[PluginRecord]:
+    def records(
+        self, *, plugin_type: str | None = None, state: str | None = None
+    ) -> list[PluginRecord]:
         """Return every record (loaded ids and failed directories), filtered."""
         return self._table.records(plugin_type=plugin_type, state=state)
 
@@ -172,8 +186,7 @@ class PluginManager:
         """Block run calls but keep the code loaded (enabled -> disabled)."""
         return await self._switch(plugin_id, State.DISABLED, names.PLUGIN_DISABLED, caller)
 
-    async def _switch(self, plugin_id: str, to: State, event: str, caller: Caller
-                      ) -> PluginRecord:
+    async def _switch(self, plugin_id: str, to: State, event: str, caller: Caller) -> PluginRecord:
         async with self._lock:
             slot = self._table.get(plugin_id)
             before = slot.record.state
@@ -182,7 +195,8 @@ class PluginManager:
                     f"plugin {plugin_id!r} is {slot.record.signature_status} under strict "
                     "trust (its signing key is no longer trusted); restore the key and "
                     "SIGHUP, or reload a version signed by a trusted key",
-                    code="plugin_untrusted")
+                    code="plugin_untrusted",
+                )
             if before is not to:
                 slot.record = slot.record.moved_to(to)
                 self._events.state(event, slot.record, before, caller)
@@ -233,32 +247,49 @@ class PluginManager:
         try:
             plugin_id, digest = await self._install(oci_ref, caller)
         except PluginDError as exc:
-            self._events.emit(names.PLUGIN_INSTALL_FAILED, level="error", oci_ref=oci_ref,
-                              error_code=exc.code, error=exc.message,
-                              duration_ms=elapsed_ms(started), **caller.fields())
+            self._events.emit(
+                names.PLUGIN_INSTALL_FAILED,
+                level="error",
+                oci_ref=oci_ref,
+                error_code=exc.code,
+                error=exc.message,
+                duration_ms=elapsed_ms(started),
+                **caller.fields(),
+            )
             raise
-        self._events.emit(names.PLUGIN_INSTALL_COMPLETED, plugin_id=plugin_id, oci_ref=oci_ref,
-                          digest=digest, duration_ms=elapsed_ms(started), **caller.fields())
+        self._events.emit(
+            names.PLUGIN_INSTALL_COMPLETED,
+            plugin_id=plugin_id,
+            oci_ref=oci_ref,
+            digest=digest,
+            duration_ms=elapsed_ms(started),
+            **caller.fields(),
+        )
         return InstallResult(plugin_id=plugin_id, oci_ref=oci_ref, digest=digest)
 
     async def _install(self, oci_ref: str, caller: Caller) -> tuple[str, str]:
         if self._staging is None:
-            raise OciError("installing plugins from OCI registries is not available in this "
-                           "daemon", code="oci_not_configured")
+            raise OciError(
+                "installing plugins from OCI registries is not available in this daemon",
+                code="oci_not_configured",
+            )
         async with self._staging.fetched(oci_ref) as (digest, staging):
             bundle, manifest = await self._loads.preparer.read(staging)
             self._trust.require(bundle, manifest, caller)
             async with self._lock:
-                target = await anyio.to_thread.run_sync(self._staging.place, staging,
-                                                        manifest.id)
+                target = await anyio.to_thread.run_sync(self._staging.place, staging, manifest.id)
                 await self._loads.load_installed(target, manifest.id, caller)
         return manifest.id, digest
 
     # Runs and shutdown.
 
-    async def run(self, plugin_id: str, payload: Mapping[str, Any] | None = None,
-                  context: Mapping[str, Any] | None = None, caller: Caller = SYSTEM
-                  ) -> RunResult:
+    async def run(
+        self,
+        plugin_id: str,
+        payload: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        caller: Caller = SYSTEM,
+    ) -> RunResult:
         """Invoke the plugin's `run` on the live version, with the per-call time limit."""
         return await self._runs.run(self._table.get(plugin_id), payload, context, caller)
 

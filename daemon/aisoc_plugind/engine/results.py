@@ -53,8 +53,12 @@ class Rejected:
 
     def to_json(self) -> dict[str, Any]:
         """Return the `failed[]` entry of `POST /discover`."""
-        return {"path": str(self.path), "error": self.error.message, "code": self.error.code,
-                "plugin_id": self.plugin_id}
+        return {
+            "path": str(self.path),
+            "error": self.error.message,
+            "code": self.error.code,
+            "plugin_id": self.plugin_id,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,8 +95,7 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """Return the API shape."""
-        return {"plugin_id": self.plugin_id, "result": self.result,
-                "duration_ms": self.duration_ms}
+        return {"plugin_id": self.plugin_id, "result": self.result, "duration_ms": self.duration_ms}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,8 +35,13 @@ class RunTracker:
         while self.inflight:
             await self._idle.wait()
 
-    async def run(self, slot: Slot, payload: Mapping[str, Any] | None,
-                  context: Mapping[str, Any] | None, caller: Caller) -> RunResult:
+    async def run(
+        self,
+        slot: Slot,
+        payload: Mapping[str, Any] | None,
+        context: Mapping[str, Any] | None,
+        caller: Caller,
+    ) -> RunResult:
         """Run the live version of `slot`'s plugin and write the run's event."""
         live, record = _runnable(slot), slot.record
         live.inflight += 1
@@ -45,17 +50,28 @@ class RunTracker:
         try:
             result = await live.plugin.run(dict(payload or {}), dict(context or {}))
         except PluginDError as exc:
-            self.events.emit(names.PLUGIN_RUN_FAILED, level="warning", plugin_id=record.id,
-                             version=record.version, error_code=exc.code,
-                             error=_audit_text(exc), duration_ms=elapsed_ms(started),
-                             **caller.fields())
+            self.events.emit(
+                names.PLUGIN_RUN_FAILED,
+                level="warning",
+                plugin_id=record.id,
+                version=record.version,
+                error_code=exc.code,
+                error=_audit_text(exc),
+                duration_ms=elapsed_ms(started),
+                **caller.fields(),
+            )
             raise
         finally:
             self._finished(live)
             await self.retire_if_idle(live, record.id)
         duration = elapsed_ms(started)
-        self.events.emit(names.PLUGIN_RUN_COMPLETED, plugin_id=record.id,
-                         version=record.version, duration_ms=duration, **caller.fields())
+        self.events.emit(
+            names.PLUGIN_RUN_COMPLETED,
+            plugin_id=record.id,
+            version=record.version,
+            duration_ms=duration,
+            **caller.fields(),
+        )
         return RunResult(plugin_id=record.id, result=result, duration_ms=duration)
 
     def _finished(self, live: Live) -> None:
@@ -79,18 +95,23 @@ class RunTracker:
         try:
             await live.plugin.teardown()
         except PluginDError as exc:
-            self.events.emit(names.PLUGIN_TEARDOWN_FAILED, level="warning",
-                             plugin_id=plugin_id, error_code=exc.code, error=exc.message)
+            self.events.emit(
+                names.PLUGIN_TEARDOWN_FAILED,
+                level="warning",
+                plugin_id=plugin_id,
+                error_code=exc.code,
+                error=exc.message,
+            )
 
 
 def _runnable(slot: Slot) -> Live:
     state = slot.record.state
     if state is State.DISABLED:
-        raise PluginStateConflict(f"plugin {slot.record.id!r} is disabled",
-                                  code="plugin_disabled")
+        raise PluginStateConflict(f"plugin {slot.record.id!r} is disabled", code="plugin_disabled")
     if state is not State.ENABLED or slot.live is None:
         code = {State.FAILED: "plugin_failed", State.UNLOADED: "plugin_unloaded"}.get(
-            state, "plugin_not_ready")
+            state, "plugin_not_ready"
+        )
         raise PluginStateConflict(f"plugin {slot.record.id!r} is {state.value}", code=code)
     return slot.live
 

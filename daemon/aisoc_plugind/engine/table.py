@@ -48,14 +48,20 @@ class PluginTable:
             raise PluginNotFound(f"no plugin with id {plugin_id!r}")
         return slot
 
-    def records(self, *, plugin_type: str | None = None, state: str | None = None
-                ) -> list[PluginRecord]:
+    def records(
+        self, *, plugin_type: str | None = None, state: str | None = None
+    ) -> list[PluginRecord]:
         """Return every record (loaded ids and failed directories), filtered and sorted."""
         found = [s.record for s in self.slots.values()] + list(self._failed_records.values())
-        return sorted((r for r in found
-                       if (plugin_type is None or r.plugin_type == plugin_type)
-                       and (state is None or r.state.value == state)),
-                      key=lambda r: (r.id, r.path))
+        return sorted(
+            (
+                r
+                for r in found
+                if (plugin_type is None or r.plugin_type == plugin_type)
+                and (state is None or r.state.value == state)
+            ),
+            key=lambda r: (r.id, r.path),
+        )
 
     def slot_at(self, path: Path) -> Slot | None:
         """Return the slot whose record was loaded from `path`."""
@@ -63,18 +69,24 @@ class PluginTable:
 
     def serving_dirs(self) -> list[Path]:
         """Return the directories the serving plugins were loaded from, sorted."""
-        return sorted(Path(s.record.path) for s in self.slots.values()
-                      if s.record.state in SERVING)
+        return sorted(Path(s.record.path) for s in self.slots.values() if s.record.state in SERVING)
 
     def rejected_dirs(self) -> list[Path]:
         """Return the directories that failed without owning an id, sorted."""
         return sorted(self._rejected)
 
-    def reject(self, path: Path, error: PluginDError, *, plugin_id: str | None = None,
-               record: PluginRecord | None = None) -> Rejected:
+    def reject(
+        self,
+        path: Path,
+        error: PluginDError,
+        *,
+        plugin_id: str | None = None,
+        record: PluginRecord | None = None,
+    ) -> Rejected:
         """Note that `path` failed; `record` (a duplicate's) is listed among the records."""
-        rejected = Rejected(path=path, error=error, plugin_id=plugin_id or
-                            (record.id if record else None))
+        rejected = Rejected(
+            path=path, error=error, plugin_id=plugin_id or (record.id if record else None)
+        )
         self._rejected[path] = rejected
         if record is not None:
             self._failed_records[path] = record

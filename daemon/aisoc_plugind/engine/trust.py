@@ -56,18 +56,27 @@ class TrustGate:
     def decide(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> TrustDecision:
         """Check the signature of a read bundle and emit the decision."""
         digest = plugin_digest(manifest.as_json(), bundle.sources)
-        decision = decide(digest=digest, signature_file=bundle.signature,
-                          keys=self.keyring.keys, mode=self.mode)
+        decision = decide(
+            digest=digest, signature_file=bundle.signature, keys=self.keyring.keys, mode=self.mode
+        )
         level = "info" if decision.status is SignatureStatus.VERIFIED else "warning"
         if decision.status is SignatureStatus.UNSIGNED and not decision.allowed:
             level = "error"
         self.events.emit(
-            SIGNATURE_EVENTS[decision.status], level=level, plugin_id=manifest.id,
-            path=str(bundle.path), version=manifest.version,
-            signature_status=decision.status.value, signing_key_id=decision.key_id,
-            digest=decision.digest_hex, trust_mode=self.mode.value,
-            decision="load" if decision.allowed else "refuse", reason=decision.reason,
-            files=len(bundle.sources), **caller.fields())
+            SIGNATURE_EVENTS[decision.status],
+            level=level,
+            plugin_id=manifest.id,
+            path=str(bundle.path),
+            version=manifest.version,
+            signature_status=decision.status.value,
+            signing_key_id=decision.key_id,
+            digest=decision.digest_hex,
+            trust_mode=self.mode.value,
+            decision="load" if decision.allowed else "refuse",
+            reason=decision.reason,
+            files=len(bundle.sources),
+            **caller.fields(),
+        )
         return decision
 
     def require(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> TrustDecision:
@@ -77,16 +86,21 @@ class TrustGate:
             raise SignatureRefused(
                 f"trust mode {self.mode.value} refuses a plugin whose signature "
                 f"is {decision.status.value}: {decision.reason}",
-                code=f"signature_{decision.status.value}")
+                code=f"signature_{decision.status.value}",
+            )
         return decision
 
     def may_enable(self, record: PluginRecord) -> bool:
         """Return False for code the trust mode would not load now (its key was removed)."""
-        return not (self.mode is TrustMode.STRICT and record.state in SERVING
-                    and record.signature_status not in (SignatureStatus.VERIFIED.value, None))
+        return not (
+            self.mode is TrustMode.STRICT
+            and record.state in SERVING
+            and record.signature_status not in (SignatureStatus.VERIFIED.value, None)
+        )
 
-    def recheck(self, record: PluginRecord, signature: bytes | None,
-                caller: Caller) -> Recheck | None:
+    def recheck(
+        self, record: PluginRecord, signature: bytes | None, caller: Caller
+    ) -> Recheck | None:
         """Re-verify a loaded plugin's signature with the current keyring.
 
         Returns None when nothing changed; otherwise the new record (another key verifies
@@ -100,16 +114,27 @@ class TrustGate:
                 return None
             return Recheck(record=record.with_(signing_key_id=key_id), disabled=False)
         strict = self.mode is TrustMode.STRICT
-        error = {"code": "signing_key_removed",
-                 "message": f"key {record.signing_key_id!r} that verified this plugin is no "
-                            "longer trusted" + ("; disabled" if strict else "")}
-        changed = record.with_(signature_status=SignatureStatus.INVALID.value,
-                               signing_key_id=None, error=error)
+        error = {
+            "code": "signing_key_removed",
+            "message": f"key {record.signing_key_id!r} that verified this plugin is no "
+            "longer trusted" + ("; disabled" if strict else ""),
+        }
+        changed = record.with_(
+            signature_status=SignatureStatus.INVALID.value, signing_key_id=None, error=error
+        )
         disable = strict and record.state is State.ENABLED
         if disable:
             changed = changed.moved_to(State.DISABLED)
-        self.events.emit(names.PLUGIN_SIGNATURE_INVALID, level="error", plugin_id=record.id,
-                         path=record.path, version=record.version, signature_status="invalid",
-                         signing_key_id=record.signing_key_id, error_code="signing_key_removed",
-                         decision="disable" if strict else "keep", **caller.fields())
+        self.events.emit(
+            names.PLUGIN_SIGNATURE_INVALID,
+            level="error",
+            plugin_id=record.id,
+            path=record.path,
+            version=record.version,
+            signature_status="invalid",
+            signing_key_id=record.signing_key_id,
+            error_code="signing_key_removed",
+            decision="disable" if strict else "keep",
+            **caller.fields(),
+        )
         return Recheck(record=changed, disabled=disable)

@@ -15,11 +15,16 @@ __all__ = ["api_component", "default_components"]
 
 
 @asynccontextmanager
-async def api_component(service: Service, manager: PluginManager
-                        ) -> AsyncIterator[HangupHook | None]:
+async def api_component(
+    service: Service, manager: PluginManager
+) -> AsyncIterator[HangupHook | None]:
     """Service component: serve the control API; its SIGHUP hook re-reads the tokens file."""
-    async with serve(settings=service.settings, events=service.events, manager=manager,
-                     ready=service.ready.is_set) as hangup:
+    async with serve(
+        settings=service.settings,
+        events=service.events,
+        manager=manager,
+        ready=service.ready.is_set,
+    ) as hangup:
         yield hangup
 
 

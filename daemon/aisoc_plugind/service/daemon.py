@@ -39,8 +39,13 @@ Component = Callable[["Service", PluginManager], AbstractAsyncContextManager[Han
 class Service:
     """The running daemon; `run()` returns when a stop signal has been handled."""
 
-    def __init__(self, settings: Settings, *, components: Sequence[Component] = (),
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        components: Sequence[Component] = (),
+        stream: TextIO | None = None,
+    ) -> None:
         self.settings = settings
         self.components = tuple(components)
         self.audit = AuditSink(settings.audit_path, settings.audit_fsync)
@@ -56,22 +61,30 @@ class Service:
         self.stop_reason = reason
         self._stop.set()
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Start everything, serve until stopped, then shut down in order."""
         self.audit.open()
-        self.events.emit(ev.DAEMON_STARTED, version=__version__, pid=os.getpid(),
-                         trust_mode=self.settings.trust_mode.value,
-                         plugins_dir=str(self.settings.plugins_dir),
-                         config_file=str(self.settings.config_file or ""),
-                         environment=self.settings.environment)
+        self.events.emit(
+            ev.DAEMON_STARTED,
+            version=__version__,
+            pid=os.getpid(),
+            trust_mode=self.settings.trust_mode.value,
+            plugins_dir=str(self.settings.plugins_dir),
+            config_file=str(self.settings.config_file or ""),
+            environment=self.settings.environment,
+        )
         for warning in preflight(self.settings):
-            self.events.emit(ev.CONFIG_WARNING, level="warning", error_code=warning.code,
-                             error=warning.message)
+            self.events.emit(
+                ev.CONFIG_WARNING, level="warning", error_code=warning.code, error=warning.message
+            )
         keyring = self._load_keys()
         try:
-            async with make_manager(self.settings, self.events, keyring) as manager, \
-                    anyio.create_task_group() as tg:
+            async with (
+                make_manager(self.settings, self.events, keyring) as manager,
+                anyio.create_task_group() as tg,
+            ):
                 self.manager = manager
                 tg.start_soon(self._signals)
                 async with self._components(manager):
@@ -79,8 +92,9 @@ class Service:
                     self._mark_ready()
                     task_status.started()
                     await self._stop.wait()
-                    self.events.emit(ev.DAEMON_STOPPING, reason=self.stop_reason,
-                                     inflight=manager.inflight)
+                    self.events.emit(
+                        ev.DAEMON_STOPPING, reason=self.stop_reason, inflight=manager.inflight
+                    )
                     # Leaving this block stops the components in reverse order: the API
                     # stops accepting and lets in-flight requests finish.
                 await self._drain(manager)
@@ -92,9 +106,12 @@ class Service:
     def _mark_ready(self) -> None:
         assert self.manager is not None
         records = self.manager.records()
-        self.events.emit(ev.DAEMON_READY, plugins=len(records),
-                         failed=sum(r.state.value == "failed" for r in records),
-                         keys=len(self.manager.keyring.keys))
+        self.events.emit(
+            ev.DAEMON_READY,
+            plugins=len(records),
+            failed=sum(r.state.value == "failed" for r in records),
+            keys=len(self.manager.keyring.keys),
+        )
         self.ready.set()
 
     @asynccontextmanager
@@ -112,14 +129,23 @@ class Service:
         with anyio.move_on_after(self.settings.shutdown_grace_s) as scope:
             await manager.wait_idle()
         if scope.cancelled_caught:
-            self.events.emit(ev.DAEMON_STOPPING, level="warning", reason="drain_deadline",
-                             inflight=manager.inflight)
+            self.events.emit(
+                ev.DAEMON_STOPPING,
+                level="warning",
+                reason="drain_deadline",
+                inflight=manager.inflight,
+            )
 
     def _load_keys(self) -> Keyring:
         keyring = load_keyring(self.settings.keys_dir)
         for skipped in keyring.skipped:
-            self.events.emit(ev.KEY_SKIPPED, level="warning", path=str(skipped.path),
-                             error_code=skipped.code, error=skipped.message)
+            self.events.emit(
+                ev.KEY_SKIPPED,
+                level="warning",
+                path=str(skipped.path),
+                error_code=skipped.code,
+                error=skipped.message,
+            )
         return keyring
 
     async def _signals(self) -> None:
@@ -153,6 +179,10 @@ class Service:
         changed = await self.manager.adopt_keyring(keyring, SYSTEM)
         after = keyring.fingerprints()
         if before != after or changed:
-            self.events.emit(ev.KEYS_CHANGED, keys=sorted(after),
-                             added=sorted(set(after) - set(before)),
-                             removed=sorted(set(before) - set(after)), plugins_affected=changed)
+            self.events.emit(
+                ev.KEYS_CHANGED,
+                keys=sorted(after),
+                added=sorted(set(after) - set(before)),
+                removed=sorted(set(before) - set(after)),
+                plugins_affected=changed,
+            )

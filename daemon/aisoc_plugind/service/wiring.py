@@ -15,6 +15,7 @@ __all__ = ["make_manager"]
 
 def make_manager(settings: Settings, events: EventLog, keyring: Keyring) -> PluginManager:
     """Return a manager that installs from OCI registries as `settings` allow."""
-    fetch = functools.partial(pull_package,
-                              insecure_registries=settings.oci_allow_insecure_registries)
+    fetch = functools.partial(
+        pull_package, insecure_registries=settings.oci_allow_insecure_registries
+    )
     return PluginManager(settings, events, keyring, fetch=fetch)

@@ -37,8 +37,14 @@ MAX_ERROR_TEXT = 500
 class InProcessPlugin:
     """A plugin instance living in the daemon, with the modules it was imported as."""
 
-    def __init__(self, instance: Plugin, imported: ImportedBundle, host: HostInfo,
-                 timeout_s: float, limiter: anyio.CapacityLimiter) -> None:
+    def __init__(
+        self,
+        instance: Plugin,
+        imported: ImportedBundle,
+        host: HostInfo,
+        timeout_s: float,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
         self.instance = instance
         self._imported = imported
         self._host = host
@@ -60,7 +66,9 @@ class InProcessPlugin:
                 else:
                     value = await anyio.to_thread.run_sync(
                         functools.partial(run, payload, context),
-                        abandon_on_cancel=True, limiter=self._limiter)
+                        abandon_on_cancel=True,
+                        limiter=self._limiter,
+                    )
                     if inspect.isawaitable(value):
                         value = await value
         except TimeoutError as exc:
@@ -72,8 +80,7 @@ class InProcessPlugin:
     async def teardown(self) -> None:
         """Call `teardown()` (if any) under the time limit, then free the modules."""
         try:
-            await call_hook(self.instance, "teardown", "plugin_teardown_failed",
-                            self._timeout_s)
+            await call_hook(self.instance, "teardown", "plugin_teardown_failed", self._timeout_s)
         finally:
             self._imported.release()
 
@@ -92,11 +99,13 @@ class InProcessHost:
         try:
             with anyio.fail_after(self._timeout_s):
                 instance, imported = await anyio.to_thread.run_sync(
-                    build, abandon_on_cancel=True, limiter=self._limiter)
+                    build, abandon_on_cancel=True, limiter=self._limiter
+                )
         except TimeoutError as exc:
             raise PluginLoadError(
                 f"importing and constructing the plugin took longer than {self._timeout_s}s",
-                code="plugin_load_timeout") from exc
+                code="plugin_load_timeout",
+            ) from exc
         try:
             await call_hook(instance, "setup", "plugin_setup_failed", self._timeout_s)
         except PluginLoadError:
@@ -131,9 +140,10 @@ def _import_and_construct(request: LoadRequest) -> tuple[Plugin, ImportedBundle]
     except PLUGIN_FAULTS as exc:
         leaf = entry_module_name(request.entry_point).rsplit(".", 1)[-1]
         missing = isinstance(exc, ModuleNotFoundError) and leaf in str(exc)
-        raise PluginLoadError(f"importing {request.entry_point} raised {describe(exc)}",
-                              code="plugin_entry_missing" if missing
-                              else "plugin_import_failed") from exc
+        raise PluginLoadError(
+            f"importing {request.entry_point} raised {describe(exc)}",
+            code="plugin_entry_missing" if missing else "plugin_import_failed",
+        ) from exc
     try:
         return _construct(imported, request), imported
     except BaseException:
@@ -144,17 +154,20 @@ def _import_and_construct(request: LoadRequest) -> tuple[Plugin, ImportedBundle]
 def _construct(imported: ImportedBundle, request: LoadRequest) -> Plugin:
     cls: Any = getattr(imported.module, "Plugin", None)
     if not inspect.isclass(cls):
-        raise PluginLoadError(f"{request.entry_point} defines no class Plugin",
-                              code="plugin_class_missing")
+        raise PluginLoadError(
+            f"{request.entry_point} defines no class Plugin", code="plugin_class_missing"
+        )
     if not callable(getattr(cls, "run", None)):
-        raise PluginLoadError("class Plugin has no run(payload, context) method",
-                              code="plugin_class_missing")
+        raise PluginLoadError(
+            "class Plugin has no run(payload, context) method", code="plugin_class_missing"
+        )
     factory = cast(Callable[..., Plugin], cls)
     try:
         instance = factory(dict(request.config)) if _takes_config(cls) else factory()
     except PLUGIN_FAULTS as exc:
-        raise PluginLoadError(f"Plugin() raised {describe(exc)}",
-                              code="plugin_init_failed") from exc
+        raise PluginLoadError(
+            f"Plugin() raised {describe(exc)}", code="plugin_init_failed"
+        ) from exc
     return instance
 
 
@@ -163,8 +176,9 @@ def _takes_config(cls: type) -> bool:
         params = list(inspect.signature(cls).parameters.values())
     except (TypeError, ValueError):
         return False
-    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-               for p in params)
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
 
 
 def normalise_result(value: Any) -> dict[str, Any]:

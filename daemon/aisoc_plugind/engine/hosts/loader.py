@@ -57,8 +57,9 @@ class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         root, source = found
         origin = str(root / source.path) if source.path else str(root)
-        spec = importlib.util.spec_from_loader(fullname, self, origin=origin,
-                                               is_package=source.is_package)
+        spec = importlib.util.spec_from_loader(
+            fullname, self, origin=origin, is_package=source.is_package
+        )
         if spec is not None:
             spec.has_location = bool(source.path)
             if source.is_package:
