@@ -31,6 +31,8 @@ fi
 echo "== ruff"
 .venv/bin/ruff check daemon tests bench
 .venv/bin/ruff format --check daemon tests bench
+echo "== import contracts"
+.venv/bin/lint-imports --no-cache
 echo "== mypy (strict)"
 .venv/bin/mypy
 echo "== pytest"

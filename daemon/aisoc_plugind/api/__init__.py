@@ -2,3 +2,5 @@
 
 The only package that imports aiohttp's web server. Imports `engine` and below.
 """
+
+__all__: list[str] = []

@@ -2,3 +2,5 @@
 
 Imports `config` and `core`.
 """
+
+__all__: list[str] = []

@@ -3,3 +3,5 @@
 Imports `engine` (the same reader and trust decision as the daemon), `delivery` (the
 package format) and below.
 """
+
+__all__: list[str] = []

@@ -2,3 +2,5 @@
 
 Imports everything below it.
 """
+
+__all__: list[str] = []

@@ -17,7 +17,16 @@ from urllib.parse import quote, urlencode
 from aisoc_plugind.cli.client import DEFAULT_API, Endpoint, call
 from aisoc_plugind.cli.tree import Command, UsageError
 
-__all__ = ["OPERATOR_COMMANDS", "common_options", "render_list"]
+__all__ = [
+    "OPERATOR_COMMANDS",
+    "common_options",
+    "render_discover",
+    "render_install",
+    "render_list",
+    "render_record",
+    "render_run",
+    "render_state",
+]
 
 PREFIX = "/api/v1/plugins"
 _PROG = "aisoc plugins"

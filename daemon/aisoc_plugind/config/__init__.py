@@ -2,3 +2,5 @@
 
 Imports `core`; no aiohttp, anyio, watchfiles or structlog.
 """
+
+__all__: list[str] = []

@@ -3,3 +3,5 @@
 Imports nothing of the daemon but `errors`; no I/O, and no aiohttp, anyio, watchfiles or
 structlog.
 """
+
+__all__: list[str] = []

@@ -27,6 +27,21 @@ import yaml.nodes
 
 from aisoc_plugind.errors import ManifestError, Problem
 
+__all__ = [
+    "ID_RE",
+    "JSON_MANIFEST",
+    "MANIFEST_NAMES",
+    "MAX_MANIFEST_BYTES",
+    "PLUGIN_TYPES",
+    "REQUIRED",
+    "YAML_MANIFEST",
+    "Manifest",
+    "config_problem",
+    "config_validator",
+    "parse",
+    "validate",
+]
+
 YAML_MANIFEST = "plugin.yaml"
 JSON_MANIFEST = "aisoc-plugin.json"
 MANIFEST_NAMES = (YAML_MANIFEST, JSON_MANIFEST)  # preference order: YAML wins

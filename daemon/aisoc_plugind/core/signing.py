@@ -24,6 +24,27 @@ import nacl.signing
 
 from aisoc_plugind.errors import KeyFileError
 
+__all__ = [
+    "MAX_SIGNATURE_FILE_BYTES",
+    "UNSIGNED_MANIFEST_KEYS",
+    "SignatureStatus",
+    "TrustDecision",
+    "TrustMode",
+    "canonical_bytes",
+    "decide",
+    "encode_signature",
+    "file_hashes",
+    "find_signer",
+    "load_private_key",
+    "load_public_key",
+    "manifest_part",
+    "parse_signature",
+    "plugin_digest",
+    "private_key_pem",
+    "public_key_pem",
+    "sign_digest",
+]
+
 # Keys the digest leaves out of the manifest part.
 UNSIGNED_MANIFEST_KEYS = frozenset({"signature", "trust"})
 

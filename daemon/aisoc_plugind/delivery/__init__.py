@@ -2,3 +2,5 @@
 
 Imports `core`; never `engine` (it is wired to the engine by the service).
 """
+
+__all__: list[str] = []

@@ -4,3 +4,5 @@
 plugin code. Imports `audit`, `config`, `core`; never `delivery` (fetching packages comes in
 through a Protocol) and never aiohttp.
 """
+
+__all__: list[str] = []

@@ -1,7 +1,7 @@
-"""Load plugin directories into slots and reload serving plugins, keeping the old version
-serving until the new one is fully set up.
+"""Load plugin directories into slots, and reload serving plugins without a gap in service.
 
-Callers hold the manager's lifecycle lock; nothing here takes it.
+The old version keeps serving until the new one is fully set up. Callers hold the manager's
+lifecycle lock; nothing here takes it.
 """
 
 from __future__ import annotations

@@ -2,3 +2,5 @@
 
 Imports `api`, `engine`, `delivery` and below.
 """
+
+__all__: list[str] = []

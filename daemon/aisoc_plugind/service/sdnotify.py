@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     from aisoc_plugind.engine.manager import PluginManager
     from aisoc_plugind.service.daemon import HangupHook, Service
 
+__all__ = [
+    "Notifier",
+    "monotonic_usec",
+    "sdnotify_component",
+    "socket_address",
+    "status_line",
+    "watchdog_interval",
+]
+
 
 def socket_address(value: str | None) -> str | None:
     """Return the AF_UNIX address named by `$NOTIFY_SOCKET`, or None when unusable.

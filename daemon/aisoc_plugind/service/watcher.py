@@ -22,6 +22,24 @@ if TYPE_CHECKING:
     from aisoc_plugind.engine.manager import PluginManager
     from aisoc_plugind.service.daemon import HangupHook, Service
 
+__all__ = [
+    "BACKOFF_FIRST_S",
+    "BACKOFF_MAX_S",
+    "SETTLE_MAX_S",
+    "STEP_MS",
+    "WATCHER",
+    "ChangeFilter",
+    "FileChange",
+    "PluginWatcher",
+    "Settler",
+    "next_backoff",
+    "plugin_dirs",
+    "quiet_window_s",
+    "relevant_parts",
+    "root_deleted",
+    "watcher_component",
+]
+
 WATCHER = Caller(actor="watcher")
 
 # watchfiles' Rust loop wakes every STEP_MS to look at what inotify queued, and yields a batch

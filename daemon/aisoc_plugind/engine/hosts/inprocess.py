@@ -27,7 +27,7 @@ from aisoc_plugind.errors import (
     PluginTimeout,
 )
 
-__all__ = ["InProcessHost", "InProcessPlugin", "describe", "normalise_result"]
+__all__ = ["InProcessHost", "InProcessPlugin", "call_hook", "describe", "normalise_result"]
 
 # Exceptions a plugin may raise that must not end the daemon (sys.exit() in a plugin, ...).
 PLUGIN_FAULTS = (Exception, SystemExit, KeyboardInterrupt)

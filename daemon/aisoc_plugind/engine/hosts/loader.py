@@ -20,6 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+__all__ = [
+    "NAMESPACE",
+    "BundleImporter",
+    "ImportedBundle",
+    "entry_module_name",
+    "import_bundle",
+]
+
 NAMESPACE = "_aisoc_plugins"
 _generation = itertools.count(1)
 
