@@ -33,7 +33,8 @@ from aisoc_plugind.service.wiring import make_manager as wire_manager
 
 # The project's own copy of the signature vectors (INTERFACE §4): a clone runs its tests with
 # nothing beside it. tests/test_vectors_copy.py checks the copy against the format.
-VECTORS = Path(__file__).resolve().parent / "vectors"
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = REPO / "tests" / "vectors"
 VECTOR_KEY = VECTORS / "keys" / "vector-signer.key"
 VECTOR_PUB = VECTORS / "keys" / "vector-signer.pem"
 UNTRUSTED_PUB = VECTORS / "untrusted-signer.pem"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from aisoc_plugind.core.signing import TrustMode
-from tests.conftest import Env, ManagerFactory
+from tests.conftest import REPO, Env, ManagerFactory
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = REPO / "examples"
 
 
 async def test_examples_load_verified_and_run(env: Env, make_manager: ManagerFactory) -> None:

@@ -10,6 +10,7 @@ from aisoc_plugind.config.preflight import preflight
 from aisoc_plugind.config.settings import Settings, load_settings
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.errors import ConfigError
+from tests.conftest import REPO
 
 
 def _toml(tmp_path: Path, text: str) -> Path:
@@ -132,7 +133,7 @@ def test_example_config_documents_every_key_and_loads() -> None:
 
     from aisoc_plugind.config.settings import KEYS
 
-    example = Path(__file__).resolve().parents[1] / "config.example.toml"
+    example = REPO / "config.example.toml"
     doc = tomllib.loads(example.read_text())
     for key in KEYS:
         table = doc.get(key.section, {}) if key.section else doc

@@ -17,7 +17,7 @@ import anyio
 
 from tests.api_fixtures import serve_api, write_tokens
 from tests.conftest import Env, PluginFactory
-from tests.test_daemon_process import _events, _wait_for
+from tests.service.test_daemon_process import _events, _wait_for
 
 VERSIONED = """
 import asyncio

@@ -19,9 +19,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from tests.conftest import UNTRUSTED_PUB, VECTOR_PUB, VECTORS
+from tests.conftest import REPO, UNTRUSTED_PUB, VECTOR_PUB, VECTORS
 
-SHARED_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+SHARED_VECTORS = REPO.parent / "shared" / "vectors"
 CASES = json.loads((VECTORS / "vectors.json").read_text())["plugins"]
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from aisoc_plugind.config.settings import Settings
+from tests.conftest import REPO
 
-SYSTEMD = Path(__file__).resolve().parents[1] / "systemd"
+SYSTEMD = REPO / "systemd"
 UNIT = SYSTEMD / "aisoc-plugind.service"
 SYSUSERS = SYSTEMD / "aisoc-plugind.sysusers.conf"
 TMPFILES = SYSTEMD / "aisoc-plugind.tmpfiles.conf"

@@ -32,7 +32,7 @@ from tests.api_fixtures import (
     running_component,
     serve_api,
 )
-from tests.conftest import Env, PluginFactory
+from tests.conftest import REPO, Env, PluginFactory
 
 P = "/api/v1/plugins"
 RECORD_KEYS = {
@@ -865,7 +865,7 @@ async def test_spec_is_served_without_a_token(api: Api) -> None:
 
 def test_docs_openapi_yaml_is_up_to_date() -> None:
     """docs/openapi.yaml is the generated document (regenerate it when this fails)."""
-    path = Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml"
+    path = REPO / "docs" / "openapi.yaml"
     assert path.read_text() == openapi_yaml(), "regenerate docs/openapi.yaml (see its header)"
 
 
