@@ -49,12 +49,15 @@ def is_link(name: str | Path, *, dir_fd: int | None = None) -> bool:
         return False
 
 
-def read_regular(name: str | Path, *, cap: int, dir_fd: int | None = None) -> bytes:
+def read_regular(
+    name: str | Path, *, cap: int, dir_fd: int | None = None, head: bool = False
+) -> bytes:
     """Return the whole content of a regular file of at most `cap` bytes.
 
     The last path component is never followed when it is a link. Raises FileNotFoundError
     when there is nothing at `name`, FileRefused for a link, a non-regular file or a file
-    over `cap` (also one that grows past `cap` while read), and OSError otherwise.
+    over `cap` (also one that grows past `cap` while read), and OSError otherwise. With
+    `head`, a larger file is not refused: its first `cap` bytes are returned.
     """
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
@@ -69,6 +72,8 @@ def read_regular(name: str | Path, *, cap: int, dir_fd: int | None = None) -> by
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileRefused("not_regular", "is not a regular file")
+        if head:
+            return _read_all(fd, cap, head=True)
         if st.st_size > cap:
             raise FileRefused("too_large", f"is {st.st_size} bytes, the limit is {cap}")
         return _read_all(fd, cap)
@@ -76,13 +81,16 @@ def read_regular(name: str | Path, *, cap: int, dir_fd: int | None = None) -> by
         os.close(fd)
 
 
-def _read_all(fd: int, cap: int) -> bytes:
+def _read_all(fd: int, cap: int, *, head: bool = False) -> bytes:
     chunks: list[bytes] = []
     total = 0
-    while chunk := os.read(fd, _CHUNK):
+    while chunk := os.read(fd, min(_CHUNK, cap + 1 - total)):
         total += len(chunk)
-        if total > cap:  # the file grew after fstat
-            raise FileRefused("too_large", f"exceeds {cap} bytes")
+        if total > cap:
+            if head:
+                chunks.append(chunk[: len(chunk) - (total - cap)])
+                break
+            raise FileRefused("too_large", f"exceeds {cap} bytes")  # it grew after fstat
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -216,3 +216,20 @@ def test_module_absent_from_bundle_is_not_found_on_disk(plugins: PluginFactory) 
             _run(imported, {})
     finally:
         imported.release()
+
+
+def test_read_plugin_file_follows_no_link_at_any_level(tmp_path: Path) -> None:
+    """A directory link in the middle of the path is refused like a file link."""
+    from aisoc_plugind.engine.bundle import read_plugin_file
+    from aisoc_plugind.errors import BundleError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("s")
+    root = tmp_path / "plugin"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "ok.txt").write_text("fine")
+    (root / "linked").symlink_to(outside)
+    assert read_plugin_file(root, "data/ok.txt", cap=100) == b"fine"
+    with pytest.raises(BundleError):
+        read_plugin_file(root, "linked/secret.txt", cap=100)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import fnmatch
-import os
-import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from aisoc_plugind.engine.bundle import (
     Tree,
+    read_plugin_file,
     scan_tree,
 )
 from aisoc_plugind.errors import (
     AuthoringError,
+    BundleError,
 )
-from aisoc_plugind.files import FileRefused, read_regular, replace_file, write_new
+from aisoc_plugind.files import replace_file, write_new
 
 # Plugin files authors read whole (a package's largest file is 32 MiB).
 _MAX_READ = 64 * 1024 * 1024
@@ -104,23 +104,17 @@ def packaged(tree: Tree) -> tuple[str, ...]:
     return tuple(f for f in tree.files if f.endswith(".py") or not is_junk(f))
 
 
-def read_file(path: Path, limit: int | None = None) -> bytes:
-    """Read a regular file of the plugin without following a final symlink.
+def read_file(root: Path, rel: str, limit: int | None = None) -> bytes:
+    """Read a file of the plugin at `root` as the daemon's reader does (no link followed).
 
     With `limit`, at most that many bytes are returned (the file may be larger).
     """
     try:
-        return read_regular(path, cap=_MAX_READ) if limit is None else _head(path, limit)
-    except FileRefused as exc:
-        raise AuthoringError(f"{path} {exc.detail}") from exc
-
-
-def _head(path: Path, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise AuthoringError(f"{path} is not a regular file")
-        return fh.read(limit)
+        if limit is None:
+            return read_plugin_file(root, rel, cap=_MAX_READ)
+        return read_plugin_file(root, rel, cap=limit, head=True)
+    except BundleError as exc:
+        raise AuthoringError(exc.message) from exc
 
 
 def write_new_file(path: Path, data: bytes, mode: int) -> None:

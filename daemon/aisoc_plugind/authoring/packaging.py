@@ -50,9 +50,7 @@ def build_package(plugin_dir: Path, *, mtime: int = 0) -> Package:
     bundle, manifest = report.signed_parts()
     contents: dict[str, bytes] = {}
     for rel in packaged(report.tree):
-        contents[rel] = (
-            bundle.sources[rel] if rel in bundle.sources else read_file(plugin_dir / rel)
-        )
+        contents[rel] = bundle.sources[rel] if rel in bundle.sources else read_file(plugin_dir, rel)
     return Package(
         manifest=manifest,
         data=build_archive(manifest.id, contents, mtime=mtime),

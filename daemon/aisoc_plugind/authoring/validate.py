@@ -19,6 +19,7 @@ import yaml
 from aisoc_plugind.authoring import scaffold
 from aisoc_plugind.authoring.layout import DOC_FILES, is_junk, matches, read_file, scan
 from aisoc_plugind.core import manifest as manifest_mod
+from aisoc_plugind.core.config_schema import config_validator
 from aisoc_plugind.core.manifest import MANIFEST_NAMES, Manifest
 from aisoc_plugind.engine.bundle import (
     SIGNATURE_FILE,
@@ -160,8 +161,8 @@ def _daemon_view(root: Path, tree: Tree) -> tuple[Bundle | None, list[Finding]]:
 def _author_view(root: Path, tree: Tree) -> tuple[str | None, bytes | None, dict[str, bytes]]:
     """Read the manifest and sources directly, to keep checking what the daemon refused."""
     name = next((n for n in MANIFEST_NAMES if n in tree.files), None)
-    data = read_file(root / name) if name is not None else None
-    return name, data, {rel: read_file(root / rel) for rel in tree.python_files}
+    data = read_file(root, name) if name is not None else None
+    return name, data, {rel: read_file(root, rel) for rel in tree.python_files}
 
 
 def _check_manifest(
@@ -290,7 +291,7 @@ def _check_config_schema(
             )
         ]
     try:
-        validator = manifest_mod.config_validator(schema)
+        validator = config_validator(schema)
     except jsonschema.exceptions.SchemaError as exc:
         field = "config_schema" + exc.json_path.removeprefix("$")
         return [
@@ -387,5 +388,5 @@ def _check_private_keys(root: Path, tree: Tree) -> list[Finding]:
             path=rel,
         )
         for rel in tree.files
-        if not rel.endswith(".py") and b"PRIVATE KEY-----" in read_file(root / rel, 8192)
+        if not rel.endswith(".py") and b"PRIVATE KEY-----" in read_file(root, rel, 8192)
     ]

@@ -1,14 +1,11 @@
 """Parse and validate plugin manifests (`plugin.yaml`, legacy `aisoc-plugin.json`).
 
 Pure: takes bytes, returns a frozen Manifest or raises ManifestError listing every problem.
-YAML is loaded with a safe loader that also refuses aliases (no "billion laughs") and
-duplicate keys; JSON refuses duplicate keys too, so two parsers never read one manifest
-two ways.
+The text is loaded strictly by `core.documents` (no tags, aliases or duplicate keys).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -16,15 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import jsonschema
-import jsonschema.exceptions
-import jsonschema.protocols
-import jsonschema.validators
-import referencing
-import yaml
-import yaml.constructor
-import yaml.nodes
-
+from aisoc_plugind.core.documents import JSON_MANIFEST, YAML_MANIFEST, load_document
 from aisoc_plugind.errors import ManifestError, Problem
 
 __all__ = [
@@ -36,14 +25,10 @@ __all__ = [
     "REQUIRED",
     "YAML_MANIFEST",
     "Manifest",
-    "config_problem",
-    "config_validator",
     "parse",
     "validate",
 ]
 
-YAML_MANIFEST = "plugin.yaml"
-JSON_MANIFEST = "aisoc-plugin.json"
 MANIFEST_NAMES = (YAML_MANIFEST, JSON_MANIFEST)  # preference order: YAML wins
 MAX_MANIFEST_BYTES = 64 * 1024
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,63}$")
@@ -81,107 +66,6 @@ class Manifest:
         return thawed
 
 
-class _DuplicateKeyError(yaml.YAMLError, ValueError):
-    """A mapping repeats a key (raised by both the YAML and the JSON reader)."""
-
-
-class _StrictSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases and duplicate mapping keys."""
-
-    def compose_node(self, parent: yaml.nodes.Node | None, index: int) -> yaml.nodes.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(
-                None, None, "aliases are not allowed in manifests", event.start_mark
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise _DuplicateKeyError(f"duplicate key {key!r} {key_node.start_mark}")
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
-
-
-def _load_yaml(text: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - strict safe loader
-    except _DuplicateKeyError as exc:
-        raise _duplicate(exc, YAML_MANIFEST) from exc
-    except yaml.constructor.ConstructorError as exc:
-        raise ManifestError(
-            [
-                Problem(
-                    field="",
-                    code="manifest_unsafe_yaml",
-                    message=f"refused YAML construct: {_one_line(exc)}",
-                )
-            ],
-            source=YAML_MANIFEST,
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise ManifestError(
-            [
-                Problem(
-                    field="",
-                    code="manifest_bad_syntax",
-                    message=f"YAML does not parse: {_one_line(exc)}",
-                )
-            ],
-            source=YAML_MANIFEST,
-        ) from exc
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKeyError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _load_json(text: str) -> Any:
-    try:
-        return json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except _DuplicateKeyError as exc:
-        raise _duplicate(exc, JSON_MANIFEST) from exc
-    except ValueError as exc:
-        raise ManifestError(
-            [
-                Problem(
-                    field="",
-                    code="manifest_bad_syntax",
-                    message=f"JSON does not parse: {_one_line(exc)}",
-                )
-            ],
-            source=JSON_MANIFEST,
-        ) from exc
-
-
-def _duplicate(exc: BaseException, source: str) -> ManifestError:
-    return ManifestError(
-        [
-            Problem(
-                field="",
-                code="manifest_duplicate_key",
-                message=f"{_one_line(exc)}: a key may appear only once",
-            )
-        ],
-        source=source,
-    )
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -206,7 +90,7 @@ def parse(data: bytes, source: str = YAML_MANIFEST) -> Manifest:
             [Problem(field="", code="manifest_bad_syntax", message="not UTF-8 text")], source=source
         ) from exc
     try:
-        loaded = _load_json(text) if source.endswith(".json") else _load_yaml(text)
+        loaded = load_document(text, source)
     except RecursionError as exc:  # e.g. 2000 nested brackets: an error, not a crash
         raise ManifestError(
             [Problem(field="", code="manifest_too_deep", message="nested too deeply to parse")],
@@ -390,38 +274,3 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
     return value
-
-
-def config_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
-    """Return a validator for a plugin's `config_schema` that never fetches anything.
-
-    jsonschema still retrieves remote `$ref` URLs by default (deprecated, for backwards
-    compatibility): a manifest could make the daemon send requests anywhere. An explicit empty
-    registry resolves only references inside the schema itself. Raises SchemaError.
-    """
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    cls.check_schema(schema)
-    return cls(schema, registry=referencing.Registry())
-
-
-def config_problem(schema: dict[str, Any], config: Mapping[str, Any]) -> str | None:
-    """Return why `config` fails `schema` without quoting any config value, or None.
-
-    Raises ValueError (with a reason) when the schema itself cannot be used: invalid, a
-    `$ref` that does not resolve locally, or nested past the recursion limit.
-    """
-    try:
-        error = jsonschema.exceptions.best_match(config_validator(schema).iter_errors(config))
-    except jsonschema.exceptions.SchemaError as exc:
-        raise ValueError(f"config_schema is not a valid JSON Schema: {exc.message}") from exc
-    except RecursionError as exc:
-        raise ValueError("config_schema refers to itself without end") from exc
-    except Exception as exc:  # referencing's Unresolvable and friends (no public base class)
-        raise ValueError(
-            f"config_schema cannot be used ({type(exc).__name__}): only $refs "
-            "inside the schema are resolved"
-        ) from exc
-    if error is None:
-        return None
-    # Never exc.message: it quotes the offending value, and config holds secrets.
-    return f"{error.json_path} fails the schema keyword {error.validator!r}"

@@ -31,6 +31,7 @@ __all__ = [
     "has_manifest",
     "read_bundle",
     "read_manifest",
+    "read_plugin_file",
     "scan_tree",
 ]
 
@@ -127,6 +128,25 @@ def read_bundle(path: Path) -> Bundle:
     )
 
 
+def read_plugin_file(root: Path, rel: str, *, cap: int, head: bool = False) -> bytes:
+    """Read one file of the plugin at `root`, following no link at any level of `rel`.
+
+    For tools that read what the daemon does not (data files, a tree the daemon refuses):
+    raises BundleError like `read_bundle` (FileNotFoundError when nothing is there). With
+    `head`, only the first `cap` bytes of a larger file are read.
+    """
+    parts = rel.split("/")
+    fd = _open_root(root)
+    try:
+        for depth, name in enumerate(parts[:-1]):
+            sub = _open_subdir(fd, name, root.joinpath(*parts[: depth + 1]))
+            os.close(fd)
+            fd = sub
+        return _read_file(fd, parts[-1], cap, root / rel, head=head)
+    finally:
+        os.close(fd)
+
+
 def scan_tree(root: Path, *, skip_dirs: frozenset[str] = frozenset()) -> Tree:
     """List a plugin directory without following links, skipping directories named in
     `skip_dirs`; refused entries are collected, not raised. `root` must be a directory."""
@@ -200,9 +220,9 @@ def _read_optional(dir_fd: int, name: str, cap: int, root: Path) -> bytes | None
         return None
 
 
-def _read_file(dir_fd: int, name: str, cap: int, shown: Path) -> bytes:
+def _read_file(dir_fd: int, name: str, cap: int, shown: Path, *, head: bool = False) -> bytes:
     try:
-        return read_regular(name, cap=cap, dir_fd=dir_fd)
+        return read_regular(name, cap=cap, dir_fd=dir_fd, head=head)
     except FileNotFoundError:
         raise
     except FileRefused as exc:

@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 
 from aisoc_plugind.config.settings import Settings
-from aisoc_plugind.core.manifest import Manifest, config_problem
+from aisoc_plugind.core.config_schema import config_problem
+from aisoc_plugind.core.manifest import Manifest
 from aisoc_plugind.core.manifest import parse as parse_manifest
 from aisoc_plugind.core.signing import TrustDecision
 from aisoc_plugind.engine.bundle import Bundle, read_bundle

@@ -1,0 +1,49 @@
+"""Check a plugin's configuration against its manifest's `config_schema`, fetching nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.protocols
+import jsonschema.validators
+import referencing
+
+__all__ = ["config_problem", "config_validator"]
+
+
+def config_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """Return a validator for a plugin's `config_schema` that never fetches anything.
+
+    jsonschema still retrieves remote `$ref` URLs by default (deprecated, for backwards
+    compatibility): a manifest could make the daemon send requests anywhere. An explicit empty
+    registry resolves only references inside the schema itself. Raises SchemaError.
+    """
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema, registry=referencing.Registry())
+
+
+def config_problem(schema: dict[str, Any], config: Mapping[str, Any]) -> str | None:
+    """Return why `config` fails `schema` without quoting any config value, or None.
+
+    Raises ValueError (with a reason) when the schema itself cannot be used: invalid, a
+    `$ref` that does not resolve locally, or nested past the recursion limit.
+    """
+    try:
+        error = jsonschema.exceptions.best_match(config_validator(schema).iter_errors(config))
+    except jsonschema.exceptions.SchemaError as exc:
+        raise ValueError(f"config_schema is not a valid JSON Schema: {exc.message}") from exc
+    except RecursionError as exc:
+        raise ValueError("config_schema refers to itself without end") from exc
+    except Exception as exc:  # referencing's Unresolvable and friends (no public base class)
+        raise ValueError(
+            f"config_schema cannot be used ({type(exc).__name__}): only $refs "
+            "inside the schema are resolved"
+        ) from exc
+    if error is None:
+        return None
+    # Never exc.message: it quotes the offending value, and config holds secrets.
+    return f"{error.json_path} fails the schema keyword {error.validator!r}"
