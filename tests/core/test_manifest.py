@@ -174,3 +174,25 @@ def test_bad_field_shapes(field: str, value: object) -> None:
 def test_deep_nesting_is_an_error_not_a_crash(data: bytes, source: str) -> None:
     """Nesting past the recursion limit is manifest_too_deep (it used to escape as a crash)."""
     assert _codes(data, source) == {"manifest_too_deep"}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "extra: &x {a: 1}\nother: *x\n",  # a plain alias
+        "base: &b [1, 2]\nlist: *b\n",
+        "m: {<<: {a: 1}, b: 2}\n",  # a merge key, even without an alias
+        "r: &r [*r]\n",  # a recursive alias
+    ],
+)
+def test_aliases_and_merge_keys_are_refused(extra: str) -> None:
+    """Node reuse of any kind (alias, recursion) and merge keys never construct."""
+    codes = _codes(GOOD + extra)
+    assert codes <= {"manifest_bad_syntax", "manifest_unsafe_yaml"} and codes
+
+
+def test_yaml_tags_are_refused() -> None:
+    """Python object tags are refused by the safe construction."""
+    assert _codes(GOOD + "x: !!python/object/apply:os.system ['true']\n") == {
+        "manifest_unsafe_yaml"
+    }

@@ -8,11 +8,14 @@ and the non-JSON constants NaN and Infinity. Pure: text in, a Python value or Ma
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from typing import Any
 
 import yaml
+import yaml.composer
 import yaml.constructor
 import yaml.nodes
+import yaml.resolver
 
 from aisoc_plugind.errors import ManifestError, Problem
 
@@ -26,31 +29,76 @@ class _DuplicateKeyError(yaml.YAMLError, ValueError):
     """A mapping repeats a key (raised by both the YAML and the JSON reader)."""
 
 
-class _StrictSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases and duplicate mapping keys."""
+class _AliasError(yaml.composer.ComposerError):
+    """The document reuses a node (an alias or a merge): refused, it could expand without end."""
 
-    def compose_node(self, parent: yaml.nodes.Node | None, index: int) -> yaml.nodes.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(
-                None, None, "aliases are not allowed in manifests", event.start_mark
-            )
-        return super().compose_node(parent, index)
+
+class _StrictConstruction(yaml.constructor.SafeConstructor):
+    """Safe construction that refuses aliases, merge keys and duplicate mapping keys.
+
+    An alias shows up as one node constructed twice, whichever parser (libyaml's or PyYAML's
+    own) composed the document, so the check holds for both; it fires at the first reuse,
+    before any expansion.
+    """
+
+    def construct_object(self, node: yaml.nodes.Node, deep: bool = False) -> Any:
+        if node in self.constructed_objects or node in self.recursive_objects:
+            raise _AliasError(None, None, "aliases are not allowed in manifests", node.start_mark)
+        return super().construct_object(node, deep=deep)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _AliasError(
+                    None, None, "merge keys (<<) are not allowed in manifests", key_node.start_mark
+                )
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key is not hashable", key_node.start_mark
+                )
+            if key in mapping:
                 raise _DuplicateKeyError(f"duplicate key {key!r} {key_node.start_mark}")
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+            mapping[key] = self.construct_object(value_node, deep=deep)
         return mapping
+
+
+if yaml.__with_libyaml__:  # libyaml parses about eight times faster than PyYAML's parser
+    from yaml.cyaml import CParser  # type: ignore[attr-defined]
+
+    class _StrictLoader(CParser, _StrictConstruction, yaml.resolver.Resolver):
+        """libyaml's parser (it bounds nesting depth itself) with strict safe construction."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            _StrictConstruction.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+else:  # pragma: no cover - PyYAML built without libyaml
+
+    class _StrictLoader(  # type: ignore[no-redef]
+        yaml.reader.Reader,
+        yaml.scanner.Scanner,
+        yaml.parser.Parser,
+        yaml.composer.Composer,
+        _StrictConstruction,
+        yaml.resolver.Resolver,
+    ):
+        """PyYAML's own parser with strict safe construction."""
+
+        def __init__(self, stream: str) -> None:
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+            yaml.composer.Composer.__init__(self)
+            _StrictConstruction.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
 
 
 def _load_yaml(text: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - strict safe loader
+        return yaml.load(text, Loader=_StrictLoader)  # type: ignore[arg-type]  # noqa: S506
     except _DuplicateKeyError as exc:
         raise _duplicate(exc, YAML_MANIFEST) from exc
     except yaml.constructor.ConstructorError as exc:
@@ -65,6 +113,8 @@ def _load_yaml(text: str) -> Any:
             source=YAML_MANIFEST,
         ) from exc
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own bound (1000 levels)
+            raise RecursionError("nested too deeply") from exc
         raise ManifestError(
             [
                 Problem(
