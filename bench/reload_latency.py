@@ -30,8 +30,7 @@ import anyio
 import nacl.signing
 from benchdoc import replace_section
 
-from aisoc_plugind.audit.log import EventLog
-from aisoc_plugind.audit.sink import AuditSink
+from aisoc_plugind.audit.log import EventLog, log_options
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core import manifest as manifest_mod
 from aisoc_plugind.core import signing
@@ -148,7 +147,7 @@ async def run_bench(iterations: int, debounce_ms: int, idle_s: float) -> Result:
     with tempfile.TemporaryDirectory(prefix="aisoc-reload-bench-") as tmp_name:
         settings = setup_dirs(Path(tmp_name), key, debounce_ms)
         tap = ReloadTap()
-        events = EventLog(audit=AuditSink(settings.audit_path, settings.audit_fsync), stream=tap)
+        events = EventLog(log_options(settings), stream=tap)
         async with PluginManager(settings, events, load_keyring(settings.keys_dir)) as manager:
             await manager.discover()
             async with watcher_component(None, manager):  # type: ignore[arg-type]

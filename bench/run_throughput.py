@@ -81,6 +81,7 @@ def prepare(tmp: Path) -> tuple[Path, int]:
     config.write_text(
         f'environment = "development"\n[plugins]\ndir = "{tmp}/plugins"\nwatch = false\n'
         f'[trust]\nkeys_dir = "{tmp}/keys"\n[audit]\npath = "{tmp}/audit.jsonl"\n'
+        f'[isolation]\nstate_dir = "{tmp}/state"\n'
         f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{tmp}/tokens.toml"\n'
     )
     return config, port

@@ -123,7 +123,7 @@ class Api:
 
     def audit_text(self) -> str:
         """Return the audit file as written so far."""
-        return self.env.audit.read_text() if self.env.audit.exists() else ""
+        return self.env.audit_text()
 
     def events(self, name: str) -> list[dict[str, Any]]:
         """Return the audit events called `name`."""
@@ -140,6 +140,7 @@ async def serve_api(
     env: Env,
     plugins: PluginFactory,
     *,
+    oci: bool = True,
     wrap: Callable[[PluginManager], Any] | None = None,
     trust_mode: TrustMode = TrustMode.STRICT,
     internal_errors_expected: bool = False,
@@ -158,7 +159,11 @@ async def serve_api(
     events = env.events()
     ready = threading.Event()
     ready.set()
-    async with make_manager(settings, events, load_keyring(settings.keys_dir)) as manager:
+    keyring = load_keyring(settings.keys_dir)
+    made = (
+        make_manager(settings, events, keyring) if oci else PluginManager(settings, events, keyring)
+    )  # no OCI fetcher: install_from_oci answers 501
+    async with made as manager:
         await manager.discover()
         app = build_app(
             manager=wrap(manager) if wrap else manager,
@@ -193,6 +198,7 @@ class Daemon:
 
     def address(self) -> str:
         """Return the first address from the `api.listening` event."""
+        self.service.events.flush()
         events = [
             json.loads(line) for line in self.service.settings.audit_path.read_text().splitlines()
         ]
@@ -209,6 +215,7 @@ async def running_component(
     tokens = write_tokens(tokens_file)
     settings = env.settings(api_listen=listen, tokens_file=tokens_file, **overrides)
     service = Service(settings, stream=env.stdout)
+    env.logs.append(service.events)
     async with make_manager(settings, service.events, load_keyring(settings.keys_dir)) as manager:
         await manager.discover()
         async with api_component(service, manager) as hangup:
@@ -219,18 +226,6 @@ async def running_component(
                 tokens=tokens,
                 tokens_file=tokens_file,
             )
-
-
-class WithoutOci:
-    """A manager seen through a narrower interface: no `install_from_oci` (the 501 path)."""
-
-    def __init__(self, manager: PluginManager) -> None:
-        self._manager = manager
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "install_from_oci":
-            raise AttributeError(name)
-        return getattr(self._manager, name)
 
 
 @contextmanager

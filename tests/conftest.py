@@ -8,15 +8,14 @@ import os
 import shutil
 import stat
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aisoc_plugind.audit.log import EventLog
-from aisoc_plugind.audit.sink import AuditSink
+from aisoc_plugind.audit.log import EventLog, LogOptions
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core import manifest as manifest_mod
 from aisoc_plugind.core.signing import (
@@ -116,6 +115,7 @@ class Env:
     keys: Path
     audit: Path
     stdout: io.StringIO = field(default_factory=io.StringIO)
+    logs: list[EventLog] = field(default_factory=list)
 
     def settings(self, **overrides: Any) -> Settings:
         base: dict[str, Any] = {
@@ -125,16 +125,36 @@ class Env:
             "tokens_file": self.tmp / "tokens.toml",
             "run_timeout_s": 2.0,
             "shutdown_grace_s": 2.0,
+            "state_dir": self.tmp / "state",
             "watch": False,
             "environment": "development",
         }
         base.update(overrides)
         return Settings(**base)
 
-    def events(self) -> EventLog:
-        return EventLog(audit=AuditSink(self.audit), stream=self.stdout)
+    def events(self, **options: Any) -> EventLog:
+        """Return an event log writing the audit file (closed when the test ends)."""
+        log = EventLog(LogOptions(path=self.audit, **options), stream=self.stdout)
+        self.logs.append(log)
+        return log
+
+    def flush(self) -> None:
+        """Wait until every event emitted so far is in the audit file."""
+        for log in self.logs:
+            log.flush()
+
+    def close(self) -> None:
+        """Stop every event log of the test."""
+        for log in self.logs:
+            log.close()
+
+    def audit_text(self) -> str:
+        """Return the audit file's text once every event emitted so far is in it."""
+        self.flush()
+        return self.audit.read_text() if self.audit.exists() else ""
 
     def audit_events(self) -> list[dict[str, Any]]:
+        self.flush()
         if not self.audit.exists():
             return []
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
@@ -144,13 +164,15 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
+def env(tmp_path: Path) -> Iterator[Env]:
     plugins = tmp_path / "plugins"
     keys = tmp_path / "keys"
     plugins.mkdir(mode=0o755)
     keys.mkdir(mode=0o755)
     shutil.copy(VECTOR_PUB, keys / "vector-signer.pem")
-    return Env(tmp=tmp_path, plugins=plugins, keys=keys, audit=tmp_path / "log" / "audit.jsonl")
+    made = Env(tmp=tmp_path, plugins=plugins, keys=keys, audit=tmp_path / "log" / "audit.jsonl")
+    yield made
+    made.close()
 
 
 @pytest.fixture

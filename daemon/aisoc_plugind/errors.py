@@ -15,6 +15,7 @@
     ├── PluginResultInvalid           plugin_result_invalid
     ├── AuthoringError                authoring_failed (the `aisoc plugin` commands)
     ├── TokenFileError                tokens_file_invalid (the `token` commands)
+    ├── AuditUnavailable              audit_unavailable (a change or run could not be recorded)
     └── OciError                      oci_*
         ├── OciReferenceError         oci_bad_reference (the caller's input)
         └── ArchiveError              archive_*
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ArchiveError",
+    "AuditUnavailable",
     "AuthoringError",
     "BundleError",
     "ConfigError",
@@ -170,6 +172,12 @@ class TokenFileError(PluginDError):
     """The tokens file cannot be read, parsed or written (the `token` commands)."""
 
     code = "tokens_file_invalid"
+
+
+class AuditUnavailable(PluginDError):
+    """The audit file cannot be written, so a change or run is refused (or was undone)."""
+
+    code = "audit_unavailable"
 
 
 class OciError(PluginDError):

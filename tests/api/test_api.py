@@ -28,7 +28,6 @@ from tests.api_fixtures import (
     ECHO_ID,
     SECRET_MARK,
     Api,
-    WithoutOci,
     running_component,
     serve_api,
 )
@@ -256,7 +255,7 @@ async def test_install_requires_an_oci_ref(api: Api) -> None:
 
 async def test_install_without_oci_support_is_501(env: Env, plugins: PluginFactory) -> None:
     """A manager without install_from_oci answers 501 oci_not_configured."""
-    async with serve_api(env, plugins, wrap=WithoutOci) as api:
+    async with serve_api(env, plugins, oci=False) as api:
         status, body = await api.json(
             "POST", f"{P}/install_from_oci", "admin", json={"oci_ref": "registry.example/p/x:1"}
         )
@@ -387,7 +386,13 @@ async def test_wrong_method_is_405_json(api: Api) -> None:
 async def test_unexpected_exceptions_become_500_json(env: Env, plugins: PluginFactory) -> None:
     """The catch-all answers 500 internal_error and logs the type, never the text."""
 
-    class Broken(WithoutOci):
+    class Broken:
+        def __init__(self, manager: Any) -> None:
+            self._manager = manager
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._manager, name)
+
         def records(self, **kwargs: Any) -> Any:
             raise RuntimeError(SECRET_MARK)
 
@@ -575,7 +580,7 @@ async def test_denials_are_events(
     assert event["method"] == "POST"
     assert event["peer"] == "127.0.0.1"
     assert event["request_id"] == response.headers["X-Request-Id"]
-    assert api.events(API_REQUEST)[-1]["status"] == status
+    assert api.events(API_REQUEST) == []  # denied: one api.denied line, no api.request
 
 
 async def test_401_names_the_bearer_scheme(api: Api) -> None:
@@ -608,14 +613,35 @@ async def test_audit_never_holds_tokens_or_payloads(api: Api) -> None:
 # ---- health, metrics, spec -----------------------------------------------------------------
 
 
-async def test_healthz_is_public_and_follows_readiness(api: Api) -> None:
-    """/healthz needs no token: 503 while starting, 200 once ready."""
+async def test_healthz_is_liveness_and_readyz_is_readiness(api: Api) -> None:
+    """Both are public. /healthz answers 200 while the daemon serves, saying whether it is
+    ready, how the audit file is and how many plugins are in each state; /readyz is 503
+    until ready."""
     api.ready.clear()
     status, body = await api.json("GET", "/healthz", None)
+    assert (status, body["status"], body["audit"]) == (200, "starting", "ok")
+    status, body = await api.json("GET", "/readyz", None)
     assert status == 503
     assert_error(body, "not_ready")
     api.ready.set()
-    assert await api.json("GET", "/healthz", None) == (200, {"status": "ok"})
+    status, body = await api.json("GET", "/healthz", None)
+    assert (status, body["status"]) == (200, "ok")
+    assert body["plugins"]["enabled"] >= 1
+    status, body = await api.json("GET", "/readyz", None)
+    assert (status, body["status"], body["audit"]) == (200, "ok", "ok")
+
+
+async def test_readyz_is_503_and_healthz_says_failing_while_audit_is_down(api: Api) -> None:
+    """An unwritable audit file makes the daemon unready (still alive)."""
+    log_dir = api.env.audit.parent
+    shutil.move(log_dir, api.env.tmp / "log-away")
+    log_dir.write_text("a file where the audit directory was")
+    await api.call("POST", f"{P}/{ECHO_ID}/run", "runner")  # the writer notices now
+    status, body = await api.json("GET", "/healthz", None)
+    assert (status, body["audit"]) == (200, "failing")
+    status, body = await api.json("GET", "/readyz", None)
+    assert status == 503
+    assert_error(body, "audit_unavailable")
 
 
 async def test_metrics_count_plugins_runs_reloads_and_denials(api: Api) -> None:
@@ -683,9 +709,11 @@ async def test_component_serves_tcp_and_healthz_follows_ready(
     """The component listens on api.listen; /healthz is 503 until the service is ready."""
     async with running_component(env, plugins, "127.0.0.1:0") as daemon:
         url = f"http://{daemon.address()}"
-        assert (await get(f"{url}/healthz"))[0] == 503
+        assert (await get(f"{url}/readyz"))[0] == 503
+        assert (await get(f"{url}/healthz"))[1]["status"] == "starting"
         daemon.service.ready.set()
-        assert await get(f"{url}/healthz") == (200, {"status": "ok"})
+        assert (await get(f"{url}/readyz"))[0] == 200
+        assert (await get(f"{url}/healthz"))[1]["status"] == "ok"
         headers = {"Authorization": f"Bearer {daemon.tokens['reader']}"}
         status, body = await get(f"{url}{P}/{ECHO_ID}", headers=headers)
         assert status == 200
@@ -699,7 +727,7 @@ async def test_sighup_hook_rereads_tokens(env: Env, plugins: PluginFactory) -> N
     async with running_component(env, plugins, "127.0.0.1:0") as daemon:
         assert daemon.hangup is not None
         await daemon.hangup()
-    events = [json.loads(line) for line in env.audit.read_text().splitlines()]
+    events = env.audit_events()
     loaded = [e for e in events if e["event"] == API_TOKENS_LOADED]
     assert [e["trigger"] for e in loaded] == ["startup", "sighup"]
     assert loaded[-1]["tokens"] == 5
@@ -808,9 +836,7 @@ async def test_unix_socket_is_0660_skips_host_check_and_names_the_peer(
         status, _ = await get(f"http://evil.example{P}", unix=sock)
         assert status == 401
     assert not sock.exists()
-    denied = [
-        json.loads(line) for line in env.audit.read_text().splitlines() if '"api.denied"' in line
-    ]
+    denied = [e for e in env.audit_events() if e["event"] == "api.denied"]
     assert denied[0]["peer"].startswith(f"unix:uid={os.getuid()},")
     assert daemon.address() == f"unix:{sock}"
 

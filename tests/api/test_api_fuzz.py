@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import content_type_conformance, response_schema_conformance
 
 from aisoc_plugind.api.openapi import openapi_document
-from tests.api_fixtures import ECHO_ID, Api, WithoutOci, api_in_thread
+from tests.api_fixtures import ECHO_ID, Api, api_in_thread
 from tests.conftest import Env, PluginFactory
 
 DOC = openapi_document()
@@ -88,9 +88,9 @@ def test_no_generated_request_makes_the_server_fail(
     env: Env, plugins: PluginFactory, mode: schemathesis.GenerationMode
 ) -> None:
     """Every operation x 25 generated requests: no 500, no undocumented 5xx, no crash."""
-    # WithoutOci: generated references must not send the daemon out to real registries.
+    # No OCI fetcher: generated references must not send the daemon out to real registries.
     SEEN.clear()
-    with api_in_thread(env, plugins, wrap=WithoutOci) as api, requests.Session() as session:
+    with api_in_thread(env, plugins, oci=False) as api, requests.Session() as session:
         for op in OPERATIONS:
             fuzz(op, api, session, mode)
         health = session.get(f"{api.url}/healthz", timeout=10)

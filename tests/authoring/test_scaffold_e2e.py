@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.audit.log import EventLog, LogOptions
 from aisoc_plugind.authoring import scaffold
 from aisoc_plugind.cli.main import run_aisoc
 from aisoc_plugind.config.settings import Settings
@@ -81,10 +81,14 @@ async def strict_daemon(
         watch=False,
         plugin_config=dict(plugin_config or {}),
     )
-    events = EventLog(audit=None, stream=io.StringIO())
-    async with make_manager(settings, events, load_keyring(authored.keys_dir)) as manager:
-        await manager.discover()
-        yield manager
+    audit = authored.plugins_dir.parent / "audit.jsonl"
+    events = EventLog(LogOptions(path=audit), stream=io.StringIO())
+    try:
+        async with make_manager(settings, events, load_keyring(authored.keys_dir)) as manager:
+            await manager.discover()
+            yield manager
+    finally:
+        events.close()
 
 
 def run_generated_tests(plugin_dir: Path, *, bytecode: bool) -> subprocess.CompletedProcess[str]:

@@ -587,7 +587,7 @@ async def test_run_failure_event_never_quotes_the_payload(
     with pytest.raises(PluginRunError) as info:
         await manager.run("test.a", {"ip": "10.66.77.88"})
     assert "10.66.77.88" in info.value.message
-    assert "10.66.77.88" not in env.audit.read_text() + env.stdout.getvalue()
+    assert "10.66.77.88" not in env.audit_text() + env.stdout.getvalue()
     assert env.audit_events()[-1]["error"] == "run raised ValueError"
 
 
@@ -680,7 +680,7 @@ async def test_config_values_never_appear_in_errors_or_events(
     error = manager.get("test.a").error
     assert error is not None and error["code"] == "plugin_config_invalid"
     assert "$.api_key" in error["message"] and "pattern" in error["message"]
-    assert "SUPERSECRET" not in str(error) + env.audit.read_text() + env.stdout.getvalue()
+    assert "SUPERSECRET" not in str(error) + env.audit_text() + env.stdout.getvalue()
 
 
 @pytest.mark.parametrize(

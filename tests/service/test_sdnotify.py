@@ -181,7 +181,7 @@ def test_notify_to_a_vanished_socket_returns_false(
 
 
 def _fakes() -> tuple[SimpleNamespace, SimpleNamespace]:
-    service = SimpleNamespace(ready=anyio.Event(), audit=SimpleNamespace(failure=None))
+    service = SimpleNamespace(ready=anyio.Event(), events=SimpleNamespace(failure=None))
     manager = SimpleNamespace(records=lambda: [_record(State.ENABLED)])
     return service, manager
 

@@ -86,6 +86,7 @@ def test_sigterm_lets_the_run_in_flight_finish(env: Env, plugins: PluginFactory)
     config.write_text(
         f'environment = "development"\n[plugins]\ndir = "{env.plugins}"\nwatch = false\n'
         f'[trust]\nkeys_dir = "{env.keys}"\n[audit]\npath = "{env.audit}"\n'
+        f'[isolation]\nstate_dir = "{env.tmp}/state"\n'
         f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{env.tmp}/tokens.toml"\n'
     )
     proc = subprocess.Popen(

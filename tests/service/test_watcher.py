@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import os
 import shutil
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,9 +20,8 @@ import anyio
 import pytest
 from watchfiles import Change
 
-from aisoc_plugind.audit.log import EventLog
+from aisoc_plugind.audit.log import EventLog, LogOptions
 from aisoc_plugind.audit.names import WATCHER_ERROR, WATCHER_STARTED
-from aisoc_plugind.audit.sink import AuditSink
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.engine.keyring import load_keyring
 from aisoc_plugind.engine.manager import PluginManager
@@ -41,22 +43,28 @@ WAIT_S = 5
 
 
 class EventTap(io.TextIOBase):
-    """A stdout stand-in for EventLog: parses each JSON line and wakes waiters."""
+    """A stdout stand-in for EventLog: parses each JSON line and wakes waiters.
+
+    The audit writer thread writes it, so waiters are woken on their own loop.
+    """
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self._buffer = ""
-        self._waiters: list[anyio.Event] = []
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     def write(self, text: str) -> int:
-        self._buffer += text
-        while "\n" in self._buffer:
-            line, self._buffer = self._buffer.split("\n", 1)
-            if line.strip():
-                self.events.append(json.loads(line))
-        for waiter in self._waiters:
-            waiter.set()
-        self._waiters.clear()
+        with self._lock:
+            self._buffer += text
+            while "\n" in self._buffer:
+                line, self._buffer = self._buffer.split("\n", 1)
+                if line.strip():
+                    self.events.append(json.loads(line))
+            waiters, self._waiters = self._waiters, []
+        for loop, waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # the test's loop already closed
+                loop.call_soon_threadsafe(waiter.set)
         return len(text)
 
     async def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -68,9 +76,11 @@ class EventTap(io.TextIOBase):
                         found.get(k) == v for k, v in fields.items()
                     ):
                         return found
-                waiter = anyio.Event()
-                self._waiters.append(waiter)
-                await waiter.wait()
+                waiter = asyncio.Event()
+                with self._lock:
+                    self._waiters.append((asyncio.get_running_loop(), waiter))
+                with anyio.move_on_after(0.05):  # and look again, in case of a lost wake-up
+                    await waiter.wait()
 
     def named(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [
@@ -88,6 +98,12 @@ class Watched:
     tap: EventTap
     sync_calls: list[Path]
 
+    async def wait_for(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Wait for an event, then for the change it announces to be applied."""
+        found = await self.tap.wait_for(event, **fields)
+        await self.manager.settled()
+        return found
+
 
 @asynccontextmanager
 async def watching(
@@ -96,7 +112,8 @@ async def watching(
     """Start a manager, discover, start the watcher component; close all on exit."""
     settings = env.settings(trust_mode=trust_mode, **{"watch": True, **overrides})
     tap = EventTap()
-    events = EventLog(audit=AuditSink(env.audit), stream=tap)
+    events = EventLog(LogOptions(path=env.audit), stream=tap)
+    env.logs.append(events)
     async with make_manager(settings, events, load_keyring(settings.keys_dir)) as manager:
         await manager.discover()
         calls: list[Path] = []
@@ -274,7 +291,7 @@ async def test_new_directory_with_a_manifest_is_loaded_without_an_api_call(
     """A plugin directory that appears is discovered, verified and enabled by the watcher."""
     async with watching(env) as watched:
         plugins.write("fresh", version="1.0.0")
-        enabled = await watched.tap.wait_for("plugin.enabled", plugin_id="test.fresh")
+        enabled = await watched.wait_for("plugin.enabled", plugin_id="test.fresh")
         assert enabled["actor"] == "watcher"
         assert watched.manager.get("test.fresh").signature_status == "verified"
         assert await _served_version(watched.manager, "test.fresh") == "1.0.0"
@@ -288,9 +305,9 @@ async def test_an_edit_of_several_files_reloads_only_that_plugin_once(
     plugins.write("b", version="1.0.0")
     async with watching(env) as watched:
         plugins.write("a", version="2.0.0")  # plugin.yaml, plugin.py, then plugin.sig
-        await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.a", version="2.0.0")
+        await watched.wait_for("plugin.reload.completed", plugin_id="test.a", version="2.0.0")
         plugins.write("a", version="3.0.0")  # a second edit marks the end of the first one
-        await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.a", version="3.0.0")
+        await watched.wait_for("plugin.reload.completed", plugin_id="test.a", version="3.0.0")
         reloads = watched.tap.named("plugin.reload.completed")
         assert [(e["plugin_id"], e["version"]) for e in reloads] == [
             ("test.a", "2.0.0"),
@@ -308,11 +325,11 @@ async def test_half_written_edit_keeps_old_version_then_serves_new_once_consiste
     path = plugins.write("a", version="1.0.0")
     async with watching(env) as watched:
         (path / "plugin.py").write_text(textwrap.dedent("VERSION = '2.0.0'\n" + SIMPLE_CODE))
-        failed = await watched.tap.wait_for("plugin.reload.failed", plugin_id="test.a")
+        failed = await watched.wait_for("plugin.reload.failed", plugin_id="test.a")
         assert failed["error_code"] == "signature_invalid"
         assert await _served_version(watched.manager, "test.a") == "1.0.0"
         sign_dir(path)
-        await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.a")
+        await watched.wait_for("plugin.reload.completed", plugin_id="test.a")
         record = watched.manager.get("test.a")
         assert (record.state.value, record.error) == ("enabled", None)
         assert await _served_version(watched.manager, "test.a") == "2.0.0"
@@ -340,9 +357,9 @@ async def test_editor_and_temp_files_trigger_no_work(env: Env, plugins: PluginFa
             (path_a / rel).parent.mkdir(exist_ok=True)
             (path_a / rel).write_text("noise")
         plugins.write("b", version="2.0.0")  # a real edit elsewhere, queued after the noise
-        await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.b", version="2.0.0")
+        await watched.wait_for("plugin.reload.completed", plugin_id="test.b", version="2.0.0")
         plugins.write("a", version="2.0.0")
-        await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.a", version="2.0.0")
+        await watched.wait_for("plugin.reload.completed", plugin_id="test.a", version="2.0.0")
         reloads_a = watched.tap.named("plugin.reload.completed", plugin_id="test.a")
         assert [e["version"] for e in reloads_a] == ["2.0.0"]
         assert watched.sync_calls.count(path_a) == 1
@@ -355,7 +372,7 @@ async def test_deleted_directory_flags_the_plugin_which_keeps_serving(
     path = plugins.write("a", version="1.0.0")
     async with watching(env) as watched:
         shutil.rmtree(path)
-        await watched.tap.wait_for("plugin.path.missing", plugin_id="test.a")
+        await watched.wait_for("plugin.path.missing", plugin_id="test.a")
         record = watched.manager.get("test.a")
         assert (record.path_missing, record.state.value) == (True, "enabled")
         assert await _served_version(watched.manager, "test.a") == "1.0.0"
@@ -369,7 +386,7 @@ async def test_failed_plugin_directory_that_changes_is_retried(
     async with watching(env) as watched:
         assert watched.manager.get("test.a").state.value == "failed"
         sign_dir(path)
-        await watched.tap.wait_for("plugin.enabled", plugin_id="test.a")
+        await watched.wait_for("plugin.enabled", plugin_id="test.a")
         assert watched.manager.get("test.a").state.value == "enabled"
         assert await _served_version(watched.manager, "test.a") == "1.0.0"
 
@@ -380,11 +397,11 @@ async def test_plugins_dir_removed_is_reported_and_watching_resumes(
     """Losing `plugins.dir` emits watcher.error; once it is back, new plugins load again."""
     async with watching(env) as watched:
         shutil.rmtree(env.plugins)
-        error = await watched.tap.wait_for(WATCHER_ERROR, error_code="plugins_dir_missing")
+        error = await watched.wait_for(WATCHER_ERROR, error_code="plugins_dir_missing")
         assert error["level"] == "error"
         env.plugins.mkdir()
         plugins.write("back", version="1.0.0")
-        await watched.tap.wait_for("plugin.enabled", plugin_id="test.back")
+        await watched.wait_for("plugin.enabled", plugin_id="test.back")
 
 
 async def test_missing_plugins_dir_at_start_does_not_stop_the_daemon(
@@ -393,10 +410,10 @@ async def test_missing_plugins_dir_at_start_does_not_stop_the_daemon(
     """A watch that cannot start is retried with backoff until the directory exists."""
     env.plugins.rmdir()
     async with watching(env) as watched:
-        await watched.tap.wait_for(WATCHER_ERROR, error_code="plugins_dir_missing")
+        await watched.wait_for(WATCHER_ERROR, error_code="plugins_dir_missing")
         env.plugins.mkdir()
         plugins.write("late", version="1.0.0")
-        await watched.tap.wait_for("plugin.enabled", plugin_id="test.late")
+        await watched.wait_for("plugin.enabled", plugin_id="test.late")
 
 
 async def test_watch_false_starts_no_watcher(env: Env, plugins: PluginFactory) -> None:
@@ -413,11 +430,13 @@ async def test_leaving_the_component_stops_the_watch_promptly(env: Env) -> None:
     """Exit does not wait for a change or a watchfiles timeout: the stop event ends the watch."""
     settings = env.settings(watch=True)
     tap = EventTap()
-    events = EventLog(audit=AuditSink(env.audit), stream=tap)
+    events = EventLog(LogOptions(path=env.audit), stream=tap)
+    env.logs.append(events)
     async with make_manager(settings, events, load_keyring(settings.keys_dir)) as manager:
         with anyio.fail_after(WAIT_S):
             async with watcher_component(None, manager):  # type: ignore[arg-type]
                 pass
+    events.flush()
     assert [e["event"] for e in tap.events if e["event"].startswith("watcher.")] == [
         WATCHER_STARTED,
         "watcher.stopped",
@@ -433,10 +452,10 @@ async def test_serving_plugin_changed_during_a_watch_outage_is_reloaded(
         assert await _served_version(watched.manager, "test.kept") == "1.0.0"
         moved = env.tmp / "plugins-away"
         env.plugins.rename(moved)  # the watch loses its directory
-        await watched.tap.wait_for(WATCHER_ERROR, error_code="plugins_dir_missing")
+        await watched.wait_for(WATCHER_ERROR, error_code="plugins_dir_missing")
         PluginFactory(moved).write("kept", version="2.0.0")  # edited during the outage
         moved.rename(env.plugins)
-        await watched.tap.wait_for("plugin.reload.completed", plugin_id="test.kept")
+        await watched.wait_for("plugin.reload.completed", plugin_id="test.kept")
         assert await _served_version(watched.manager, "test.kept") == "2.0.0"
 
 
@@ -447,6 +466,6 @@ async def test_non_utf8_directory_name_does_not_stop_the_daemon(
     plugins.write("good", version="1.0.0")
     async with watching(env) as watched:
         os.mkdir(os.fsencode(env.plugins) + b"/x\xff")
-        await watched.tap.wait_for(WATCHER_ERROR)
+        await watched.wait_for(WATCHER_ERROR)
         assert await _served_version(watched.manager, "test.good") == "1.0.0"
         assert (await watched.manager.discover()).discovered == []

@@ -28,11 +28,13 @@ class ApiError(errors.PluginDError):
         status: int,
         reason: str | None = None,
         headers: Mapping[str, str] | None = None,
+        actor: str | None = None,
     ) -> None:
         super().__init__(message, code=code)
         self.status = status
         self.reason = reason
         self.headers = dict(headers or {})
+        self.actor = actor  # the token a denial is about, when one is known
 
 
 # By class, most specific first (the first match in the exception's MRO wins).
@@ -52,6 +54,7 @@ _STATUS_BY_CLASS: Mapping[type[errors.PluginDError], int] = {
     errors.OciReferenceError: 422,
     errors.ArchiveError: 422,
     errors.OciError: 502,
+    errors.AuditUnavailable: 503,
 }
 # Codes whose answer differs from their class's.
 _STATUS_BY_CODE: Mapping[str, int] = {

@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from aisoc_plugind.api.context import (
-    PRINCIPAL,
     ApiState,
 )
 from aisoc_plugind.api.errors import (
@@ -91,14 +90,14 @@ def request_id(candidate: str | None) -> str:
 NEED_AUDIT = frozenset({ADMIN, EXECUTE})
 
 
-def audit_down(st: ApiState) -> bool:
-    """Return True while the audit sink is failing and `audit.fail_closed` is set.
+async def audit_down(st: ApiState) -> bool:
+    """Return True while the audit file is failing and `audit.fail_closed` is set.
 
-    The denial event this leads to is itself a write attempt, so the state heals as soon as
-    the file can be written again.
+    The writer thread knows (it retries with backoff and heals by itself); a request that
+    finds it failing asks for a retry now and waits a moment for it. Nothing here touches
+    the file.
     """
-    audit = st.events.audit
-    return st.settings.audit_fail_closed and audit is not None and audit.probe() is not None
+    return st.settings.audit_fail_closed and not await st.events.writable()
 
 
 def authorize(request: web.Request, st: ApiState, permission: str) -> Principal:
@@ -123,14 +122,15 @@ def authorize(request: web.Request, st: ApiState, permission: str) -> Principal:
             status=401,
             reason=reason,
             headers={"WWW-Authenticate": 'Bearer realm="aisoc-plugind"'},
+            actor=expired,
         )
     if not principal.allows(permission):
-        request[PRINCIPAL] = principal  # the denial event names the token
         raise ApiError(
             f"token {principal.name!r} lacks the permission {permission}",
             code="permission_denied",
             status=403,
             reason="permission_missing",
+            actor=principal.name,  # the denial event and its budget name the token
         )
     return principal
 

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from aisoc_plugind.api.context import (
+    ApiState,
     caller_of,
     state_of,
 )
@@ -24,7 +25,7 @@ from aisoc_plugind.api.metrics import CONTENT_TYPE
 from aisoc_plugind.core.manifest import ID_RE, PLUGIN_TYPES
 from aisoc_plugind.core.records import SERVING, State
 from aisoc_plugind.engine.manager import PluginManager
-from aisoc_plugind.errors import PluginDError, PluginNotFound
+from aisoc_plugind.errors import AuditUnavailable, PluginDError, PluginNotFound
 
 __all__ = [
     "disable_plugin",
@@ -35,6 +36,7 @@ __all__ = [
     "list_plugins",
     "metrics",
     "openapi",
+    "readyz",
     "reload_plugin",
     "run_plugin",
     "show_plugin",
@@ -158,7 +160,7 @@ async def reload_plugin(request: web.Request) -> web.Response:
     st, plugin_id = state_of(request), _plugin_id(request)
     try:
         record = await st.manager.reload(plugin_id, caller_of(request))
-    except PluginNotFound:
+    except (PluginNotFound, AuditUnavailable):
         raise
     except PluginDError as exc:
         raise _reload_conflict(st.manager, plugin_id, exc) from exc
@@ -218,23 +220,39 @@ async def install_from_oci(request: web.Request) -> web.Response:
             code="invalid_body",
             status=400,
         )
-    install = getattr(state_of(request).manager, "install_from_oci", None)
-    if install is None:
-        raise ApiError(
-            "installing plugins from OCI registries is not available in this daemon",
-            code="oci_not_configured",
-            status=501,
-        )
-    outcome = await install(ref, caller_of(request))
-    data = outcome.to_json() if hasattr(outcome, "to_json") else dict(outcome)
-    return json_response(data, status=201)
+    outcome = await state_of(request).manager.install_from_oci(ref, caller_of(request))
+    return json_response(outcome.to_json(), status=201)
+
+
+def _health(st: ApiState) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for record in st.manager.records():
+        counts[record.state.value] = counts.get(record.state.value, 0) + 1
+    return {
+        "status": "ok" if st.ready() else "starting",
+        "audit": "failing" if st.events.failure is not None else "ok",
+        "plugins": counts,
+    }
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: 200 once the daemon is ready, 503 before."""
-    if state_of(request).ready():
-        return json_response({"status": "ok"})
-    return error_response(503, "not_ready", "the daemon is starting")
+    """GET /healthz (liveness): 200 while the daemon serves, with its state and audit health."""
+    return json_response(_health(state_of(request)))
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz (readiness): 200 once started and while the audit file can be written."""
+    st = state_of(request)
+    body = _health(st)
+    if not st.ready():
+        return error_response(503, "not_ready", "the daemon is starting")
+    if st.events.failure is not None:
+        return error_response(
+            503,
+            "audit_unavailable",
+            "the audit log cannot be written, so changes and runs are refused until it can",
+        )
+    return json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -75,10 +75,10 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise too_large(st.settings)
     if route is not None and route.permission is not None:
         request[PRINCIPAL] = authorize(request, st, route.permission)
-        if route.permission in NEED_AUDIT and audit_down(st):
+        if route.permission in NEED_AUDIT and await audit_down(st):
             raise ApiError(
                 "the audit log cannot be written, so changes and runs are refused until it "
-                f"can ({st.events.audit.failure if st.events.audit else ''})",
+                f"can ({st.events.failure})",
                 code="audit_unavailable",
                 status=503,
                 reason="audit_unavailable",
@@ -159,18 +159,25 @@ def _peer(request: web.Request) -> str | None:
 
 
 def _denied(request: web.Request, exc: ApiError) -> ApiError:
-    """Audit a denial, or, past the peer's budget, turn it into a counted 429."""
+    """Audit a denial, or, past its budget, turn it into a counted 429.
+
+    The budget is kept per token when the denial names one (a real token lacking a
+    permission, or expired) and per address otherwise, so junk from anyone cannot spend a
+    real token's budget and mute its denials.
+    """
     st = state_of(request)
     peer = _peer(request) or "unknown"
+    actor = exc.actor
+    budget = f"token:{actor}" if actor else f"peer:{peer}"
     suppressed: int | None = None
-    if st.limiter.take(peer):
-        suppressed = st.limiter.pending(peer) or None
+    if st.limiter.take(budget):
+        suppressed = st.limiter.pending(budget) or None
     else:
         st.metrics.denied("rate_limited")
-        if not st.limiter.suppress(peer):
-            return _rate_limited(st)
-        exc = _rate_limited(st)  # the first limited request of a burst is audited
-    route, principal = request.get(ROUTE), request.get(PRINCIPAL)
+        if not st.limiter.suppress(budget):
+            return _rate_limited(st, actor)
+        exc = _rate_limited(st, actor)  # the first limited request of a burst is audited
+    route = request.get(ROUTE)
     reason = exc.reason or exc.code
     if reason != "rate_limited":
         st.metrics.denied(reason)
@@ -182,7 +189,7 @@ def _denied(request: web.Request, exc: ApiError) -> ApiError:
         status=exc.status,
         required_permission=route.permission if route else None,
         reason=reason,
-        actor=principal.name if principal else None,
+        actor=actor,
         peer=peer,
         request_id=request[RID],
         suppressed=suppressed,
@@ -190,14 +197,16 @@ def _denied(request: web.Request, exc: ApiError) -> ApiError:
     return exc
 
 
-def _rate_limited(st: ApiState) -> ApiError:
+def _rate_limited(st: ApiState, actor: str | None) -> ApiError:
     retry = max(1, math.ceil(1 / st.settings.api_denied_per_second))
+    who = f"for token {actor!r}" if actor else "from this address"
     return ApiError(
-        "too many denied requests from this address; slow down",
+        f"too many denied requests {who}; slow down",
         code="too_many_denied_requests",
         status=429,
         reason="rate_limited",
         headers={"Retry-After": str(retry)},
+        actor=actor,
     )
 
 
@@ -222,14 +231,14 @@ def _internal_error(request: web.Request, exc: Exception) -> None:
 def _account(request: web.Request, status: int, started: float) -> None:
     st = state_of(request)
     st.metrics.request(_method(request), _route_path(request) or "unmatched", status)
-    if request.method not in MUTATING:
-        return
     principal = request.get(PRINCIPAL)
+    if request.method not in MUTATING or principal is None:
+        return  # denials have their own budgeted api.denied; unauthenticated ones nothing more
     plugin_id = request.match_info.get("id")
     st.events.emit(
         names.API_REQUEST,
         level="info" if status < 400 else "warning",
-        actor=principal.name if principal else None,
+        actor=principal.name,
         request_id=request[RID],
         route=_route_path(request),
         method=_method(request),

@@ -148,7 +148,15 @@ _SCHEMAS: dict[str, Any] = {
             "digest": {"type": "string"},
         },
     },
-    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+    "Health": {
+        "type": "object",
+        "required": ["status", "audit", "plugins"],
+        "properties": {
+            "status": {"enum": ["ok", "starting"]},
+            "audit": {"enum": ["ok", "failing"]},
+            "plugins": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    },
 }
 
 

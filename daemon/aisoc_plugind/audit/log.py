@@ -1,131 +1,322 @@
-"""Write each event to stdout (structlog) and the JSONL audit file, numbered by `seq`.
+"""Emit the daemon's events and await their lines: the event log in front of the writer.
 
-One event = one JSON object, serialised once; the same line goes to the audit file (one
-`write()` on an O_APPEND descriptor, so a line is never split or interleaved) and, with
-`log.format = "json"`, to stdout. `seq` is monotonic per daemon run and matches file order.
-Keys that could carry secrets (tokens, payloads) are dropped before anything is written.
+`emit()` builds one event (timestamp, name, level, `seq`, fields without secrets), hands it
+to the writer thread and returns its `seq` at once; it never touches the file. A caller that
+acknowledges something (an API answer) first awaits `commit(seq)`, which returns when the
+writer has written the line (and fsync'ed it, for changes) or raises AuditUnavailable when
+the file cannot be written. Library log records come in through `audit.stdlog` as events of
+the same shape, for stdout only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import heapq
 import json
 import sys
 import threading
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
-import structlog
+import nacl.signing
 
-from aisoc_plugind.audit.names import AUDIT_WRITE_FAILED, PLUGIN_RUN_COMPLETED, PLUGIN_RUN_FAILED
-from aisoc_plugind.audit.sink import AuditSink
+from aisoc_plugind.audit.render import Renderer
+from aisoc_plugind.audit.sink import AuditFile, HeadStore
+from aisoc_plugind.audit.stdout import LEVELS, StdoutSink, journald_stream
+from aisoc_plugind.audit.writer import AuditWriter, CheckpointPolicy, Progress, Record
+from aisoc_plugind.config.settings import FsyncPolicy, Settings
 from aisoc_plugind.core.clock import rfc3339, utcnow
+from aisoc_plugind.core.signing import load_private_key
+from aisoc_plugind.errors import AuditUnavailable, ConfigError, KeyFileError
+from aisoc_plugind.files import FileRefused, read_regular
 
-__all__ = ["SECRET_KEYS", "EventLog"]
+__all__ = ["SECRET_KEYS", "EventLog", "LogOptions", "log_options"]
 
-# High-volume events that are written but not fsync'ed under `audit.fsync = "mutations"`.
-_VOLUME_EVENTS = frozenset({PLUGIN_RUN_COMPLETED, PLUGIN_RUN_FAILED})
 # Keys whose values may be secrets; they never reach stdout or the audit file.
 SECRET_KEYS = frozenset(
     {"token", "authorization", "payload", "context", "result", "password", "secret", "config"}
 )
-_FIRST_KEYS = ("timestamp", "event", "level", "seq")
+# High-volume events that are written but not fsync'ed under `audit.fsync = "mutations"`.
+_VOLUME_EVENTS = frozenset({"plugin.run.completed", "plugin.run.failed", "log.record"})
+_RESERVED = frozenset({"timestamp", "event", "level", "seq"})
+# How long a change or run waits for a failing writer's retry before it is refused.
+RETRY_WAIT_S = 0.25
 
 
-Processor = Callable[[Any, str, MutableMapping[str, Any]], Any]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogOptions:
+    """How events are written: the audit file, its schema and fsync policy, stdout."""
+
+    path: Path
+    fsync: FsyncPolicy = FsyncPolicy.MUTATIONS
+    schema: str = "native"
+    log_format: str = "json"
+    log_level: str = "info"
+    state_dir: Path | None = None
+    signing_key: nacl.signing.SigningKey | None = None
+    checkpoint_lines: int = 1000
+    checkpoint_interval_s: float = 60.0
+
+
+def log_options(settings: Settings) -> LogOptions:
+    """Return the log options `settings` ask for; raise ConfigError for an unusable key."""
+    return LogOptions(
+        path=settings.audit_path,
+        fsync=settings.audit_fsync,
+        schema=settings.audit_schema,
+        log_format=settings.log_format,
+        log_level=settings.log_level,
+        state_dir=settings.state_dir,
+        signing_key=_signing_key(settings.audit_signing_key),
+        checkpoint_lines=settings.audit_checkpoint_lines,
+        checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+    )
+
+
+def _signing_key(path: Path | None) -> nacl.signing.SigningKey | None:
+    if path is None:
+        return None
+    try:
+        return load_private_key(read_regular(path, cap=16 * 1024))
+    except (OSError, FileRefused, KeyFileError) as exc:
+        detail = exc.message if isinstance(exc, KeyFileError) else str(exc)
+        raise ConfigError(
+            f"audit.signing_key {path} cannot be used: {detail} (make one with "
+            "`aisoc-plugind audit keygen --out DIR`)"
+        ) from exc
+
+
+Listener = Callable[[Mapping[str, Any]], None]
 
 
 class EventLog:
-    """Emit structured events to stdout and the audit sink, numbered by `seq`."""
+    """Number events, queue them for the writer, and tell callers when lines are written."""
 
     def __init__(
-        self,
-        *,
-        audit: AuditSink | None,
-        log_format: str = "json",
-        stream: TextIO | None = None,
+        self, options: LogOptions, *, stream: TextIO | None = None, stderr: TextIO | None = None
     ) -> None:
-        self.audit = audit
-        self._listeners: list[Callable[[Mapping[str, Any]], None]] = []
+        self.options = options
+        self.path = options.path
+        out = stream if stream is not None else sys.stdout
+        self._stderr = stderr if stderr is not None else sys.stderr
+        self._min_level = LEVELS.get(options.log_level, 20)
         self._lock = threading.Lock()
         self._seq = 0
-        self._logger = structlog.wrap_logger(
-            structlog.PrintLogger(stream if stream is not None else sys.stdout),
-            processors=[self._scrub_and_order, self._write_audit, self._renderer(log_format)],
-            wrapper_class=structlog.BoundLogger,
-            cache_logger_on_first_use=True,
+        self._listeners: list[Listener] = []
+        self._recovered: list[Callable[[], Awaitable[None]]] = []
+        self._progress = Progress(written=0, durable=0, failure=None)
+        self._waiters: list[tuple[int, int, bool, asyncio.Future[None]]] = []
+        self._reports: list[asyncio.Future[None]] = []  # woken by the writer's next report
+        self._order = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        heads = (
+            HeadStore(options.state_dir / ".daemon" / "audit.head")
+            if options.state_dir is not None
+            else None
         )
+        checkpoints = (
+            CheckpointPolicy(
+                key=options.signing_key,
+                every_lines=options.checkpoint_lines,
+                interval_s=options.checkpoint_interval_s,
+            )
+            if options.signing_key is not None
+            else None
+        )
+        self._writer = AuditWriter(
+            file=AuditFile(options.path),
+            renderer=Renderer(options.schema),
+            fsync=options.fsync,
+            progress=self._on_progress,
+            report=self._report,
+            stdout=StdoutSink(
+                out, console=options.log_format == "console", journald=journald_stream(out)
+            ),
+            head_store=heads,
+            checkpoints=checkpoints,
+        )
+        self._started = False
 
-    @staticmethod
-    def _renderer(log_format: str) -> Processor:
-        if log_format == "console":
-            console = structlog.dev.ConsoleRenderer(colors=False)
+    # Lifecycle.
 
-            def render_console(logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:
-                ev.pop("_line", None)
-                text = str(console(logger, name, ev))
-                # A path from a non-UTF-8 file name must not make printing the event fail.
-                return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    def start(self) -> None:
+        """Start the writer (it opens the file, or notes why it cannot); bind the running loop."""
+        self.bind_loop()
+        if not self._started:
+            self._started = True
+            self._writer.start()
 
-            return render_console
+    def bind_loop(self) -> None:
+        """Resolve `commit()` waiters on the running event loop (call from inside it)."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
-        def render_json(logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:
-            return ev["_line"]
+    def close(self) -> None:
+        """Write everything queued, a final checkpoint, fsync and close (blocks)."""
+        if self._started:
+            self._writer.stop()
 
-        return render_json
+    async def aclose(self) -> None:
+        """Close from the event loop without blocking it."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
-    def subscribe(self, listener: Callable[[Mapping[str, Any]], None]) -> None:
-        """Call `listener` with every event as written (for metrics); it must not raise."""
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until everything emitted so far was handled by the writer (tests, shutdown)."""
+        if self._started:
+            self._writer.flush(timeout)
+
+    # Events.
+
+    @property
+    def failure(self) -> str | None:
+        """Return why the audit file cannot be written now, or None when it can."""
+        return self._progress.failure
+
+    @property
+    def last_seq(self) -> int:
+        """Return the `seq` of the last event emitted."""
+        return self._seq
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener` with every event as emitted (for metrics); it must not raise."""
         self._listeners.append(listener)
 
-    def emit(self, event: str, *, level: str = "info", **fields: Any) -> dict[str, Any]:
-        """Write one event; returns the event as written (without secrets)."""
+    def on_recovered(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` on the loop each time the audit file works again after failing."""
+        self._recovered.append(callback)
+
+    def reopen(self) -> None:
+        """Ask the writer to reopen the file now (SIGHUP); never blocks, never raises."""
+        self._writer.reopen()
+
+    async def writable(self) -> bool:
+        """Return True when the audit file can be written; while it fails, ask the writer to
+        try again and wait a moment for its answer (so a fixed disk heals at once)."""
+        if self._progress.failure is None:
+            return True
+        if self._loop is None:
+            self.bind_loop()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reports.append(future)
+        self._writer.retry()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RETRY_WAIT_S):
+                await asyncio.shield(future)
+        return self._progress.failure is None
+
+    def emit(self, event: str, *, level: str = "info", **fields: Any) -> int:
+        """Queue one event for the audit file and stdout; return its `seq`."""
+        return self._emit(event, level, True, fields)
+
+    def emit_log(self, event: str, *, level: str = "info", **fields: Any) -> None:
+        """Queue one event for stdout only (library log records): no `seq`, not chained."""
+        self._emit(event, level, False, fields)
+
+    def _emit(self, event: str, level: str, audit: bool, fields: Mapping[str, Any]) -> int:
+        if not self._started:
+            self.start()
+        doc: dict[str, Any] = {"timestamp": rfc3339(utcnow()), "event": event, "level": level}
         with self._lock:
-            self._seq += 1
-            out: dict[str, Any] = {}
-            self._logger.msg(event, _level=level, _seq=self._seq, _out=out, **fields)
-        for listener in self._listeners:
-            listener(out)
-        return out
-
-    @staticmethod
-    def _scrub_and_order(logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:
-        out_ref = ev.pop("_out")
-        ordered: dict[str, Any] = {
-            "timestamp": rfc3339(utcnow()),
-            "event": ev.pop("event"),
-            "level": ev.pop("_level"),
-            "seq": ev.pop("_seq"),
-        }
-        for key, value in ev.items():
-            if key not in SECRET_KEYS and key not in _FIRST_KEYS and value is not None:
-                ordered[key] = value
-        out_ref.update(ordered)
-        ordered["_line"] = json.dumps(ordered, separators=(",", ":"), default=str)
-        return ordered
-
-    def _write_audit(self, logger: Any, name: str, ev: MutableMapping[str, Any]) -> Any:
-        if self.audit is None:
-            return ev
-        try:
-            self.audit.write(ev["_line"], durable=ev["event"] not in _VOLUME_EVENTS)
-        except OSError as exc:
-            self._audit_failed(exc)
-        else:
-            self.audit.failure = None
-        return ev
-
-    def _audit_failed(self, exc: OSError) -> None:
-        assert self.audit is not None
-        first = self.audit.failure is None
-        self.audit.failure = f"{self.audit.path}: {exc}"
-        if first:  # stdout still carries the event; say loudly that the file does not
-            line = json.dumps(
-                {
-                    "timestamp": rfc3339(utcnow()),
-                    "event": AUDIT_WRITE_FAILED,
-                    "level": "error",
-                    "path": str(self.audit.path),
-                    "error": str(exc),
-                }
+            seq = 0
+            if audit:
+                self._seq = seq = self._seq + 1
+                doc["seq"] = seq
+            for key, value in fields.items():
+                if value is not None and key not in SECRET_KEYS and key not in _RESERVED:
+                    doc[key] = value
+            self._writer.submit(
+                Record(
+                    seq=seq or None,
+                    event=doc,
+                    level=level,
+                    audit=audit,
+                    durable=event not in _VOLUME_EVENTS,
+                    stdout=LEVELS.get(level, 20) >= self._min_level,
+                )
             )
-            print(line, file=sys.stderr, flush=True)
+        for listener in self._listeners:
+            listener(doc)
+        return seq
+
+    async def commit(self, seq: int | None = None, *, durable: bool = True) -> None:
+        """Return once the line of event `seq` (default: the last one) is written, and
+        fsync'ed when `durable` (as `audit.fsync` allows); raise AuditUnavailable else."""
+        target = self._seq if seq is None else seq
+        progress = self._progress
+        if self._reached(progress, target, durable):
+            return
+        if progress.failure is not None:
+            raise _unavailable(progress.failure)
+        if self._loop is None:
+            self.bind_loop()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._order += 1
+        heapq.heappush(self._waiters, (target, self._order, durable, future))
+        if durable and progress.written >= target:
+            self._writer.sync()
+        await future
+
+    def _reached(self, progress: Progress, seq: int, durable: bool) -> bool:
+        mark = (
+            progress.durable
+            if durable and self.options.fsync is not FsyncPolicy.NEVER
+            else progress.written
+        )
+        return seq <= mark
+
+    # The writer's side (its thread).
+
+    def _on_progress(self, progress: Progress) -> None:
+        self._progress = progress
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if self._waiters or self._reports:
+            loop.call_soon_threadsafe(self._resolve)
+        if progress.recovered:
+            for callback in self._recovered:
+                asyncio.run_coroutine_threadsafe(_guarded(callback), loop)
+
+    def _resolve(self) -> None:
+        reports, self._reports = self._reports, []
+        for report in reports:
+            if not report.done():
+                report.set_result(None)
+        progress, waiters = self._progress, self._waiters
+        while waiters:
+            seq, _, durable, future = waiters[0]
+            if self._reached(progress, seq, durable):
+                heapq.heappop(waiters)
+                if not future.done():
+                    future.set_result(None)
+            elif progress.failure is not None:
+                heapq.heappop(waiters)
+                if not future.done():
+                    future.set_exception(_unavailable(progress.failure))
+            elif durable and progress.written >= seq:
+                self._writer.sync()
+                return
+            else:
+                return
+
+    def _report(self, record: Mapping[str, Any]) -> None:
+        """Say on stderr, once per failure, that the audit file cannot be written."""
+        with contextlib.suppress(OSError, ValueError):
+            print(json.dumps(record, separators=(",", ":")), file=self._stderr, flush=True)
+
+
+def _unavailable(failure: str) -> AuditUnavailable:
+    return AuditUnavailable(
+        f"the audit log cannot be written ({failure}); changes and runs are refused until it can"
+    )
+
+
+async def _guarded(callback: Callable[[], Awaitable[None]]) -> None:
+    # A recovery hook must never take anything down; it reports its own failures.
+    with contextlib.suppress(Exception):
+        await callback()

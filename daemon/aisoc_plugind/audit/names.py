@@ -12,6 +12,9 @@ __all__ = [
     "API_LISTENING",
     "API_REQUEST",
     "API_TOKENS_LOADED",
+    "AUDIT_CHECKPOINT",
+    "AUDIT_GAP",
+    "AUDIT_RECOVERED",
     "AUDIT_REOPENED",
     "AUDIT_WRITE_FAILED",
     "CONFIG_WARNING",
@@ -22,6 +25,8 @@ __all__ = [
     "DAEMON_STOPPING",
     "KEYS_CHANGED",
     "KEY_SKIPPED",
+    "LOG_RECORD",
+    "PLUGIN_CHANGE_ABORTED",
     "PLUGIN_DISABLED",
     "PLUGIN_DISCOVERED",
     "PLUGIN_DUPLICATE_ID",
@@ -58,9 +63,15 @@ CONFIG_WARNING = "config.warning"
 KEY_SKIPPED = "trust.key.skipped"
 KEYS_CHANGED = "trust.keys.changed"
 
-# The audit file itself.
+# The audit file itself (the writer's own records carry no `seq`).
 AUDIT_REOPENED = "audit.reopened"
 AUDIT_WRITE_FAILED = "audit.write_failed"
+AUDIT_GAP = "audit.gap"
+AUDIT_CHECKPOINT = "audit.checkpoint"
+AUDIT_RECOVERED = "audit.recovered"
+
+# Library log records (aiohttp, asyncio, ...) as events: stdout only, never the audit file.
+LOG_RECORD = "log.record"
 
 # Plugins: lifecycle transitions and trust decisions.
 PLUGIN_DISCOVERED = "plugin.discovered"
@@ -82,6 +93,8 @@ PLUGIN_RUN_FAILED = "plugin.run.failed"
 PLUGIN_TEARDOWN_FAILED = "plugin.teardown.failed"
 PLUGIN_INSTALL_COMPLETED = "plugin.install.completed"
 PLUGIN_INSTALL_FAILED = "plugin.install.failed"
+# A change whose events could not be made durable was not made (or was undone).
+PLUGIN_CHANGE_ABORTED = "plugin.change.aborted"
 
 # The control API.
 API_REQUEST = "api.request"

@@ -1,77 +1,194 @@
-"""Append whole JSON lines to the audit file (O_APPEND, one write per line), reopen on rotation."""
+"""Open, repair, append to and watch the audit file; keep the chain head across restarts.
+
+Used only by the writer thread. The file is opened `O_APPEND` (never `O_TRUNC`), created
+0600 (its directory 0750) when missing, and refused when the path is a link or not a regular
+file. Opening reads the tail: a partial last line (a torn write, a crash) is closed with a
+newline at once, and the hash of the last complete line becomes the chain head, so the chain
+continues across restarts.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 
-from aisoc_plugind.config.settings import FsyncPolicy
+from aisoc_plugind.audit.chain import is_hash, line_hash
 
-__all__ = ["AuditSink"]
+__all__ = ["AuditFile", "HeadStore", "Opened", "WriteFailed"]
+
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+_TAIL_BYTES = 32 * 1024  # lines are at most 8 KiB: the last complete one is in here
 
 
-class AuditSink:
-    """Append whole JSON lines to the audit file; reopen it after rotation."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Opened:
+    """What opening the audit file found."""
 
-    def __init__(self, path: Path, fsync: FsyncPolicy = FsyncPolicy.MUTATIONS) -> None:
+    created: bool
+    dir_created: bool
+    tail_hash: str | None  # hash of the last complete line; None for an empty file
+    fragment: bytes | None  # a partial last line, now closed with a newline
+
+
+class WriteFailed(OSError):
+    """A write stopped after `written` bytes (maybe 0); `cause` is the error."""
+
+    def __init__(self, written: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.written = written
+        self.cause = cause
+
+
+class AuditFile:
+    """The audit file at one path, as the writer thread sees it."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.fsync = fsync
-        self.failure: str | None = None
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
 
-    def open(self) -> None:
-        """Open (creating 0600, and the parent dir 0750) for append."""
-        self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        st = os.fstat(fd)
-        old, self._fd, self._ident = self._fd, fd, (st.st_dev, st.st_ino)
-        if old is not None:
-            os.close(old)
+    @property
+    def is_open(self) -> bool:
+        """Return True while a descriptor is held."""
+        return self._fd is not None
 
-    def reopen(self) -> None:
-        """Open the path again (after logrotate's `create` moved the old file away)."""
-        self.open()
+    def open(self) -> Opened:
+        """(Re)open the path for append, creating what is missing; raise OSError."""
+        self.close()
+        dir_created = self._ensure_dir()
+        fd, created = self._open_file()
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, f"{self.path} is not a regular file")
+            tail_hash, fragment = _read_tail(fd, st.st_size)
+            if fragment is not None:
+                _write_all(fd, b"\n")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        return Opened(
+            created=created, dir_created=dir_created, tail_hash=tail_hash, fragment=fragment
+        )
+
+    def _ensure_dir(self) -> bool:
+        parent = self.path.parent
+        if parent.is_dir():
+            return False
+        parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        return True
+
+    def _open_file(self) -> tuple[int, bool]:
+        try:
+            return os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            return os.open(self.path, _OPEN_FLAGS), False
+
+    def moved(self) -> str | None:
+        """Return why the path no longer names the open file (rotated, deleted), or None."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return "file_missing" if self.path.parent.is_dir() else "directory_missing"
+        except NotADirectoryError:
+            return "directory_missing"
+        except OSError:
+            return "unreachable"
+        if not stat.S_ISREG(st.st_mode):
+            return "replaced"
+        return "rotated" if (st.st_dev, st.st_ino) != self._ident else None
+
+    def write(self, data: bytes) -> None:
+        """Append `data`; raise WriteFailed saying how many bytes were written."""
+        if self._fd is None:
+            raise WriteFailed(0, OSError(errno.EBADF, "the audit file is not open"))
+        _write_all(self._fd, data)
+
+    def fsync(self) -> None:
+        """Force what was written to stable storage; raise OSError."""
+        if self._fd is None:
+            raise OSError(errno.EBADF, "the audit file is not open")
+        os.fsync(self._fd)
 
     def close(self) -> None:
-        """Flush to disk and close."""
-        if self._fd is not None:
+        """Close the descriptor (a failed final flush is ignored: the file may be gone)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
             with contextlib.suppress(OSError):
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+                os.close(fd)
 
-    def write(self, line: str, *, durable: bool) -> None:
-        """Append one line in a single write; raises OSError on failure."""
-        if self._fd is None or self._rotated():
-            self.open()
-        assert self._fd is not None
-        data = (line + "\n").encode("utf-8")
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(f"short write to audit file ({written} of {len(data)} bytes)")
-        if self.fsync is FsyncPolicy.ALWAYS or (durable and self.fsync is FsyncPolicy.MUTATIONS):
-            os.fsync(self._fd)
 
-    def probe(self) -> str | None:
-        """Check (one stat) that the path still names an open, writable file; return the failure.
-
-        A moved or vanished file is reopened here, so a gone directory is noticed before a
-        change is made rather than after. A full disk shows only on the next write.
-        """
-        if self._fd is None or self._rotated():
-            try:
-                self.open()
-            except OSError as exc:
-                self.failure = f"{self.path}: {exc}"
-                return self.failure
-            self.failure = None  # reopened: the next write says whether it really works
-        return self.failure
-
-    def _rotated(self) -> bool:
+def _write_all(fd: int, data: bytes) -> None:
+    view, written = memoryview(data), 0
+    while written < len(data):
         try:
-            st = os.stat(self.path)
-        except OSError:  # gone, or a path component is no longer a directory
-            return True
-        return (st.st_dev, st.st_ino) != self._ident
+            n = os.write(fd, view[written:])
+        except OSError as exc:
+            raise WriteFailed(written, exc) from exc
+        if n == 0:
+            raise WriteFailed(written, OSError(errno.ENOSPC, "no space left on device"))
+        written += n
+
+
+def _read_tail(fd: int, size: int) -> tuple[str | None, bytes | None]:
+    """Return (hash of the last complete line, the partial last line or None)."""
+    if size == 0:
+        return None, None
+    start = max(size - _TAIL_BYTES, 0)
+    tail = os.pread(fd, size - start, start)
+    if tail.endswith(b"\n"):
+        body, fragment = tail[:-1], None
+    else:
+        cut = tail.rfind(b"\n")
+        body, fragment = (tail[:cut], tail[cut + 1 :]) if cut >= 0 else (b"", tail)
+    if not body or (start > 0 and b"\n" not in body):
+        return None, fragment  # no complete line in reach (not a file we wrote)
+    return line_hash(body.rsplit(b"\n", 1)[-1]), fragment
+
+
+class HeadStore:
+    """The chain head kept in the daemon's state directory, for a file that starts empty.
+
+    When the audit file was rotated or removed while the daemon was stopped, the new file's
+    first line still names the last line written before. Best effort: the store is written
+    after each batch (no fsync) and synced at shutdown; any problem disables it silently.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def load(self) -> str | None:
+        """Return the stored head, or None when there is none or it cannot be read."""
+        try:
+            data = json.loads(self.path.read_bytes().rstrip(b"\0 \n") or b"{}")
+        except (OSError, ValueError):
+            return None
+        head = data.get("head") if isinstance(data, dict) else None
+        return head if is_hash(head) else None
+
+    def save(self, head: str) -> None:
+        """Write the head in place (one small pwrite at offset 0)."""
+        try:
+            if self._fd is None:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.pwrite(self._fd, json.dumps({"head": head}).encode().ljust(96) + b"\n", 0)
+        except OSError:
+            self.close()
+
+    def close(self, *, sync: bool = False) -> None:
+        """Close the store, syncing it first when asked."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if sync:
+                os.fsync(fd)
+            os.close(fd)

@@ -20,7 +20,10 @@ from aisoc_plugind.core.listen import ListenAddress, parse_listen
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.errors import ConfigError
 
-__all__ = ["KEYS", "FsyncPolicy", "Settings", "load_settings"]
+__all__ = ["AUDIT_SCHEMAS", "KEYS", "LOG_LEVELS", "FsyncPolicy", "Settings", "load_settings"]
+
+AUDIT_SCHEMAS = ("native", "ecs", "ocsf")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class FsyncPolicy(StrEnum):
@@ -55,7 +58,13 @@ class Settings:
     audit_path: Path = Path("/var/log/aisoc-plugind/audit.jsonl")
     audit_fsync: FsyncPolicy = FsyncPolicy.MUTATIONS
     audit_fail_closed: bool = True
+    audit_schema: str = "native"
+    audit_signing_key: Path | None = None
+    audit_checkpoint_lines: int = 1000
+    audit_checkpoint_interval_s: float = 60.0
     log_format: str = "json"
+    log_level: str = "info"
+    state_dir: Path = Path("/var/lib/aisoc-plugind/state")
     shutdown_grace_s: float = 20.0
     oci_allow_insecure_registries: tuple[str, ...] = ()
     plugin_config: Mapping[str, Mapping[str, Any]] = field(
@@ -196,7 +205,13 @@ KEYS: tuple[_Key, ...] = (
         lambda v: FsyncPolicy(_choice(tuple(p.value for p in FsyncPolicy))(v)),
     ),
     _Key("audit_fail_closed", "audit", "fail_closed", None, _as_bool),
+    _Key("audit_schema", "audit", "schema", None, _choice(AUDIT_SCHEMAS)),
+    _Key("audit_signing_key", "audit", "signing_key", None, _as_opt_path),
+    _Key("audit_checkpoint_lines", "audit", "checkpoint_lines", None, _positive(int)),
+    _Key("audit_checkpoint_interval_s", "audit", "checkpoint_interval_s", None, _positive(float)),
     _Key("log_format", "log", "format", None, _choice(("json", "console"))),
+    _Key("log_level", "log", "level", None, _choice(LOG_LEVELS)),
+    _Key("state_dir", "isolation", "state_dir", None, _as_path),
     _Key("shutdown_grace_s", "daemon", "shutdown_grace_s", None, _positive(float)),
     _Key("oci_allow_insecure_registries", "oci", "allow_insecure_registries", None, _str_list),
 )

@@ -9,7 +9,7 @@ from aisoc_plugind.audit import names
 from aisoc_plugind.audit.log import EventLog
 from aisoc_plugind.core.records import PluginRecord, State
 from aisoc_plugind.engine.results import Caller
-from aisoc_plugind.errors import PluginDError
+from aisoc_plugind.errors import AuditUnavailable, PluginDError
 
 __all__ = ["EngineEvents"]
 
@@ -20,13 +20,38 @@ class EngineEvents:
     def __init__(self, log: EventLog) -> None:
         self.log = log
 
-    def emit(self, event: str, *, level: str = "info", **fields: Any) -> dict[str, Any]:
-        """Write one event (see `EventLog.emit`)."""
+    def emit(self, event: str, *, level: str = "info", **fields: Any) -> int:
+        """Write one event (see `EventLog.emit`); return its `seq`."""
         return self.log.emit(event, level=level, **fields)
 
-    def state(self, event: str, record: PluginRecord, before: State | None, caller: Caller) -> None:
+    async def commit(self, seq: int | None = None, *, durable: bool = True) -> None:
+        """Return once the events up to `seq` (default: the last) are written (and durable);
+        raise AuditUnavailable when they cannot be."""
+        await self.log.commit(seq, durable=durable)
+
+    async def require(self, seq: int, *, plugin_id: str, event: str, caller: Caller) -> None:
+        """Commit the event of a change before the change is applied.
+
+        When its line cannot be made durable, write `plugin.change.aborted` (kept until the
+        file works again) and raise AuditUnavailable: the caller then does not apply it.
+        """
+        try:
+            await self.log.commit(seq)
+        except AuditUnavailable as exc:
+            self.log.emit(
+                names.PLUGIN_CHANGE_ABORTED,
+                level="error",
+                plugin_id=plugin_id,
+                aborted_event=event,
+                aborted_seq=seq,
+                error_code=exc.code,
+                **caller.fields(),
+            )
+            raise
+
+    def state(self, event: str, record: PluginRecord, before: State | None, caller: Caller) -> int:
         """Write a lifecycle transition of `record` (from `before` to its current state)."""
-        self.log.emit(
+        return self.log.emit(
             event,
             plugin_id=record.id,
             path=record.path,

@@ -6,7 +6,9 @@ lifecycle lock; nothing here takes it.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aisoc_plugind.audit import names
@@ -22,6 +24,7 @@ from aisoc_plugind.engine.results import Caller, Deferred, Loaded, LoadOutcome, 
 from aisoc_plugind.engine.runs import RunTracker, elapsed_ms
 from aisoc_plugind.engine.table import Live, PluginTable, Slot
 from aisoc_plugind.errors import (
+    AuditUnavailable,
     BundleError,
     DuplicatePluginId,
     ManifestError,
@@ -30,7 +33,29 @@ from aisoc_plugind.errors import (
     SignatureRefused,
 )
 
-__all__ = ["Loads"]
+__all__ = ["LoadBatch", "Loads", "installed"]
+
+
+@dataclass(slots=True, kw_only=True)
+class _Pending:
+    """A fresh load whose events are emitted; its slot joins the table once they are written."""
+
+    slot: Slot
+    prepared: Prepared
+    record: PluginRecord
+    seq: int
+
+
+@dataclass(slots=True)
+class LoadBatch:
+    """Fresh loads prepared together and committed with one durable write (one fsync)."""
+
+    pending: dict[str, _Pending] = field(default_factory=dict)
+
+    def owner(self, plugin_id: str) -> Slot | None:
+        """Return the pending slot that holds `plugin_id` in this batch."""
+        found = self.pending.get(plugin_id)
+        return found.slot if found is not None else None
 
 
 class Loads:
@@ -54,10 +79,10 @@ class Loads:
         """Return the plugin directories no serving plugin was loaded from."""
         return candidate_dirs(self.plugins_dir, self.table.serving_dirs())
 
-    async def load_guarded(self, path: Path, caller: Caller) -> LoadOutcome:
+    async def load_guarded(self, path: Path, caller: Caller, batch: LoadBatch) -> LoadOutcome:
         """Load one directory; an unexpected error fails that directory, never the scan."""
         try:
-            return await self.load_new(path, caller)
+            return await self.load_new(path, caller, batch)
         except PluginDError:
             raise
         except Exception as exc:  # a bug or a parser we do not control: contain it here
@@ -67,19 +92,19 @@ class Loads:
             self.events.load_failed(None, path, error, caller)
             return self.table.reject(path, error)
 
-    async def load_new(self, path: Path, caller: Caller) -> LoadOutcome:
-        """Load a directory as a new plugin."""
+    async def load_new(self, path: Path, caller: Caller, batch: LoadBatch) -> LoadOutcome:
+        """Load a directory as a new plugin; a success joins `batch` (see `settle`)."""
         try:
             bundle, manifest = await self.preparer.read(path)
         except (BundleError, ManifestError) as exc:
             self.events.load_failed(None, path, exc, caller)
             return self.table.reject(path, exc)
-        owner = self.table.slots.get(manifest.id)
+        owner = batch.owner(manifest.id) or self.table.slots.get(manifest.id)
         if owner is not None and Path(owner.record.path) != path:
             if _keeps_id(owner.record):
                 return self._other_owner(owner, path, manifest, caller)
             del self.table.slots[manifest.id]  # failed/unloaded and its directory is gone
-        return await self._load_fresh(bundle, manifest, caller)
+        return await self._load_fresh(bundle, manifest, caller, batch)
 
     def _other_owner(
         self, owner: Slot, path: Path, manifest: Manifest, caller: Caller
@@ -104,7 +129,9 @@ class Loads:
         failed = _new_record(manifest, path).moved_to(State.FAILED).with_(error=error.as_dict())
         return self.table.reject(path, error, record=failed)
 
-    async def _load_fresh(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> LoadOutcome:
+    async def _load_fresh(
+        self, bundle: Bundle, manifest: Manifest, caller: Caller, batch: LoadBatch
+    ) -> LoadOutcome:
         path = bundle.path
         self.table.clear(path)
         record = _new_record(manifest, path)
@@ -118,14 +145,51 @@ class Loads:
             self.table.slots[manifest.id] = Slot(record=failed)
             self.events.load_failed(failed, path, exc, caller)
             return self.table.reject(path, exc, plugin_id=manifest.id)
-        slot = Slot(record=record)
-        self.table.slots[manifest.id] = slot
-        self.swap_in(slot, prepared)
-        slot.record = slot.record.moved_to(State.LOADED)
-        self.events.state(names.PLUGIN_LOADED, slot.record, State.DISCOVERED, caller)
-        slot.record = slot.record.moved_to(State.ENABLED)
-        self.events.state(names.PLUGIN_ENABLED, slot.record, State.LOADED, caller)
+        loaded = installed(record, prepared).moved_to(State.LOADED)
+        self.events.state(names.PLUGIN_LOADED, loaded, State.DISCOVERED, caller)
+        enabled = loaded.moved_to(State.ENABLED)
+        seq = self.events.state(names.PLUGIN_ENABLED, enabled, State.LOADED, caller)
+        batch.pending[manifest.id] = _Pending(
+            slot=Slot(record=record), prepared=prepared, record=enabled, seq=seq
+        )
         return Loaded(plugin_id=manifest.id)
+
+    async def settle(self, batch: LoadBatch, caller: Caller) -> None:
+        """Put the batch's plugins in the table once their events are durable.
+
+        When they cannot be made durable, every prepared version is torn down, each load gets
+        `plugin.change.aborted`, and AuditUnavailable is raised: nothing of the batch serves.
+        """
+        if not batch.pending:
+            return
+        last = max(batch.pending.values(), key=lambda p: p.seq)
+        try:
+            await self.events.require(
+                last.seq, plugin_id=last.record.id, event=names.PLUGIN_ENABLED, caller=caller
+            )
+        except AuditUnavailable:
+            await self._abort(batch, last, caller)
+            raise
+        for pending in batch.pending.values():
+            self.table.slots[pending.record.id] = pending.slot
+            self.swap_in(pending.slot, pending.prepared, pending.record)
+        batch.pending.clear()
+
+    async def _abort(self, batch: LoadBatch, reported: _Pending, caller: Caller) -> None:
+        for pending in batch.pending.values():
+            if pending is not reported:
+                self.events.emit(
+                    names.PLUGIN_CHANGE_ABORTED,
+                    level="error",
+                    plugin_id=pending.record.id,
+                    aborted_event=names.PLUGIN_ENABLED,
+                    aborted_seq=pending.seq,
+                    error_code="audit_unavailable",
+                    **caller.fields(),
+                )
+            with contextlib.suppress(PluginDError):
+                await pending.prepared.plugin.teardown()
+        batch.pending.clear()
 
     async def retry(self, slot: Slot, path: Path | None, caller: Caller) -> PluginRecord:
         """Load a failed or unloaded plugin afresh, from wherever its id now lives."""
@@ -136,10 +200,12 @@ class Loads:
                 code="plugin_dir_missing",
             )
         del self.table.slots[plugin_id]  # the new attempt owns the id, wherever it lives
+        batch = LoadBatch()
         try:
-            outcome = await self.load_guarded(path, caller)
+            outcome = await self.load_guarded(path, caller, batch)
+            await self.settle(batch, caller)
         finally:
-            self.table.slots.setdefault(plugin_id, slot)  # nothing parsed: keep the record
+            self.table.slots.setdefault(plugin_id, slot)  # nothing loaded: keep the record
         if isinstance(outcome, Rejected):
             raise outcome.error
         return self.table.slots[plugin_id].record
@@ -165,11 +231,8 @@ class Loads:
                 **caller.fields(),
             )
             raise
-        old = slot.live
-        self.swap_in(slot, prepared)
-        await self.runs.retire_if_idle(old, slot.record.id)
-        record = slot.record
-        self.events.emit(
+        record = installed(slot.record, prepared)
+        seq = self.events.emit(
             names.PLUGIN_RELOAD_COMPLETED,
             plugin_id=record.id,
             path=record.path,
@@ -181,6 +244,17 @@ class Loads:
             duration_ms=elapsed_ms(started),
             **caller.fields(),
         )
+        try:
+            await self.events.require(
+                seq, plugin_id=record.id, event=names.PLUGIN_RELOAD_COMPLETED, caller=caller
+            )
+        except AuditUnavailable:
+            with contextlib.suppress(PluginDError):
+                await prepared.plugin.teardown()
+            raise
+        old = slot.live
+        self.swap_in(slot, prepared, record)
+        await self.runs.retire_if_idle(old, slot.record.id)
         return record
 
     async def _prepare_reload(self, slot: Slot, path: Path | None, caller: Caller) -> Prepared:
@@ -207,27 +281,17 @@ class Loads:
             return
         if slot is not None:
             del self.table.slots[plugin_id]
-        outcome = await self.load_new(target, caller)
+        batch = LoadBatch()
+        outcome = await self.load_new(target, caller, batch)
         if isinstance(outcome, Rejected):
             raise outcome.error
+        await self.settle(batch, caller)
 
-    def swap_in(self, slot: Slot, prepared: Prepared) -> None:
-        """Make a prepared version the live one and retire the previous version."""
+    def swap_in(self, slot: Slot, prepared: Prepared, record: PluginRecord) -> None:
+        """Make a prepared version (and its record) the live one; retire the previous one."""
         old, slot.live = slot.live, Live(plugin=prepared.plugin)
-        m, d = prepared.manifest, prepared.decision
-        slot.record = slot.record.with_(
-            name=m.name,
-            version=m.version,
-            plugin_type=m.plugin_type,
-            path=str(prepared.bundle.path),
-            manifest=m.as_json(),
-            loaded_at=utcnow(),
-            signature_status=d.status.value,
-            signing_key_id=d.key_id,
-            digest=d.digest_hex,
-            error=None,
-            path_missing=False,
-        )
+        slot.record = record
+        d = prepared.decision
         slot.signature = (
             parse_signature(prepared.bundle.signature or b"")
             if d.status is SignatureStatus.VERIFIED
@@ -264,6 +328,24 @@ class Loads:
         self.flag_missing()
         self.table.clear(path)
         return True
+
+
+def installed(record: PluginRecord, prepared: Prepared) -> PluginRecord:
+    """Return `record` as it reads once `prepared` serves (its state unchanged)."""
+    m, d = prepared.manifest, prepared.decision
+    return record.with_(
+        name=m.name,
+        version=m.version,
+        plugin_type=m.plugin_type,
+        path=str(prepared.bundle.path),
+        manifest=m.as_json(),
+        loaded_at=utcnow(),
+        signature_status=d.status.value,
+        signing_key_id=d.key_id,
+        digest=d.digest_hex,
+        error=None,
+        path_missing=False,
+    )
 
 
 def _new_record(manifest: Manifest, path: Path) -> PluginRecord:

@@ -27,7 +27,7 @@ from aisoc_plugind.engine.hosts.inprocess import InProcessHost
 from aisoc_plugind.engine.install import PackageFetcher, Staging
 from aisoc_plugind.engine.keyring import Keyring
 from aisoc_plugind.engine.loading import Preparer
-from aisoc_plugind.engine.loads import Loads
+from aisoc_plugind.engine.loads import LoadBatch, Loads
 from aisoc_plugind.engine.results import (
     SYSTEM,
     Caller,
@@ -116,6 +116,15 @@ class PluginManager:
         """Return once no run is executing."""
         await self._runs.wait_idle()
 
+    async def settled(self) -> None:
+        """Return once the lifecycle operation in progress (if any) has finished.
+
+        A change's event is written before the change is applied; awaiting this after
+        seeing the event guarantees the change is visible (or was aborted).
+        """
+        async with self._lock:
+            pass
+
     # Discovery and reloads.
 
     async def discover(self, caller: Caller = SYSTEM) -> DiscoverResult:
@@ -124,12 +133,15 @@ class PluginManager:
             self._loads.flag_missing()
             loaded: list[str] = []
             failed: list[Rejected] = []
+            batch = LoadBatch()  # every new plugin of the scan commits with one fsync
             for path in await anyio.to_thread.run_sync(self._loads.candidates):
-                outcome = await self._loads.load_guarded(path, caller)
+                outcome = await self._loads.load_guarded(path, caller, batch)
                 if isinstance(outcome, Loaded):
                     loaded.append(outcome.plugin_id)
                 elif isinstance(outcome, Rejected):
                     failed.append(outcome)
+            await self._loads.settle(batch, caller)
+            await self._events.commit()  # the failures' events too, before the answer
             return DiscoverResult(discovered=loaded, failed=failed)
 
     async def sync_dir(self, path: Path, caller: Caller = SYSTEM) -> None:
@@ -146,7 +158,9 @@ class PluginManager:
                 if not await self._unchanged(slot, path):
                     await self._loads.reload(slot, path, caller)
             else:
-                await self._loads.load_guarded(path, caller)
+                batch = LoadBatch()
+                await self._loads.load_guarded(path, caller, batch)
+                await self._loads.settle(batch, caller)
 
     async def _unchanged(self, slot: Slot, path: Path) -> bool:
         """Return True when `path` holds exactly the manifest, code and plugin.sig in memory.
@@ -198,8 +212,10 @@ class PluginManager:
                     code="plugin_untrusted",
                 )
             if before is not to:
-                slot.record = slot.record.moved_to(to)
-                self._events.state(event, slot.record, before, caller)
+                changed = slot.record.moved_to(to)
+                seq = self._events.state(event, changed, before, caller)
+                await self._events.require(seq, plugin_id=plugin_id, event=event, caller=caller)
+                slot.record = changed
             return slot.record
 
     async def unload(self, plugin_id: str, caller: Caller = SYSTEM) -> PluginRecord:
@@ -207,12 +223,16 @@ class PluginManager:
         async with self._lock:
             slot = self._table.get(plugin_id)
             before = slot.record.state
-            slot.record = slot.record.moved_to(State.UNLOADED).with_(loaded_at=None)
+            unloaded = slot.record.moved_to(State.UNLOADED).with_(loaded_at=None)
+            seq = self._events.state(names.PLUGIN_UNLOADED, unloaded, before, caller)
+            await self._events.require(
+                seq, plugin_id=plugin_id, event=names.PLUGIN_UNLOADED, caller=caller
+            )
+            slot.record = unloaded
             live, slot.live = slot.live, None
             if live is not None:
                 live.retired = True
                 await self._runs.retire_if_idle(live, plugin_id)
-            self._events.state(names.PLUGIN_UNLOADED, slot.record, before, caller)
             return slot.record
 
     async def adopt_keyring(self, keyring: Keyring, caller: Caller = SYSTEM) -> list[str]:
@@ -257,7 +277,7 @@ class PluginManager:
                 **caller.fields(),
             )
             raise
-        self._events.emit(
+        seq = self._events.emit(
             names.PLUGIN_INSTALL_COMPLETED,
             plugin_id=plugin_id,
             oci_ref=oci_ref,
@@ -265,6 +285,7 @@ class PluginManager:
             duration_ms=elapsed_ms(started),
             **caller.fields(),
         )
+        await self._events.commit(seq)
         return InstallResult(plugin_id=plugin_id, oci_ref=oci_ref, digest=digest)
 
     async def _install(self, oci_ref: str, caller: Caller) -> tuple[str, str]:

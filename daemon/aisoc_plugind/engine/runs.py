@@ -65,13 +65,14 @@ class RunTracker:
             self._finished(live)
             await self.retire_if_idle(live, record.id)
         duration = elapsed_ms(started)
-        self.events.emit(
+        seq = self.events.emit(
             names.PLUGIN_RUN_COMPLETED,
             plugin_id=record.id,
             version=record.version,
             duration_ms=duration,
             **caller.fields(),
         )
+        await self.events.commit(seq, durable=False)  # answered only once its line is written
         return RunResult(plugin_id=record.id, result=result, duration_ms=duration)
 
     def _finished(self, live: Live) -> None:

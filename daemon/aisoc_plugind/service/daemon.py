@@ -7,6 +7,7 @@ audit file, re-reads tokens and trusted keys, and re-checks loaded plugins again
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -18,13 +19,14 @@ import anyio.abc
 
 from aisoc_plugind import __version__
 from aisoc_plugind.audit import names as ev
-from aisoc_plugind.audit.log import EventLog
-from aisoc_plugind.audit.sink import AuditSink
+from aisoc_plugind.audit import stdlog
+from aisoc_plugind.audit.log import EventLog, log_options
 from aisoc_plugind.config.preflight import preflight
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.engine.keyring import Keyring, load_keyring
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.engine.results import SYSTEM
+from aisoc_plugind.errors import AuditUnavailable, PluginDError
 from aisoc_plugind.service.sdnotify import Notifier
 from aisoc_plugind.service.wiring import make_manager
 
@@ -48,8 +50,7 @@ class Service:
     ) -> None:
         self.settings = settings
         self.components = tuple(components)
-        self.audit = AuditSink(settings.audit_path, settings.audit_fsync)
-        self.events = EventLog(audit=self.audit, log_format=settings.log_format, stream=stream)
+        self.events = EventLog(log_options(settings), stream=stream)
         self.manager: PluginManager | None = None
         self.ready = anyio.Event()
         self._stop = anyio.Event()
@@ -65,7 +66,9 @@ class Service:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Start everything, serve until stopped, then shut down in order."""
-        self.audit.open()
+        self.events.start()
+        uninstall_logging = stdlog.install(self.events, self.settings.log_level)
+        self.events.on_recovered(self._audit_recovered)
         self.events.emit(
             ev.DAEMON_STARTED,
             version=__version__,
@@ -88,7 +91,7 @@ class Service:
                 self.manager = manager
                 tg.start_soon(self._signals)
                 async with self._components(manager):
-                    await manager.discover()
+                    await self._discover(manager)
                     self._mark_ready()
                     task_status.started()
                     await self._stop.wait()
@@ -101,7 +104,26 @@ class Service:
                 tg.cancel_scope.cancel()
         finally:
             self.events.emit(ev.DAEMON_STOPPED, reason=self.stop_reason)
-            self.audit.close()
+            uninstall_logging()
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()
+
+    async def _discover(self, manager: PluginManager) -> None:
+        """Load what is on disk; while the audit file fails, nothing loads (and says so)."""
+        # Each load wrote plugin.change.aborted; the recovery hook discovers again.
+        with contextlib.suppress(AuditUnavailable):
+            await manager.discover()
+
+    async def _audit_recovered(self) -> None:
+        """Once the audit file works again: load what could not load, catch up reloads."""
+        manager = self.manager
+        if manager is None or not self.ready.is_set():
+            return
+        with contextlib.suppress(PluginDError):
+            await manager.discover()
+        for path in manager.serving_dirs():
+            with contextlib.suppress(PluginDError):
+                await manager.sync_dir(path)
 
     def _mark_ready(self) -> None:
         assert self.manager is not None
@@ -171,8 +193,7 @@ class Service:
                 await hook()
 
     async def _reload_audit_and_keys(self) -> None:
-        self.audit.reopen()
-        self.events.emit(ev.AUDIT_REOPENED, path=str(self.audit.path))
+        self.events.reopen()  # the writer reopens and writes audit.reopened, or keeps failing
         assert self.manager is not None
         before = self.manager.keyring.fingerprints()
         keyring = self._load_keys()

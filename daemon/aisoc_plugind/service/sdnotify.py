@@ -134,7 +134,7 @@ class Notifier:
 
 async def _announce_ready(service: Service, manager: PluginManager, notifier: Notifier) -> None:
     await service.ready.wait()
-    notifier.ready(status_line(manager.records(), service.audit.failure))
+    notifier.ready(status_line(manager.records(), service.events.failure))
 
 
 async def _keep_alive(notifier: Notifier, period: float) -> None:
@@ -158,7 +158,7 @@ async def sdnotify_component(
     interval = watchdog_interval()
 
     async def reloaded() -> None:
-        notifier.ready(status_line(manager.records(), service.audit.failure))
+        notifier.ready(status_line(manager.records(), service.events.failure))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(_announce_ready, service, manager, notifier)
