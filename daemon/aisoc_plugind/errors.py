@@ -15,6 +15,7 @@
     ├── PluginResultInvalid           plugin_result_invalid
     ├── AuthoringError                authoring_failed (the `aisoc plugin` commands)
     ├── TokenFileError                tokens_file_invalid (the `token` commands)
+    ├── SandboxError                  sandbox_* (a plugin host could not sandbox itself)
     └── OciError                      oci_*
         ├── OciReferenceError         oci_bad_reference (the caller's input)
         └── ArchiveError              archive_*
@@ -47,6 +48,7 @@ __all__ = [
     "PluginStateConflict",
     "PluginTimeout",
     "Problem",
+    "SandboxError",
     "SignatureRefused",
     "TokenFileError",
 ]
@@ -170,6 +172,17 @@ class TokenFileError(PluginDError):
     """The tokens file cannot be read, parsed or written (the `token` commands)."""
 
     code = "tokens_file_invalid"
+
+
+class SandboxError(PluginDError):
+    """A plugin host could not sandbox itself; no plugin code may run in it (codes `sandbox_*`).
+
+    sandbox_landlock_unavailable (`isolation.landlock = "require"` on a kernel without it),
+    sandbox_parent_gone (the supervisor died before the host was sandboxed),
+    sandbox_policy_invalid (the requested policy is unsafe or malformed), sandbox_failed.
+    """
+
+    code = "sandbox_failed"
 
 
 class OciError(PluginDError):
