@@ -26,7 +26,16 @@ from aisoc_plugind.errors import SandboxError
 
 Result = dict[str, Any]
 
-RUNTIME_MODULES = ("json", "hashlib", "ssl", "asyncio", "decimal", "sqlite3", "zoneinfo")
+RUNTIME_MODULES = (
+    "json",
+    "hashlib",
+    "ssl",
+    "asyncio",
+    "decimal",
+    "sqlite3",
+    "zoneinfo",
+    "mimetypes",
+)
 _PR_GET_DUMPABLE = 3
 _PR_SET_NO_NEW_PRIVS = 38
 
@@ -130,6 +139,7 @@ def probe_runtime(job: Result) -> Result:
         "decimal": lambda: __import__("decimal").Decimal("1.1") + 1,
         "sqlite3": sqlite,
         "zoneinfo": lambda: __import__("zoneinfo").ZoneInfo("Europe/Paris"),
+        "mimetypes": lambda: __import__("mimetypes").guess_type("a.json"),
         "tempfile": temp_file,
     }
     return {"preloaded": preloaded, **{name: outcome(check) for name, check in checks.items()}}

@@ -200,11 +200,12 @@ def test_runtime_modules_were_not_preloaded(runtime: dict[str, Any]) -> None:
         "decimal",
         "sqlite3",
         "zoneinfo",
+        "mimetypes",
         "tempfile",
     ],
 )
 def test_runtime_works_in_the_sandbox(runtime: dict[str, Any], check: str) -> None:
-    """Imports, TLS roots, name resolution, time zones and the private temp dir work."""
+    """Imports, TLS roots, name resolution, time zones, MIME types and the private temp dir."""
     if check == "sqlite3" and runtime[check] == "ModuleNotFoundError":
         pytest.skip("this interpreter was built without sqlite3")
     assert runtime[check] == "ok"

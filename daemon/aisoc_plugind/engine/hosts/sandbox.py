@@ -14,9 +14,9 @@ calling process, in the order of INTERFACE §8, and answers a `SandboxReport`:
    given, ``RLIMIT_NPROC`` (which the kernel does not enforce for root). Soft = hard, so
    the plugin cannot raise them again without CAP_SYS_RESOURCE;
 6. Landlock (`landlock` mode): reads of the Python installation, system libraries, TLS roots,
-   name-service files, time zone data and a few devices, plus the caller's read paths
-   (the plugins' own directories, ``isolation.read_paths``); writes only to the caller's
-   write paths (``state_dir/<id>/``, a private temp dir). Everything else is neither
+   name-service files, time zone data, /etc/mime.types and a few devices, plus the caller's
+   read paths (the plugins' own directories, ``isolation.read_paths``); writes only to the
+   caller's write paths (``state_dir/<id>/``, a private temp dir). Everything else is neither
    readable nor writable, and, from ABI 6, the host cannot signal the daemon or reach its
    abstract UNIX sockets. The network is not restricted.
 
@@ -116,6 +116,8 @@ SYSTEM_READ_PATHS: Final = (
     "/usr/share/zoneinfo",
     "/etc/localtime",
     "/etc/timezone",
+    # file types: mimetypes.init() opens it when it exists and raises if it cannot read it
+    "/etc/mime.types",
     # randomness (os.urandom uses getrandom(2); some C libraries still open these)
     "/dev/urandom",
     "/dev/random",
