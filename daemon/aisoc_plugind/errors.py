@@ -16,6 +16,7 @@
     ├── AuthoringError                authoring_failed (the `aisoc plugin` commands)
     ├── TokenFileError                tokens_file_invalid (the `token` commands)
     ├── AuditUnavailable              audit_unavailable (a change or run could not be recorded)
+    ├── SandboxError                  sandbox_* (a plugin host could not sandbox itself)
     └── OciError                      oci_*
         ├── OciReferenceError         oci_bad_reference (the caller's input)
         └── ArchiveError              archive_*
@@ -49,6 +50,7 @@ __all__ = [
     "PluginStateConflict",
     "PluginTimeout",
     "Problem",
+    "SandboxError",
     "SignatureRefused",
     "TokenFileError",
 ]
@@ -178,6 +180,17 @@ class AuditUnavailable(PluginDError):
     """The audit file cannot be written, so a change or run is refused (or was undone)."""
 
     code = "audit_unavailable"
+
+
+class SandboxError(PluginDError):
+    """A plugin host could not sandbox itself; no plugin code may run in it (codes `sandbox_*`).
+
+    sandbox_landlock_unavailable (`isolation.landlock = "require"` on a kernel without it),
+    sandbox_parent_gone (the supervisor died before the host was sandboxed),
+    sandbox_policy_invalid (the requested policy is unsafe or malformed), sandbox_failed.
+    """
+
+    code = "sandbox_failed"
 
 
 class OciError(PluginDError):
