@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import json
 import tarfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +25,17 @@ from aisoc_plugind.delivery.package import extract_package
 from aisoc_plugind.delivery.reference import parse_reference
 from aisoc_plugind.errors import OciError, PluginDError
 from tests.conftest import Env, ManagerFactory, PluginFactory, sign_dir
+from tests.delivery.fake_registry import (  # noqa: F401 - the fixture
+    Route,
+    Routes,
+    liar_fixture,
+    serve_package,
+    sha,
+)
 from tests.oci_registry import free_port, oci_registry_fixture  # noqa: F401 - the fixture
 
 PLUGIN_ID = "test.oci-demo"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(autouse=True)
@@ -431,98 +429,6 @@ def test_unreachable_registry_fails_fast() -> None:
 # ---- a registry that lies ----------------------------------------------------------------
 
 
-@dataclass
-class Route:
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    status: int = 200
-    delay_s: float = 0.0
-    length: bool = True  # send Content-Length (else the body ends when the connection closes)
-    auth: str | None = None  # the Authorization header required, else 401 + the challenge
-
-
-class Routes(dict[str, Route]):
-    """Canned answers by path (query ignored) and the 401 challenge to send."""
-
-    challenge = ""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _LyingServer
-
-    def do_GET(self) -> None:
-        route = self.server.routes.get(self.path.split("?")[0], Route(b"{}", status=404))
-        if route.auth is not None and self.headers.get("Authorization") != route.auth:
-            route = Route(
-                b'{"errors": []}', {"Www-Authenticate": self.server.routes.challenge}, status=401
-            )
-        time.sleep(route.delay_s)
-        self.send_response(route.status)
-        for name, value in route.headers.items():
-            self.send_header(name, value)
-        if route.length:
-            self.send_header("Content-Length", str(len(route.body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(route.body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _LyingServer(ThreadingHTTPServer):
-    daemon_threads = True
-    routes: Routes
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a client that gave up (timeout tests) is expected
-
-
-@pytest.fixture
-def liar() -> Iterator[tuple[str, Routes]]:
-    """A loopback HTTP server answering canned routes: `(host:port, routes)`."""
-    server = _LyingServer(("127.0.0.1", 0), _Handler)
-    server.routes = Routes()
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", server.routes
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def serve_package(
-    routes: dict[str, Route],
-    layer: bytes,
-    *,
-    ref: str = "1",
-    size: int | None = None,
-    digest: str | None = None,
-    blob: Route | None = None,
-) -> bytes:
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": oci.OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": {"mediaType": oci.OCI_EMPTY, "digest": sha(b"{}"), "size": 2},
-        "layers": [
-            {
-                "mediaType": MEDIA_TYPE_LAYER,
-                "digest": digest or sha(layer),
-                "size": len(layer) if size is None else size,
-            }
-        ],
-    }
-    raw = json.dumps(doc).encode()
-    routes[f"/v2/aisoc/x/manifests/{ref}"] = Route(raw, {"Content-Type": oci.OCI_MANIFEST})
-    routes[f"/v2/aisoc/x/blobs/{digest or sha(layer)}"] = blob or Route(layer)
-    return raw
-
-
 def test_liar_baseline_pull_works(liar: tuple[str, Routes]) -> None:
     """The fake serves a valid package correctly (so the failures below are real)."""
     host, routes = liar
@@ -531,7 +437,7 @@ def test_liar_baseline_pull_works(liar: tuple[str, Routes]) -> None:
 
 
 def test_registry_token_auth_is_answered(liar: tuple[str, Routes]) -> None:
-    """A Bearer challenge is answered through oras' token flow (anonymous token)."""
+    """A Bearer challenge is answered with an anonymous token from its realm."""
     host, routes = liar
     serve_package(routes, b"layer")
     for route in routes.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,11 @@ from aisoc_plugind.delivery.oci import push_package
 from aisoc_plugind.errors import PluginDError
 from tests.api_fixtures import serve_api
 from tests.conftest import Env, ManagerFactory, PluginFactory
-from tests.oci_registry import oci_registry_fixture  # noqa: F401 - the fixture
+from tests.oci_registry import (  # noqa: F401 - the fixtures
+    RunningRegistry,
+    oci_auth_registry_fixture,
+    oci_registry_fixture,
+)
 
 pytestmark = pytest.mark.oci
 
@@ -23,6 +28,7 @@ def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No proxy (loopback only) and no developer's ~/.docker/config.json."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
@@ -34,13 +40,14 @@ def _push(
     version: str = "1.0.0",
     sign: bool = True,
     code: str | None = None,
+    **push_options: Any,
 ) -> str:
     src = PluginFactory(tmp / f"src-{repo}-{version}")
     plugin_dir = src.write("pkg", plugin_id="acme.installed", version=version, sign=sign, code=code)
     archive = tmp / f"{repo}-{version}.tar.gz"
     archive.write_bytes(build_package(plugin_dir).data)
     ref = f"{registry}/aisoc/{repo}:{version}"
-    push_package(archive, ref, insecure_registries=[registry])
+    push_package(archive, ref, **(push_options or {"insecure_registries": [registry]}))
     return ref
 
 
@@ -127,4 +134,37 @@ async def test_registry_not_allow_listed_is_refused(
     with pytest.raises(PluginDError) as info:
         await manager.install_from_oci(ref)
     assert info.value.code == "oci_insecure_registry"
+    assert list(env.plugins.iterdir()) == []
+
+
+async def test_install_from_a_tls_registry_with_credentials(
+    oci_auth_registry: RunningRegistry, env: Env, make_manager: ManagerFactory
+) -> None:
+    """oci.ca_file and oci.docker_config reach the pull: TLS + htpasswd install lands enabled."""
+    reg = oci_auth_registry
+    config = reg.docker_config(env.tmp / "docker" / "config.json")
+    ref = _push(reg.host, env.tmp, "tls-auth", ca_file=reg.ca_file, docker_config=config)
+    manager = await make_manager(oci_ca_file=reg.ca_file, oci_docker_config=config)
+    result = await manager.install_from_oci(ref)
+    assert result.plugin_id == "acme.installed"
+    assert manager.get("acme.installed").state == "enabled"
+    assert "plugin.install.completed" in env.names()
+
+
+async def test_refused_credentials_never_reach_the_events(
+    oci_auth_registry: RunningRegistry, env: Env, make_manager: ManagerFactory
+) -> None:
+    """A wrong password fails the install `oci_unauthorized`; no event or log line holds it."""
+    reg = oci_auth_registry
+    good = reg.docker_config(env.tmp / "good.json")
+    ref = _push(reg.host, env.tmp, "tls-bad-pw", ca_file=reg.ca_file, docker_config=good)
+    secret = "wrong-but-secret-Pa55"
+    bad = reg.docker_config(env.tmp / "bad.json", password=secret)
+    manager = await make_manager(oci_ca_file=reg.ca_file, oci_docker_config=bad)
+    with pytest.raises(PluginDError) as info:
+        await manager.install_from_oci(ref)
+    assert info.value.code == "oci_unauthorized"
+    assert "plugin.install.failed" in env.names()
+    for text in (env.audit.read_text(), env.stdout.getvalue(), str(info.value)):
+        assert secret not in text and reg.password not in text
     assert list(env.plugins.iterdir()) == []

@@ -157,7 +157,13 @@ def _cmd_package(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     reference = push_reference(args.ref)
     insecure = [reference.registry] if args.insecure else []
-    digest = push_package(args.file, args.ref, insecure_registries=insecure)
+    digest = push_package(
+        args.file,
+        args.ref,
+        insecure_registries=insecure,
+        ca_file=args.ca_file,
+        docker_config=args.docker_config,
+    )
     say(digest)
     print(f"{PROG} push: pushed {args.file.name} to {reference}@{digest}", file=sys.stderr)
     return 0
@@ -178,6 +184,19 @@ def _args_push(p: argparse.ArgumentParser) -> None:
         "--insecure",
         action="store_true",
         help="talk plain HTTP to this registry (local test registries only)",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        type=Path,
+        help="also trust the CA certificates in this PEM file (a registry with a private CA)",
+    )
+    p.add_argument(
+        "--docker-config",
+        metavar="FILE",
+        type=Path,
+        help="read registry credentials from this Docker config file (default: "
+        "$DOCKER_CONFIG/config.json, else ~/.docker/config.json)",
     )
 
 
@@ -316,6 +335,8 @@ exit status: 0 verified, 1 unsigned or invalid (the reason is printed)""",
         arguments=_args_push,
         example="""\
   aisoc plugin push shodan-1.2.0.tar.gz ghcr.io/myorg/aisoc-plugins/shodan:1.2.0
-  aisoc plugin push shodan-1.2.0.tar.gz 127.0.0.1:5000/aisoc/shodan:1.2.0 --insecure""",
+  aisoc plugin push shodan-1.2.0.tar.gz 127.0.0.1:5000/aisoc/shodan:1.2.0 --insecure
+  aisoc plugin push shodan-1.2.0.tar.gz reg.internal:5000/aisoc/shodan:1.2.0 \\
+      --ca-file /etc/ssl/private-ca.pem --docker-config ./ci-docker-config.json""",
     ),
 )

@@ -67,6 +67,8 @@ class Settings:
     state_dir: Path = Path("/var/lib/aisoc-plugind/state")
     shutdown_grace_s: float = 20.0
     oci_allow_insecure_registries: tuple[str, ...] = ()
+    oci_ca_file: Path | None = None
+    oci_docker_config: Path | None = None
     plugin_config: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -214,6 +216,8 @@ KEYS: tuple[_Key, ...] = (
     _Key("state_dir", "isolation", "state_dir", None, _as_path),
     _Key("shutdown_grace_s", "daemon", "shutdown_grace_s", None, _positive(float)),
     _Key("oci_allow_insecure_registries", "oci", "allow_insecure_registries", None, _str_list),
+    _Key("oci_ca_file", "oci", "ca_file", None, _as_opt_path),
+    _Key("oci_docker_config", "oci", "docker_config", None, _as_opt_path),
 )
 _SECTIONS = {k.section for k in KEYS if k.section} | {"plugin_config"}
 

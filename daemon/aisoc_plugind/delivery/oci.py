@@ -17,7 +17,7 @@ from aisoc_plugind.delivery.artifact import (
 from aisoc_plugind.delivery.limits import DEFAULT_LIMITS, Deadline, Limits
 from aisoc_plugind.delivery.package import Extracted, extract_package, inspect_package
 from aisoc_plugind.delivery.reference import Reference, bad_reference, parse_reference
-from aisoc_plugind.delivery.registry import Registry, registry_errors
+from aisoc_plugind.delivery.registry import Registry, RegistryAccess
 from aisoc_plugind.errors import OciError
 from aisoc_plugind.files import FileRefused, read_regular
 
@@ -41,13 +41,20 @@ class Pulled:
 
 
 def pull_package(
-    ref: str, *, insecure_registries: Sequence[str] = (), limits: Limits = DEFAULT_LIMITS
+    ref: str,
+    *,
+    insecure_registries: Sequence[str] = (),
+    ca_file: Path | None = None,
+    docker_config: Path | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Pulled:
     """Fetch and verify the package layer of `ref`; write nothing to disk.
 
     The manifest is read under a size cap, its digest computed from the bytes received (and
     matched against a digest reference), its shape checked; the one layer is streamed with
-    its exact descriptor size and sha256 enforced. Raises OciError.
+    its exact descriptor size and sha256 enforced. TLS trusts the system's roots plus
+    `ca_file`; credentials come from `docker_config` (None: `$DOCKER_CONFIG/config.json`,
+    else `~/.docker/config.json`). Raises OciError.
     """
     reference = parse_reference(ref)
     deadline = Deadline(
@@ -56,10 +63,10 @@ def pull_package(
             f"pulling {reference} took longer than {limits.deadline_s:g} s", code="oci_timeout"
         ),
     )
-    with (
-        registry_errors(reference.registry),
-        Registry(reference, insecure_registries, deadline) as registry,
-    ):
+    access = RegistryAccess(
+        insecure_registries=tuple(insecure_registries), ca_file=ca_file, docker_config=docker_config
+    )
+    with Registry(reference, access, deadline) as registry:
         raw, content_type, stated = registry.fetch_manifest(limits.manifest_bytes)
         digest = _manifest_digest(reference, raw, stated)
         layer = layer_descriptor(raw, content_type)
@@ -78,11 +85,19 @@ def _manifest_digest(reference: Reference, raw: bytes, stated: str | None) -> st
     return digest
 
 
-def push_package(file: Path, ref: str, *, insecure_registries: Sequence[str] = ()) -> str:
+def push_package(
+    file: Path,
+    ref: str,
+    *,
+    insecure_registries: Sequence[str] = (),
+    ca_file: Path | None = None,
+    docker_config: Path | None = None,
+) -> str:
     """Push a package as a one-layer OCI 1.1 artifact; return the manifest digest.
 
     The package is first unpacked into a temporary dir under the daemon's rules and its
-    manifest parsed, so nothing the daemon would refuse is published.
+    manifest parsed, so nothing the daemon would refuse is published. TLS and credentials
+    as for `pull_package`.
     """
     reference = push_reference(ref)
     limits = Limits()
@@ -96,10 +111,10 @@ def push_package(file: Path, ref: str, *, insecure_registries: Sequence[str] = (
             f"pushing to {reference} took longer than {PUSH_DEADLINE_S:g} s", code="oci_timeout"
         ),
     )
-    with (
-        registry_errors(reference.registry),
-        Registry(reference, insecure_registries, deadline) as registry,
-    ):
+    access = RegistryAccess(
+        insecure_registries=tuple(insecure_registries), ca_file=ca_file, docker_config=docker_config
+    )
+    with Registry(reference, access, deadline, push=True) as registry:
         registry.upload_blob(EMPTY_CONFIG)
         registry.upload_blob(data)
         registry.put_manifest(raw, reference.target)

@@ -16,6 +16,9 @@ __all__ = ["make_manager"]
 def make_manager(settings: Settings, events: EventLog, keyring: Keyring) -> PluginManager:
     """Return a manager that installs from OCI registries as `settings` allow."""
     fetch = functools.partial(
-        pull_package, insecure_registries=settings.oci_allow_insecure_registries
+        pull_package,
+        insecure_registries=settings.oci_allow_insecure_registries,
+        ca_file=settings.oci_ca_file,
+        docker_config=settings.oci_docker_config,
     )
     return PluginManager(settings, events, keyring, fetch=fetch)
