@@ -12,11 +12,14 @@ fi
 .venv/bin/python -m pip install --quiet -e '.[dev]'
 
 # System tools the tests use for real: OpenSSL (interop), systemd-analyze (unit checks),
-# docker-registry (a real OCI registry on 127.0.0.1). Installed only when missing.
+# docker-registry (a real OCI registry on 127.0.0.1), rsyslog and logrotate (the shipped SIEM
+# and rotation configs). Installed only when missing.
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
+[ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)
+[ -x /usr/sbin/logrotate ] || missing+=(logrotate)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing: ${missing[*]}"
