@@ -158,6 +158,7 @@ def test_writer_records_carry_no_seq(logs: Logs) -> None:
     """audit.reopened is the writer's own record: no seq, so file order stays seq order."""
     log = logs.make()
     log.emit("a.one")
+    log.flush()
     log.reopen()
     log.emit("a.two")
     log.flush()

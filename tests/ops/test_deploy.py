@@ -473,7 +473,6 @@ def test_liveness_probes_pass_against_the_daemon(k8s_daemon: K8sDaemon, probe: s
     assert _probe(daemon_container()[probe], k8s_daemon.port) == 200
 
 
-@pytest.mark.xfail(strict=True, reason="GET /readyz (INTERFACE §6) is not served yet: 404")
 def test_readiness_probe_passes_against_the_daemon(k8s_daemon: K8sDaemon) -> None:
     """The readiness probe, exactly as declared, gets 200 from the ready daemon."""
     assert _probe(daemon_container()["readinessProbe"], k8s_daemon.port) == 200

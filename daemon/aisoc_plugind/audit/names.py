@@ -14,7 +14,6 @@ __all__ = [
     "API_TOKENS_LOADED",
     "AUDIT_CHECKPOINT",
     "AUDIT_GAP",
-    "AUDIT_RECOVERED",
     "AUDIT_REOPENED",
     "AUDIT_WRITE_FAILED",
     "CONFIG_WARNING",
@@ -31,13 +30,20 @@ __all__ = [
     "PLUGIN_DISCOVERED",
     "PLUGIN_DUPLICATE_ID",
     "PLUGIN_ENABLED",
+    "PLUGIN_FOLLOW_FAILED",
+    "PLUGIN_FOLLOW_UPDATED",
+    "PLUGIN_HOST_EXITED",
+    "PLUGIN_HOST_RESTARTING",
+    "PLUGIN_HOST_STARTED",
     "PLUGIN_INSTALL_COMPLETED",
     "PLUGIN_INSTALL_FAILED",
+    "PLUGIN_INSTALL_UNPINNED",
     "PLUGIN_LOADED",
     "PLUGIN_LOAD_FAILED",
     "PLUGIN_PATH_MISSING",
     "PLUGIN_RELOAD_COMPLETED",
     "PLUGIN_RELOAD_FAILED",
+    "PLUGIN_REVOKED",
     "PLUGIN_RUN_COMPLETED",
     "PLUGIN_RUN_FAILED",
     "PLUGIN_SIGNATURE_INVALID",
@@ -46,6 +52,7 @@ __all__ = [
     "PLUGIN_SIGNATURE_VERIFIED",
     "PLUGIN_TEARDOWN_FAILED",
     "PLUGIN_UNLOADED",
+    "PLUGIN_VERSION_DOWNGRADED",
     "WATCHER_ERROR",
     "WATCHER_STARTED",
     "WATCHER_STOPPED",
@@ -68,7 +75,6 @@ AUDIT_REOPENED = "audit.reopened"
 AUDIT_WRITE_FAILED = "audit.write_failed"
 AUDIT_GAP = "audit.gap"
 AUDIT_CHECKPOINT = "audit.checkpoint"
-AUDIT_RECOVERED = "audit.recovered"
 
 # Library log records (aiohttp, asyncio, ...) as events: stdout only, never the audit file.
 LOG_RECORD = "log.record"
@@ -95,6 +101,17 @@ PLUGIN_INSTALL_COMPLETED = "plugin.install.completed"
 PLUGIN_INSTALL_FAILED = "plugin.install.failed"
 # A change whose events could not be made durable was not made (or was undone).
 PLUGIN_CHANGE_ABORTED = "plugin.change.aborted"
+# Trust over time and delivery (INTERFACE §10).
+PLUGIN_REVOKED = "plugin.revoked"
+PLUGIN_VERSION_DOWNGRADED = "plugin.version.downgraded"
+PLUGIN_INSTALL_UNPINNED = "plugin.install.unpinned"
+PLUGIN_FOLLOW_UPDATED = "plugin.follow.updated"
+PLUGIN_FOLLOW_FAILED = "plugin.follow.failed"
+
+# Plugin host processes (INTERFACE §8).
+PLUGIN_HOST_STARTED = "plugin.host.started"
+PLUGIN_HOST_EXITED = "plugin.host.exited"
+PLUGIN_HOST_RESTARTING = "plugin.host.restarting"
 
 # The control API.
 API_REQUEST = "api.request"

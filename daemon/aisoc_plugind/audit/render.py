@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aisoc_plugind.audit.schemas import to_ecs, to_ocsf
+
 __all__ = ["MAX_LINE_BYTES", "SCHEMAS", "Renderer", "native"]
 
 MAX_LINE_BYTES = 8192
@@ -25,7 +27,7 @@ def native(event: Mapping[str, Any]) -> dict[str, Any]:
     return dict(event)
 
 
-SCHEMAS: dict[str, Schema] = {"native": native}
+SCHEMAS: dict[str, Schema] = {"native": native, "ecs": to_ecs, "ocsf": to_ocsf}
 
 
 def _dumps(doc: Mapping[str, Any]) -> bytes:
@@ -56,14 +58,31 @@ class Renderer:
         return out if len(out) <= self.max_bytes else self.line(self.shape(event), "")
 
     def _fit(self, doc: Mapping[str, Any], prev: str) -> bytes:
-        """Cut the longest values until the line fits; mark the event `truncated`."""
-        limit = self.max_bytes // 2
-        while True:
-            cut = _cut(dict(doc), limit)
-            out = _dumps({**cut, "truncated": True, "prev": prev})
-            if len(out) <= self.max_bytes or limit <= _MIN_CUT:
-                return out if len(out) <= self.max_bytes else _last_resort(doc, prev)
-            limit //= 2
+        """Cut the longest values just enough for the line to fit; mark it `truncated`.
+
+        A binary search finds the largest per-value length that fits, so as much of the
+        event as possible is kept.
+        """
+        best: bytes | None = None
+        low, high = _MIN_CUT, _longest(doc)
+        while low <= high:
+            limit = (low + high) // 2
+            out = _dumps({**_cut(doc, limit), "truncated": True, "prev": prev})
+            if len(out) <= self.max_bytes:
+                best, low = out, limit + 1
+            else:
+                high = limit - 1
+        return best if best is not None else _last_resort(doc, prev)
+
+
+def _longest(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return max((_longest(v) for v in value.values()), default=0)
+    if isinstance(value, list | tuple):
+        return max([len(value) * 64, *(_longest(v) for v in value)], default=0)
+    return 0
 
 
 def _cut(value: Any, limit: int) -> Any:

@@ -66,19 +66,6 @@ _VENDOR: Final = "AiSOC"
 _HOST_APP: Final = "aisoc-plugind-host"
 _OCSF_PROFILES: Final = ("datetime", "host")
 
-# Events announced in INTERFACE §8-§10 that names.py does not define yet; they move there
-# (and out of here) when their emitters land.
-_AUDIT_GAP = "audit.gap"
-_AUDIT_CHECKPOINT = "audit.checkpoint"
-_HOST_STARTED = "plugin.host.started"
-_HOST_EXITED = "plugin.host.exited"
-_HOST_RESTARTING = "plugin.host.restarting"
-_REVOKED = "plugin.revoked"
-_DOWNGRADED = "plugin.version.downgraded"
-_FOLLOW_UPDATED = "plugin.follow.updated"
-_FOLLOW_FAILED = "plugin.follow.failed"
-_INSTALL_UNPINNED = "plugin.install.unpinned"
-
 
 _OK, _FAIL, _TRYING = "success", "failure", "unknown"
 _EVENT, _ALERT = "event", "alert"
@@ -110,8 +97,8 @@ _TABLE: Final[dict[str, _Row]] = {
     ev.KEYS_CHANGED: (_EVENT, "configuration", "change", _OK, _OTHER),
     ev.AUDIT_REOPENED: (_EVENT, "file", "access", _OK, _OTHER),
     ev.AUDIT_WRITE_FAILED: (_EVENT, "file", "change", _FAIL, _OTHER),
-    _AUDIT_GAP: (_EVENT, "file", "info", None, _OTHER),
-    _AUDIT_CHECKPOINT: (_EVENT, "file", "info", None, _OTHER),
+    ev.AUDIT_GAP: (_EVENT, "file", "info", None, _OTHER),
+    ev.AUDIT_CHECKPOINT: (_EVENT, "file", "info", None, _OTHER),
     ev.PLUGIN_DISCOVERED: (_EVENT, "package", "info", None, _OTHER),
     ev.PLUGIN_LOADED: (_EVENT, "configuration", "change", _OK, _START),
     ev.PLUGIN_ENABLED: (_EVENT, "configuration", "change", _OK, _ENABLE),
@@ -131,14 +118,14 @@ _TABLE: Final[dict[str, _Row]] = {
     ev.PLUGIN_TEARDOWN_FAILED: (_EVENT, "configuration", "change", _FAIL, _STOP),
     ev.PLUGIN_INSTALL_COMPLETED: (_EVENT, "package", "installation", _OK, _INSTALL),
     ev.PLUGIN_INSTALL_FAILED: (_EVENT, "package", "installation", _FAIL, _INSTALL),
-    _INSTALL_UNPINNED: (_EVENT, "package", "installation", _TRYING, _INSTALL),
-    _REVOKED: (_ALERT, "configuration", "change", _OK, _DISABLE),
-    _DOWNGRADED: (_EVENT, "package", "change", _OK, _UPDATE),
-    _FOLLOW_UPDATED: (_EVENT, "package", "change", _OK, _UPDATE),
-    _FOLLOW_FAILED: (_EVENT, "package", "change", _FAIL, _UPDATE),
-    _HOST_STARTED: (_EVENT, "process", "start", _OK, _START),
-    _HOST_EXITED: (_EVENT, "process", "end", _TRYING, _STOP),
-    _HOST_RESTARTING: (_EVENT, "process", "start", _TRYING, _RESTART),
+    ev.PLUGIN_INSTALL_UNPINNED: (_EVENT, "package", "installation", _TRYING, _INSTALL),
+    ev.PLUGIN_REVOKED: (_ALERT, "configuration", "change", _OK, _DISABLE),
+    ev.PLUGIN_VERSION_DOWNGRADED: (_EVENT, "package", "change", _OK, _UPDATE),
+    ev.PLUGIN_FOLLOW_UPDATED: (_EVENT, "package", "change", _OK, _UPDATE),
+    ev.PLUGIN_FOLLOW_FAILED: (_EVENT, "package", "change", _FAIL, _UPDATE),
+    ev.PLUGIN_HOST_STARTED: (_EVENT, "process", "start", _OK, _START),
+    ev.PLUGIN_HOST_EXITED: (_EVENT, "process", "end", _TRYING, _STOP),
+    ev.PLUGIN_HOST_RESTARTING: (_EVENT, "process", "start", _TRYING, _RESTART),
     ev.API_REQUEST: (_EVENT, "api", "change", _TRYING, _OTHER),
     ev.API_DENIED: (_EVENT, "api", "denied", _FAIL, _OTHER),
     ev.API_ERROR: (_EVENT, "web", "error", _FAIL, _OTHER),
@@ -147,6 +134,8 @@ _TABLE: Final[dict[str, _Row]] = {
     ev.WATCHER_STARTED: (_EVENT, "file", "info", None, _OTHER),
     ev.WATCHER_STOPPED: (_EVENT, "file", "info", None, _OTHER),
     ev.WATCHER_ERROR: (_EVENT, "file", "access", _FAIL, _OTHER),
+    ev.PLUGIN_CHANGE_ABORTED: (_EVENT, "configuration", "change", _FAIL, _OTHER),
+    ev.LOG_RECORD: (_EVENT, "process", "info", None, _OTHER),
 }
 
 # One number for ECS event.severity and OCSF severity_id (whose captions these are).
@@ -201,7 +190,7 @@ def _outcome_by_reason(event: Mapping[str, Any]) -> str | None:
 _OutcomeRule = Callable[[Mapping[str, Any]], str | None]
 _OUTCOME_RULES: Final[dict[str, _OutcomeRule]] = {
     ev.API_REQUEST: _outcome_by_status,
-    _HOST_EXITED: _outcome_by_reason,
+    ev.PLUGIN_HOST_EXITED: _outcome_by_reason,
 }
 
 

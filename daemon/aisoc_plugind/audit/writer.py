@@ -232,8 +232,9 @@ class AuditWriter:
 
     def _step(self, batch: list[Record | _Control | _Flush]) -> bool:
         """Handle one wake-up's items in queue order: controls act where they were queued."""
-        if _Control.REOPEN not in batch:  # a queued reopen looks at the path itself
-            self._keep_file(reopen=False, force=False)
+        # Never write into a file that was moved away: look before every batch (a queued
+        # SIGHUP reopens here, before the records queued ahead of it).
+        switched = self._keep_file(reopen=_Control.REOPEN in batch, force=False)
         records: list[Record] = []
         stopping = False
         for item in batch:
@@ -242,7 +243,8 @@ class AuditWriter:
             elif isinstance(item, _Control):
                 self._write(records, sync=item is not _Control.REOPEN)
                 records = []
-                self._control(item)
+                if not (switched and item is _Control.REOPEN):  # reopened a moment ago
+                    self._control(item)
                 stopping = stopping or item is _Control.STOP
         self._write(records, sync=False)
         if stopping:
@@ -267,16 +269,19 @@ class AuditWriter:
             self._switch("recovered")
             self._write([], sync=True)
 
-    def _keep_file(self, *, reopen: bool, force: bool) -> None:
-        """Recover a failing file when due, or notice that the path moved."""
+    def _keep_file(self, *, reopen: bool, force: bool) -> bool:
+        """Recover a failing file when due, or notice that the path moved; return True when
+        the file was (re)opened."""
         st = self._state
         if st.failure is not None:
             if reopen or force or time.monotonic() >= st.retry_at:
                 self._switch("recovered")
-            return
+                return True
+            return False
         reason = "sighup" if reopen else self._file.moved()
         if reason is not None:
             self._switch(reason)
+        return reason is not None
 
     def _open_at_start(self) -> None:
         stored = self._heads.load() if self._heads is not None else None
