@@ -353,6 +353,13 @@ class AuditWriter:
 
     def _write(self, records: list[Record], *, sync: bool) -> None:
         st = self._state
+        if records and st.failure is None and self._file.is_open:
+            # Look again right before writing: stdout flushes and controls earlier in the
+            # batch take time, and a tailer such as rsyslog's imfile stops reading a renamed
+            # file once it has seen the new one (lines written there later never ship).
+            moved = self._file.moved()
+            if moved is not None:
+                self._switch(moved)
         lines = self._render(records)
         if not self._file.is_open:
             self._keep_back(line.record for line in lines)

@@ -1,6 +1,6 @@
 """Turn argv into a command of the `aisoc` or `aisoc-plugind` tree; the only place that exits.
 
-    aisoc-plugind  run | check-config | token {create,list,revoke}
+    aisoc-plugind  run | check-config | token {create,list,revoke} | audit {verify,keygen}
     aisoc          plugin {new,validate,keygen,sign,verify,package,push}
                    plugins {list,show,discover,enable,disable,reload,unload,run,install}
 
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from aisoc_plugind import __version__
+from aisoc_plugind.cli.audit import AUDIT_COMMANDS
 from aisoc_plugind.cli.authoring import PLUGIN_COMMANDS
 from aisoc_plugind.cli.operator import OPERATOR_COMMANDS, common_options
 from aisoc_plugind.cli.plugind import DAEMON_COMMANDS
@@ -64,6 +65,13 @@ def plugind_parser() -> Parser:
         description="Create, list or revoke control-API tokens.",
     )
     add_commands(token, TOKEN_COMMANDS, dest="action")
+    audit = sub.add_parser(
+        "audit",
+        help="verify audit files, make a checkpoint key",
+        description="Check the audit file's hash chain and signed checkpoints; make the "
+        "checkpoint key pair.",
+    )
+    add_commands(audit, AUDIT_COMMANDS, dest="action")
     return parser
 
 
