@@ -16,7 +16,12 @@ from aisoc_plugind.api.context import Route
 from aisoc_plugind.api.openapi import openapi_document
 from aisoc_plugind.api.routes import ROUTES
 from aisoc_plugind.api.tokens import PERMISSIONS, new_token
-from aisoc_plugind.audit.names import API_DENIED, API_REQUEST
+from aisoc_plugind.audit.names import (
+    API_DENIED,
+    API_REQUEST,
+    PLUGIN_RUN_COMPLETED,
+    PLUGIN_RUN_FAILED,
+)
 from tests.api_fixtures import ECHO_ID, Api, serve_api
 from tests.conftest import Env, PluginFactory
 
@@ -92,6 +97,7 @@ async def test_permission_matrix(
         status = response.status
         after = api.manager.get(ECHO_ID).state
         denied, requests = api.events(API_DENIED), api.events(API_REQUEST)
+        runs = api.events(PLUGIN_RUN_COMPLETED) + api.events(PLUGIN_RUN_FAILED)
     assert status == expected_status(route, caller)
     assert response.headers["X-Request-Id"]
     if status in (401, 403):
@@ -101,7 +107,14 @@ async def test_permission_matrix(
         assert denied[0]["status"] == status
     else:
         assert denied == []
-    if route.method in ("POST", "DELETE") and status not in (401, 403):
+    if route.path.endswith("/run") and status not in (401, 403):
+        # One event per run: the run's own event names the caller and request; no
+        # api.request line repeats it.
+        assert requests == []
+        assert [(r["actor"], r["request_id"]) for r in runs] == [
+            (CALLERS[caller], response.headers["X-Request-Id"])
+        ]
+    elif route.method in ("POST", "DELETE") and status not in (401, 403):
         assert [r["status"] for r in requests] == [status]
         assert requests[0]["request_id"] == response.headers["X-Request-Id"]
     else:  # a denied request has its api.denied line and no api.request line

@@ -139,3 +139,23 @@ def test_example_config_documents_every_key_and_loads() -> None:
         table = doc.get(key.section, {}) if key.section else doc
         assert key.key in table, f"{key.section}.{key.key} missing from config.example.toml"
     assert load_settings(example, {}).trust_mode is TrustMode.STRICT
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"auto"', None), ('"AUTO"', None), ("0", 0), ("3", 3), ("64", 64)],
+)
+def test_scan_workers_accepts_auto_or_a_count(
+    tmp_path: Path, value: str, expected: int | None
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"[plugins]\nscan_workers = {value}\n")
+    assert load_settings(config, environ={}).scan_workers == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "65", "true", '"many"', "1.5", "[1]"])
+def test_scan_workers_refuses_anything_else(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"[plugins]\nscan_workers = {value}\n")
+    with pytest.raises(ConfigError, match="scan_workers"):
+        load_settings(config, environ={})

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
-from aisoc_plugind.core import manifest
+from aisoc_plugind.core import documents, manifest
 from aisoc_plugind.errors import ManifestError
 
 GOOD = "id: acme.shodan\nname: Shodan\nversion: 1.0.0\nplugin_type: enricher\n"
@@ -196,3 +197,40 @@ def test_yaml_tags_are_refused() -> None:
     assert _codes(GOOD + "x: !!python/object/apply:os.system ['true']\n") == {
         "manifest_unsafe_yaml"
     }
+
+
+# ---- the fast strict builder gives what PyYAML's safe construction gives ------------------
+
+SAME_AS_SAFE_LOAD = [
+    "a: 1\nb: 1.5\nc: true\nd: null\ne: ~\nf: 'x'\ng: \"y\"\nh: 0x1F\ni: 1_000\nj: -2\n",
+    "list: [1, two, 3.0, null, false]\nnested: {k: {k2: [a, {b: c}]}}\n",
+    "multi: |\n  line one\n  line two\nfolded: >\n  a\n  b\n",
+    "date: 2026-11-26\nstamp: 2026-11-26T10:00:00Z\n",
+    "inf: .inf\nnan_key: x\nbool_words: [yes, no, on, off]\nempty: \n",
+    "explicit_str: !!str 12\nexplicit_int: !!int '7'\nexplicit_float: !!float '1'\n",
+    "seq_of_maps:\n  - {a: 1}\n  - {b: 2}\n- \n".replace("- \n", ""),
+    "unicode: \u00e9\u00e8 \u2603\nkey with spaces: v\n'quoted key': 1\n? complex\n: value\n",
+    "set: !!set {a, b}\nomap: !!omap [a: 1, b: 2]\nbinary: !!binary aGVsbG8=\n",
+    "",
+    "just a string",
+    "[1, 2, 3]",
+]
+
+
+@pytest.mark.parametrize("text", SAME_AS_SAFE_LOAD)
+def test_the_strict_builder_matches_safe_load(text: str) -> None:
+    """What is not refused constructs exactly as yaml.safe_load constructs it."""
+    assert documents._load_yaml(text) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: &x [1, 2]\nb: !!omap [k: *x]\n",  # an alias into an explicitly tagged node
+        "a: !!omap [k: &x [1]]\nb: *x\n",  # an alias out of one
+        "a: &x v\nb: !!python/tuple [*x]\n",
+    ],
+)
+def test_aliases_across_explicit_tags_are_refused(text: str) -> None:
+    codes = _codes(GOOD + text)
+    assert codes <= {"manifest_bad_syntax", "manifest_unsafe_yaml"} and codes

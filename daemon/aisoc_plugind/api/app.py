@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,7 @@ from aisoc_plugind.api.guards import emit_tokens_loaded
 from aisoc_plugind.api.limiter import DenialLimiter
 from aisoc_plugind.api.listen import check_listen, listening, tls_context
 from aisoc_plugind.api.metrics import ApiMetrics
-from aisoc_plugind.api.middleware import envelope, guard
+from aisoc_plugind.api.middleware import envelope
 from aisoc_plugind.api.openapi import openapi_document
 from aisoc_plugind.api.routes import ROUTES
 from aisoc_plugind.api.tokens import TokenStore
@@ -39,9 +40,7 @@ def build_app(
     ready: Callable[[], bool],
 ) -> web.Application:
     """Return the control-API application (routes, guards, metrics); nothing is started."""
-    app = web.Application(
-        middlewares=[envelope, guard], client_max_size=settings.api_max_body_bytes
-    )
+    app = web.Application(middlewares=[envelope], client_max_size=settings.api_max_body_bytes)
     state = ApiState(
         manager=manager,
         events=events,
@@ -54,9 +53,11 @@ def build_app(
         allowed_hosts=frozenset(h.strip().lower() for h in settings.api_allowed_hosts),
         spec=dumps(openapi_document()).encode("utf-8"),
     )
-    for route in ROUTES:
+    # aiohttp tries the routes under one path prefix in the order they were added: the run
+    # route, the one called at volume, goes first.
+    for route in sorted(ROUTES, key=lambda r: not r.path.endswith("/run")):
         state.routes[app.router.add_route(route.method, route.path, route.handler)] = route
-    events.subscribe(state.metrics.observe)
+    events.subscribe(state.metrics.observe, state.metrics.OBSERVED)
     app[STATE] = state
     return app
 
@@ -80,6 +81,7 @@ async def serve(
     app = build_app(manager=manager, events=events, tokens=tokens, settings=settings, ready=ready)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
     await runner.setup()
+    tokens.flag.attach(asyncio.get_running_loop())  # no stat() per request where inotify works
     try:
         async with listening(runner, settings) as addresses:
             events.emit(
@@ -95,4 +97,5 @@ async def serve(
 
             yield hangup
     finally:
+        tokens.flag.close()
         await runner.cleanup()

@@ -17,15 +17,15 @@ from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.engine.results import Caller
 
 __all__ = [
+    "CALL",
     "KNOWN_METHODS",
     "MUTATING",
-    "PRINCIPAL",
-    "RID",
-    "ROUTE",
     "STATE",
     "ApiState",
+    "Call",
     "Handler",
     "Route",
+    "call_of",
     "caller_of",
     "state_of",
 ]
@@ -70,9 +70,27 @@ class ApiState:
 
 
 STATE = web.AppKey("aisoc_api_state", ApiState)
-RID = web.RequestKey("aisoc_request_id", str)
-ROUTE = web.RequestKey("aisoc_route", Route)
-PRINCIPAL = web.RequestKey("aisoc_principal", Principal)
+
+
+@dataclass(slots=True)
+class Call:
+    """One request as the API sees it: set up by the middleware, read by handlers."""
+
+    state: ApiState
+    request_id: str
+    route: Route | None = None
+    principal: Principal | None = None
+    run_audited: bool = False  # the call reached a run: the run writes its own event
+
+    def caller(self) -> Caller:
+        """Return who is calling, for the audit trail: the token's name and the request id."""
+        principal = self.principal
+        return Caller(
+            actor=principal.name if principal is not None else None, request_id=self.request_id
+        )
+
+
+CALL = web.RequestKey("aisoc_call", Call)
 
 
 def state_of(request: web.Request) -> ApiState:
@@ -80,7 +98,11 @@ def state_of(request: web.Request) -> ApiState:
     return request.app[STATE]
 
 
+def call_of(request: web.Request) -> Call:
+    """Return the request's `Call` (the middleware made it)."""
+    return request[CALL]
+
+
 def caller_of(request: web.Request) -> Caller:
     """Return who is calling, for the audit trail: the token's name and the request id."""
-    principal = request.get(PRINCIPAL)
-    return Caller(actor=principal.name if principal else None, request_id=request[RID])
+    return request[CALL].caller()

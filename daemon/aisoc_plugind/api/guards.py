@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
-import uuid
+import secrets
 from collections.abc import Collection, Mapping
 from urllib.parse import urlsplit
 
@@ -49,6 +51,16 @@ def host_allowed(host_header: str | None, allowed: Collection[str]) -> bool:
     """Return True for a loopback Host, or one named in `api.allowed_hosts` (with or w/o port)."""
     if not host_header:
         return False
+    if len(host_header) > _MAX_HOST:
+        return False
+    return _host_allowed(host_header, frozenset(allowed))
+
+
+_MAX_HOST = 300
+
+
+@functools.lru_cache(maxsize=256)  # a client sends the same Host on every request
+def _host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
     name = host_name(host_header)
     return is_loopback_host(name) or name in allowed or host_header.strip().lower() in allowed
 
@@ -79,11 +91,17 @@ def browser_refusal(headers: Mapping[str, str], allowed: Collection[str]) -> str
     return None if same or hostname in allowed else "origin_not_allowed"
 
 
+# A new request id: 16 random hex characters drawn once per process, then a counter (32 hex
+# characters like a uuid4 hex). Unique per daemon run and across runs; not a secret.
+_RID_PREFIX = secrets.token_hex(8)
+_rid_counter = itertools.count(1)
+
+
 def request_id(candidate: str | None) -> str:
-    """Return the client's X-Request-Id when it is safe to echo, else a new uuid4 hex."""
+    """Return the client's X-Request-Id when it is safe to echo, else a new unique id."""
     if candidate is not None and _REQUEST_ID_RE.fullmatch(candidate):
         return candidate
-    return uuid.uuid4().hex
+    return f"{_RID_PREFIX}{next(_rid_counter):016x}"
 
 
 # Changes and runs must leave an audit record (research item 25: fail closed); reads need not.

@@ -12,12 +12,12 @@ from aiohttp import web
 
 from aisoc_plugind.api.context import (
     ApiState,
+    call_of,
     caller_of,
     state_of,
 )
 from aisoc_plugind.api.errors import (
     ApiError,
-    dumps,
     error_response,
     json_response,
 )
@@ -61,6 +61,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder (json.loads with options builds one per call); NaN and Infinity are refused.
+_DECODE = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def _depth_ok(doc: Any, limit: int) -> bool:
     stack = [(doc, 1)]
     while stack:
@@ -80,7 +84,8 @@ async def _body(request: web.Request, allowed: Collection[str]) -> dict[str, Any
     if not raw.strip():
         return {}
     try:
-        doc = json.loads(raw, parse_constant=_reject_constant)
+        doc = _DECODE(raw.decode("utf-8").removeprefix("\ufeff"))  # RFC 8259: UTF-8 (a BOM
+        # is ignored)
     except (ValueError, RecursionError) as exc:
         raise ApiError(
             "the request body is not valid JSON", code="invalid_json", status=400
@@ -95,7 +100,9 @@ async def _body(request: web.Request, allowed: Collection[str]) -> dict[str, Any
             code="invalid_body",
             status=400,
         )
-    if not _depth_ok(doc, MAX_BODY_DEPTH):
+    # Nesting needs an opening bracket per level: a body with few brackets cannot be deep.
+    brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets > MAX_BODY_DEPTH and not _depth_ok(doc, MAX_BODY_DEPTH):
         raise ApiError(
             f"the request body nests deeper than {MAX_BODY_DEPTH} levels",
             code="invalid_body",
@@ -187,26 +194,21 @@ async def unload_plugin(request: web.Request) -> web.Response:
 
 async def run_plugin(request: web.Request) -> web.Response:
     """POST /api/v1/plugins/{id}/run with `{"payload": {...}, "context": {...}}`."""
-    st, plugin_id = state_of(request), _plugin_id(request)
+    call, plugin_id = call_of(request), _plugin_id(request)
+    st = call.state
     body = await _body(request, ("payload", "context"))
     payload, context = _object_field(body, "payload"), _object_field(body, "context")
     st.manager.get(plugin_id)  # 404 before anything is counted under this id
+    call.run_audited = True  # every outcome from here on is a plugin.run.* event
     started = time.perf_counter()
     try:
-        result = await st.manager.run(plugin_id, payload, context, caller_of(request))
+        result = await st.manager.run(plugin_id, payload, context, call.caller())
     except PluginDError as exc:
         st.metrics.run(plugin_id, exc.code, time.perf_counter() - started)
         raise
     st.metrics.run(plugin_id, "ok", time.perf_counter() - started)
-    try:
-        text = dumps(result.to_json())
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ApiError(
-            "the plugin's result cannot be encoded as JSON",
-            code="plugin_result_invalid",
-            status=502,
-        ) from exc
-    return web.Response(text=text, content_type="application/json")
+    # The host encoded (and so checked) the result once; it is reused here as is.
+    return web.Response(text=result.encoded(), content_type="application/json")
 
 
 async def install_from_oci(request: web.Request) -> web.Response:

@@ -13,14 +13,13 @@ from typing import Any
 from aiohttp import web
 
 from aisoc_plugind.api.context import (
+    CALL,
     KNOWN_METHODS,
     MUTATING,
-    PRINCIPAL,
-    RID,
-    ROUTE,
+    STATE,
     ApiState,
+    Call,
     Handler,
-    state_of,
 )
 from aisoc_plugind.api.errors import (
     ApiError,
@@ -40,7 +39,7 @@ from aisoc_plugind.audit import names
 from aisoc_plugind.core.manifest import ID_RE
 from aisoc_plugind.errors import PluginDError
 
-__all__ = ["envelope", "guard"]
+__all__ = ["envelope"]
 
 
 _SECURITY_HEADERS = {
@@ -50,20 +49,20 @@ _SECURITY_HEADERS = {
 }
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    st = state_of(request)
-    route = st.routes.get(request.match_info.route)
-    if route is not None:
-        request[ROUTE] = route
-    if not st.unix and not host_allowed(request.headers.get("Host"), st.allowed_hosts):
+def _admit(request: web.Request, call: Call) -> bool:
+    """Check Host, Origin, size and the bearer token (raise a denial); return True when the
+    route changes something or runs code, so the audit log must be writable first."""
+    st = call.state
+    call.route = route = st.routes.get(request.match_info.route)
+    headers = request.headers
+    if not st.unix and not host_allowed(headers.get("Host"), st.allowed_hosts):
         raise ApiError(
             "the Host header names no address of this API (api.allowed_hosts)",
             code="host_not_allowed",
             status=421,
             reason="host_not_allowed",
         )
-    refusal = browser_refusal(request.headers, st.allowed_hosts)
+    refusal = browser_refusal(headers, st.allowed_hosts)
     if refusal is not None:
         raise ApiError(
             "browser requests from other origins are refused",
@@ -73,9 +72,30 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     if (request.content_length or 0) > st.settings.api_max_body_bytes:
         raise too_large(st.settings)
-    if route is not None and route.permission is not None:
-        request[PRINCIPAL] = authorize(request, st, route.permission)
-        if route.permission in NEED_AUDIT and await audit_down(st):
+    if route is None or route.permission is None:
+        return False
+    call.principal = authorize(request, st, route.permission)
+    return route.permission in NEED_AUDIT
+
+
+@web.middleware
+async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one middleware: request id, guards, the handler, JSON errors, accounting."""
+    call = Call(request.app[STATE], request_id(request.headers.get("X-Request-Id")))
+    request[CALL] = call
+    started = time.perf_counter()
+    response = await _answer(request, call, handler)
+    headers = response.headers
+    headers.update(_SECURITY_HEADERS)
+    headers["X-Request-Id"] = call.request_id
+    _account(request, call, response.status, started)
+    return response
+
+
+async def _answer(request: web.Request, call: Call, handler: Handler) -> web.StreamResponse:
+    st = call.state
+    try:
+        if _admit(request, call) and st.events.failure is not None and await audit_down(st):
             raise ApiError(
                 "the audit log cannot be written, so changes and runs are refused until it "
                 f"can ({st.events.failure})",
@@ -83,37 +103,23 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 status=503,
                 reason="audit_unavailable",
             )
-    return await handler(request)
-
-
-@web.middleware
-async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[RID] = rid = request_id(request.headers.get("X-Request-Id"))
-    started = time.perf_counter()
-    response = await _answer(request, handler)
-    response.headers.update(_SECURITY_HEADERS)
-    response.headers["X-Request-Id"] = rid
-    _account(request, response.status, started)
-    return response
-
-
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
         return await handler(request)
     except web.HTTPException as exc:
-        return _from_http(request, exc)
+        return _from_http(request, call, exc)
     except PluginDError as exc:
-        return _from_error(request, exc)
+        return _from_error(request, call, exc)
     except Exception as exc:  # the last line of defence: never a bare 500 page or a crash
-        _internal_error(request, exc)
+        _internal_error(request, call, exc)
         return error_response(
-            500, "internal_error", f"internal error (request id {request[RID]}); see the daemon log"
+            500,
+            "internal_error",
+            f"internal error (request id {call.request_id}); see the daemon log",
         )
 
 
-def _from_http(request: web.Request, exc: web.HTTPException) -> web.Response:
+def _from_http(request: web.Request, call: Call, exc: web.HTTPException) -> web.Response:
     if exc.status == 413:
-        return _from_error(request, too_large(state_of(request).settings))
+        return _from_error(request, call, too_large(call.state.settings))
     if exc.status == 404:
         return error_response(404, "not_found", "no such route")
     if exc.status == 405:
@@ -128,11 +134,11 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> web.Response:
     return error_response(exc.status, code, exc.reason)
 
 
-def _from_error(request: web.Request, exc: PluginDError) -> web.Response:
+def _from_error(request: web.Request, call: Call, exc: PluginDError) -> web.Response:
     headers: Mapping[str, str] = {}
     if isinstance(exc, ApiError):
         if exc.reason is not None:
-            exc = _denied(request, exc)
+            exc = _denied(request, call, exc)
         headers = exc.headers
     return error_response(status_for(exc), exc.code, exc.message, headers=headers)
 
@@ -141,13 +147,13 @@ def _method(request: web.Request) -> str:
     return request.method if request.method in KNOWN_METHODS else "OTHER"
 
 
-def _route_path(request: web.Request) -> str | None:
-    route = request.get(ROUTE)
+def _route_path(call: Call) -> str | None:
+    route = call.route
     return route.path if route is not None else None
 
 
-def _peer(request: web.Request) -> str | None:
-    if not state_of(request).unix:
+def _peer(request: web.Request, call: Call) -> str | None:
+    if not call.state.unix:
         return request.remote
     sock: Any = request.transport.get_extra_info("socket") if request.transport else None
     try:
@@ -158,15 +164,15 @@ def _peer(request: web.Request) -> str | None:
     return f"unix:uid={uid},gid={gid},pid={pid}"
 
 
-def _denied(request: web.Request, exc: ApiError) -> ApiError:
+def _denied(request: web.Request, call: Call, exc: ApiError) -> ApiError:
     """Audit a denial, or, past its budget, turn it into a counted 429.
 
     The budget is kept per token when the denial names one (a real token lacking a
     permission, or expired) and per address otherwise, so junk from anyone cannot spend a
     real token's budget and mute its denials.
     """
-    st = state_of(request)
-    peer = _peer(request) or "unknown"
+    st = call.state
+    peer = _peer(request, call) or "unknown"
     actor = exc.actor
     budget = f"token:{actor}" if actor else f"peer:{peer}"
     suppressed: int | None = None
@@ -177,21 +183,21 @@ def _denied(request: web.Request, exc: ApiError) -> ApiError:
         if not st.limiter.suppress(budget):
             return _rate_limited(st, actor)
         exc = _rate_limited(st, actor)  # the first limited request of a burst is audited
-    route = request.get(ROUTE)
+    route = call.route
     reason = exc.reason or exc.code
     if reason != "rate_limited":
         st.metrics.denied(reason)
     st.events.emit(
         names.API_DENIED,
         level="warning",
-        route=_route_path(request),
+        route=_route_path(call),
         method=_method(request),
         status=exc.status,
         required_permission=route.permission if route else None,
         reason=reason,
         actor=actor,
         peer=peer,
-        request_id=request[RID],
+        request_id=call.request_id,
         suppressed=suppressed,
     )
     return exc
@@ -210,40 +216,44 @@ def _rate_limited(st: ApiState, actor: str | None) -> ApiError:
     )
 
 
-def _internal_error(request: web.Request, exc: Exception) -> None:
+def _internal_error(request: web.Request, call: Call, exc: Exception) -> None:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else None
     # The type and place only: an exception's text may quote a payload.
-    state_of(request).events.emit(
+    call.state.events.emit(
         names.API_ERROR,
         level="error",
         error_code="internal_error",
         error=type(exc).__name__,
         where=where,
-        route=_route_path(request),
+        route=_route_path(call),
         method=_method(request),
-        request_id=request[RID],
+        request_id=call.request_id,
     )
 
 
-def _account(request: web.Request, status: int, started: float) -> None:
-    st = state_of(request)
-    st.metrics.request(_method(request), _route_path(request) or "unmatched", status)
-    principal = request.get(PRINCIPAL)
-    if request.method not in MUTATING or principal is None:
+def _account(request: web.Request, call: Call, status: int, started: float) -> None:
+    st, method = call.state, request.method
+    st.metrics.request(
+        method if method in KNOWN_METHODS else "OTHER", _route_path(call) or "unmatched", status
+    )
+    principal = call.principal
+    if method not in MUTATING or principal is None:
         return  # denials have their own budgeted api.denied; unauthenticated ones nothing more
+    if call.run_audited:
+        return  # one event per run: plugin.run.completed or plugin.run.failed says it all
     plugin_id = request.match_info.get("id")
     st.events.emit(
         names.API_REQUEST,
         level="info" if status < 400 else "warning",
         actor=principal.name,
-        request_id=request[RID],
-        route=_route_path(request),
+        request_id=call.request_id,
+        route=_route_path(call),
         method=_method(request),
         status=status,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
         plugin_id=plugin_id if plugin_id and ID_RE.fullmatch(plugin_id) else None,
-        peer=_peer(request),
+        peer=_peer(request, call),
     )

@@ -2,23 +2,28 @@
 
 A token is `aisoc_pd_` + 43 url-safe characters (256 random bits) + 8 hex characters of
 CRC-32 over the rest, so secret scanners can recognise it and typos are caught without a
-lookup. `TokenStore` checks the file's identity (device, inode, size, mtime) on every
-authentication, one `stat()`, and re-reads it when it changed; the daemon's SIGHUP hook
-forces a re-read. A file that cannot be read or parsed grants nothing (fail closed).
+lookup. `TokenStore` checks the file's identity (device, inode, size, mtime) before an
+authentication whenever inotify says its directory changed (without inotify: before every
+one), and at least once a second, and re-reads it when it changed; a change made before a
+request is seen by that request. The daemon's SIGHUP hook forces a re-read. A file that
+cannot be read or parsed grants nothing (fail closed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from aisoc_plugind.api.filewatch import ChangeFlag
 from aisoc_plugind.api.tokens_file import PERMISSIONS, TokenEntry, read_tokens_file
-from aisoc_plugind.core.clock import utcnow
+from aisoc_plugind.core.clock import parse_rfc3339
 
 __all__ = [
     "ADMIN",
@@ -94,12 +99,26 @@ def denial_reason(header_value: str | None) -> str:
     return "token_unknown" if well_formed(token) else "token_malformed"
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
+def _identity(path: str) -> tuple[int, int, int, int] | None:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _expiry(expires: str) -> float | None:
+    """Return `expires` as POSIX time (None: never); one that cannot be read has passed."""
+    if not expires:
+        return None
+    try:
+        return parse_rfc3339(expires).timestamp()
+    except ValueError:
+        return 0.0
+
+
+RECHECK_S = 1.0  # the tokens file is stat'ed at least this often, whatever inotify says
+MAX_KNOWN_HEADERS = 256
 
 
 class TokenStore:
@@ -110,7 +129,15 @@ class TokenStore:
         self.problems: tuple[str, ...] = ()
         self.generation = 0  # counts (re)loads, so callers can tell that one happened
         self._entries: dict[str, TokenEntry] = {}
+        self._principals: dict[str, Principal] = {}
+        self._expires: dict[str, float | None] = {}  # POSIX time, None: never
         self._identity: tuple[int, int, int, int] | None = None
+        self._path = os.fspath(path)
+        self._checked_at = 0.0
+        # Authorization header -> token name, for headers that authenticated (cleared on
+        # every reload): the hash and the constant-time scan run once per distinct header.
+        self._known: dict[str, str] = {}
+        self.flag = ChangeFlag(path)
         self.reload()
 
     def __len__(self) -> int:
@@ -122,31 +149,56 @@ class TokenStore:
 
     def reload(self) -> None:
         """Re-read the file now (the SIGHUP hook)."""
-        self._identity = _identity(self.path)  # taken first: a later change is seen again
+        self._identity = _identity(self._path)  # taken first: a later change is seen again
         entries, problems = read_tokens_file(self.path)
         self._entries, self.problems = entries, tuple(problems)
+        self._principals = {
+            name: Principal(name=name, permissions=frozenset(entry.permissions))
+            for name, entry in entries.items()
+        }
+        self._expires = {name: _expiry(entry.expires) for name, entry in entries.items()}
+        self._known = {}
         self.generation += 1
 
     def refresh(self) -> bool:
         """Re-read the file when its identity changed; return True when it was re-read."""
-        if _identity(self.path) == self._identity:
+        self._checked_at = time.monotonic()
+        if _identity(self._path) == self._identity:
             return False
         self.reload()
         return True
 
     def authenticate(self, header_value: str | None) -> Principal | None:
         """Return the principal of an `Authorization` header value, or None (also when the
-        token has expired)."""
-        self.refresh()
-        found = self._lookup(header_value)
-        if found is None or found.expired(utcnow()):
+        token has expired).
+
+        The file is looked at first when it may have changed (`flag`; without inotify, on
+        every call) and at least once a second in any case.
+        """
+        if self.flag.changed() or time.monotonic() - self._checked_at >= RECHECK_S:
+            self.refresh()
+        if header_value is None:
             return None
-        return Principal(name=found.name, permissions=frozenset(found.permissions))
+        name = self._known.get(header_value)
+        if name is None:
+            found = self._lookup(header_value)
+            if found is None:
+                return None
+            name = found.name
+            if len(self._known) < MAX_KNOWN_HEADERS:
+                self._known[header_value] = name
+        if self._expired(name):
+            return None
+        return self._principals[name]
 
     def expired_name(self, header_value: str | None) -> str | None:
         """Return the name of the token in the header when it is known but expired."""
         found = self._lookup(header_value)
-        return found.name if found is not None and found.expired(utcnow()) else None
+        return found.name if found is not None and self._expired(found.name) else None
+
+    def _expired(self, name: str) -> bool:
+        expires = self._expires.get(name)
+        return expires is not None and time.time() >= expires
 
     def _lookup(self, header_value: str | None) -> TokenEntry | None:
         token = bearer_token(header_value)

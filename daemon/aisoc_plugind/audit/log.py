@@ -16,7 +16,7 @@ import heapq
 import json
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,7 +28,7 @@ from aisoc_plugind.audit.sink import AuditFile, HeadStore
 from aisoc_plugind.audit.stdout import LEVELS, StdoutSink, journald_stream
 from aisoc_plugind.audit.writer import AuditWriter, CheckpointPolicy, Progress, Record
 from aisoc_plugind.config.settings import FsyncPolicy, Settings
-from aisoc_plugind.core.clock import rfc3339, utcnow
+from aisoc_plugind.core.clock import rfc3339_now
 from aisoc_plugind.core.signing import load_private_key
 from aisoc_plugind.errors import AuditUnavailable, ConfigError, KeyFileError
 from aisoc_plugind.files import FileRefused, read_regular
@@ -42,6 +42,7 @@ SECRET_KEYS = frozenset(
 # High-volume events that are written but not fsync'ed under `audit.fsync = "mutations"`.
 _VOLUME_EVENTS = frozenset({"plugin.run.completed", "plugin.run.failed", "log.record"})
 _RESERVED = frozenset({"timestamp", "event", "level", "seq"})
+_DROPPED = SECRET_KEYS | _RESERVED  # never copied from the fields into an event
 # How long a change or run waits for a failing writer's retry before it is refused.
 RETRY_WAIT_S = 0.25
 
@@ -105,13 +106,17 @@ class EventLog:
         self._min_level = LEVELS.get(options.log_level, 20)
         self._lock = threading.Lock()
         self._seq = 0
-        self._listeners: list[Listener] = []
+        self._listeners: list[tuple[frozenset[str] | None, Listener]] = []
         self._recovered: list[Callable[[], Awaitable[None]]] = []
         self._progress = Progress(written=0, durable=0, failure=None)
         self._waiters: list[tuple[int, int, bool, asyncio.Future[None]]] = []
         self._reports: list[asyncio.Future[None]] = []  # woken by the writer's next report
         self._order = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        # Records emitted on the loop go to the writer once per loop iteration, as one batch:
+        # a wake-up of the writer thread per event would make it fight the loop for the GIL.
+        self._batch: list[Record] = []
         heads = (
             HeadStore(options.state_dir / ".daemon" / "audit.head")
             if options.state_dir is not None
@@ -155,9 +160,11 @@ class EventLog:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
+        self._loop_thread = threading.get_ident() if self._loop is not None else None
 
     def close(self) -> None:
         """Write everything queued, a final checkpoint, fsync and close (blocks)."""
+        self._hand_over()
         if self._started:
             self._writer.stop()
 
@@ -167,6 +174,7 @@ class EventLog:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until everything emitted so far was handled by the writer (tests, shutdown)."""
+        self._hand_over()
         if self._started:
             self._writer.flush(timeout)
 
@@ -182,9 +190,10 @@ class EventLog:
         """Return the `seq` of the last event emitted."""
         return self._seq
 
-    def subscribe(self, listener: Listener) -> None:
-        """Call `listener` with every event as emitted (for metrics); it must not raise."""
-        self._listeners.append(listener)
+    def subscribe(self, listener: Listener, events: Collection[str] | None = None) -> None:
+        """Call `listener` with every event (or those named in `events`) as emitted, for
+        metrics; it must not raise."""
+        self._listeners.append((frozenset(events) if events is not None else None, listener))
 
     def on_recovered(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` on the loop each time the audit file works again after failing."""
@@ -192,6 +201,7 @@ class EventLog:
 
     def reopen(self) -> None:
         """Ask the writer to reopen the file now (SIGHUP); never blocks, never raises."""
+        self._hand_over()  # queue order = call order: records emitted before go first
         self._writer.reopen()
 
     async def writable(self) -> bool:
@@ -203,6 +213,7 @@ class EventLog:
             self.bind_loop()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reports.append(future)
+        self._hand_over()
         self._writer.retry()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(RETRY_WAIT_S):
@@ -220,28 +231,49 @@ class EventLog:
     def _emit(self, event: str, level: str, audit: bool, fields: Mapping[str, Any]) -> int:
         if not self._started:
             self.start()
-        doc: dict[str, Any] = {"timestamp": rfc3339(utcnow()), "event": event, "level": level}
+        doc: dict[str, Any] = {"timestamp": rfc3339_now(), "event": event, "level": level}
         with self._lock:
             seq = 0
             if audit:
                 self._seq = seq = self._seq + 1
                 doc["seq"] = seq
             for key, value in fields.items():
-                if value is not None and key not in SECRET_KEYS and key not in _RESERVED:
+                if value is not None and key not in _DROPPED:
                     doc[key] = value
-            self._writer.submit(
-                Record(
-                    seq=seq or None,
-                    event=doc,
-                    level=level,
-                    audit=audit,
-                    durable=event not in _VOLUME_EVENTS,
-                    stdout=LEVELS.get(level, 20) >= self._min_level,
-                )
+            record = Record(
+                seq=seq or None,
+                event=doc,
+                level=level,
+                audit=audit,
+                durable=event not in _VOLUME_EVENTS,
+                stdout=LEVELS.get(level, 20) >= self._min_level,
             )
-        for listener in self._listeners:
-            listener(doc)
+            loop = self._loop
+            if (
+                loop is not None
+                and self._progress.failure is None  # failing: kept by the writer at once
+                and self._loop_thread == threading.get_ident()
+                and loop.is_running()
+            ):
+                self._batch.append(record)
+                if len(self._batch) == 1:
+                    loop.call_soon(self._hand_over)
+            else:  # another thread, or no loop: what the loop batched goes first
+                if self._batch:
+                    self._writer.submit_many(self._batch)
+                    self._batch = []
+                self._writer.submit(record)
+        for wanted, listener in self._listeners:
+            if wanted is None or event in wanted:
+                listener(doc)
         return seq
+
+    def _hand_over(self) -> None:
+        """Pass the records batched on the loop to the writer, in one queue item."""
+        with self._lock:
+            if self._batch:
+                self._writer.submit_many(self._batch)
+                self._batch = []
 
     async def commit(self, seq: int | None = None, *, durable: bool = True) -> None:
         """Return once the line of event `seq` (default: the last one) is written, and
@@ -258,6 +290,7 @@ class EventLog:
         self._order += 1
         heapq.heappush(self._waiters, (target, self._order, durable, future))
         if durable and progress.written >= target:
+            self._hand_over()
             self._writer.sync()
         await future
 

@@ -30,8 +30,12 @@ def native(event: Mapping[str, Any]) -> dict[str, Any]:
 SCHEMAS: dict[str, Schema] = {"native": native, "ecs": to_ecs, "ocsf": to_ocsf}
 
 
+# One encoder for every line (json.dumps with options builds a new one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _dumps(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), default=str).encode("ascii")
+    return _ENCODE(doc).encode("ascii")
 
 
 class Renderer:

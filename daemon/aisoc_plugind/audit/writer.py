@@ -41,7 +41,10 @@ RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 2.0
 
 
-@dataclass(slots=True)
+MAX_BATCH = 4096  # items taken per wake-up (one write and at most one fsync)
+
+
+@dataclass(slots=True, eq=False)
 class Record:
     """One event to write: `audit` lines go to the file (and stdout), others to stdout only."""
 
@@ -137,7 +140,9 @@ class AuditWriter:
         self._report = report
         self._heads = head_store
         self._checkpoints = checkpoints
-        self._queue: queue.SimpleQueue[Record | _Control | _Flush] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Record | list[Record] | _Control | _Flush] = (
+            queue.SimpleQueue()
+        )
         self._state = _State(checkpoint_at=time.monotonic())
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name="aisoc-audit-writer", daemon=True)
@@ -157,6 +162,10 @@ class AuditWriter:
     def submit(self, record: Record) -> None:
         """Queue one record (in `seq` order); never blocks."""
         self._queue.put(record)
+
+    def submit_many(self, records: list[Record]) -> None:
+        """Queue records (in `seq` order) as one item: one wake-up of the writer."""
+        self._queue.put(records)
 
     def reopen(self) -> None:
         """Ask for the file to be reopened (SIGHUP: after logrotate, or to retry now)."""
@@ -208,17 +217,23 @@ class AuditWriter:
         for item in batch:
             if isinstance(item, _Flush):
                 item.done.set()
-        return _Control.STOP not in batch
+        return not any(item is _Control.STOP for item in batch)  # `in` would call Record.__eq__
 
     def _take(self) -> list[Record | _Control | _Flush]:
         try:
-            first = self._queue.get(timeout=self._wait_s())
+            item = self._queue.get(timeout=self._wait_s())
         except queue.Empty:
             return []
-        batch = [first]
+        batch: list[Record | _Control | _Flush] = []
         with contextlib.suppress(queue.Empty):
-            while len(batch) < 4096:
-                batch.append(self._queue.get_nowait())
+            while True:
+                if isinstance(item, list):
+                    batch += item
+                else:
+                    batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                item = self._queue.get_nowait()
         return batch
 
     def _wait_s(self) -> float | None:
@@ -232,9 +247,12 @@ class AuditWriter:
 
     def _step(self, batch: list[Record | _Control | _Flush]) -> bool:
         """Handle one wake-up's items in queue order: controls act where they were queued."""
-        # Never write into a file that was moved away: look before every batch (a queued
-        # SIGHUP reopens here, before the records queued ahead of it).
-        switched = self._keep_file(reopen=_Control.REOPEN in batch, force=False)
+        # A queued SIGHUP reopens here, before the records queued ahead of it; a failing file
+        # is retried when due. A moved file is noticed right before each write (`_write`).
+        reopen = any(item is _Control.REOPEN for item in batch)
+        switched = (reopen or self._state.failure is not None) and self._keep_file(
+            reopen=reopen, force=False
+        )
         records: list[Record] = []
         stopping = False
         for item in batch:
@@ -353,7 +371,7 @@ class AuditWriter:
 
     def _write(self, records: list[Record], *, sync: bool) -> None:
         st = self._state
-        if records and st.failure is None and self._file.is_open:
+        if (records or st.pending) and st.failure is None and self._file.is_open:
             # Look again right before writing: stdout flushes and controls earlier in the
             # batch take time, and a tailer such as rsyslog's imfile stops reading a renamed
             # file once it has seen the new one (lines written there later never ship).

@@ -44,6 +44,7 @@ class Settings:
     watch_debounce_ms: int = 30
     run_timeout_s: float = 30.0
     run_concurrency: int = 16
+    scan_workers: int | None = None  # None: one per CPU, up to 4 (engine.scanpool)
     trust_mode: TrustMode = TrustMode.STRICT
     keys_dir: Path = Path("/opt/aisoc/plugin-keys")
     api_listen: str = "127.0.0.1:8470"
@@ -152,6 +153,17 @@ def _positive(kind: type[int] | type[float]) -> Callable[[Any], Any]:
     return parse
 
 
+def _scan_workers(v: Any) -> int | None:
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise ValueError('must be "auto" or a whole number from 0 to 64')
+    number = int(v)
+    if not 0 <= number <= 64:
+        raise ValueError('must be "auto" or a whole number from 0 to 64')
+    return number
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(v: Any) -> str:
         text = str(v).strip().lower()
@@ -181,6 +193,7 @@ KEYS: tuple[_Key, ...] = (
     _Key("watch_debounce_ms", "plugins", "watch_debounce_ms", None, _positive(int)),
     _Key("run_timeout_s", "plugins", "run_timeout_s", None, _positive(float)),
     _Key("run_concurrency", "plugins", "run_concurrency", None, _positive(int)),
+    _Key("scan_workers", "plugins", "scan_workers", None, _scan_workers),
     _Key(
         "trust_mode",
         "trust",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,29 +13,61 @@ import jsonschema.protocols
 import jsonschema.validators
 import referencing
 
-__all__ = ["config_problem", "config_validator"]
+__all__ = ["config_problem", "config_validator", "schema_valid"]
 
 
-def config_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+def config_validator(
+    schema: dict[str, Any], *, checked: bool = False
+) -> jsonschema.protocols.Validator:
     """Return a validator for a plugin's `config_schema` that never fetches anything.
 
     jsonschema still retrieves remote `$ref` URLs by default (deprecated, for backwards
     compatibility): a manifest could make the daemon send requests anywhere. An explicit empty
-    registry resolves only references inside the schema itself. Raises SchemaError.
+    registry resolves only references inside the schema itself. Raises SchemaError, unless
+    `checked` (the schema passed `schema_valid` already; checking it against the metaschema
+    is most of the cost).
     """
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    cls.check_schema(schema)
+    if not checked:
+        cls.check_schema(schema)
     return cls(schema, registry=referencing.Registry())
 
 
-def config_problem(schema: dict[str, Any], config: Mapping[str, Any]) -> str | None:
+def schema_valid(schema: Any) -> bool:
+    """Return True when `schema` is a JSON Schema its metaschema accepts (no config needed:
+    the scan of a plugin directory answers this, off the event loop)."""
+    if not isinstance(schema, dict):
+        return False
+    try:
+        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return _schema_text_valid(text)
+
+
+@functools.lru_cache(maxsize=1024)  # many plugins share a schema; checking one costs ~0.5 ms
+def _schema_text_valid(text: str) -> bool:
+    schema = json.loads(text)
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+    except Exception:  # SchemaError, RecursionError, anything odd: not known good
+        return False
+    return True
+
+
+def config_problem(
+    schema: dict[str, Any], config: Mapping[str, Any], *, checked: bool = False
+) -> str | None:
     """Return why `config` fails `schema` without quoting any config value, or None.
 
     Raises ValueError (with a reason) when the schema itself cannot be used: invalid, a
-    `$ref` that does not resolve locally, or nested past the recursion limit.
+    `$ref` that does not resolve locally, or nested past the recursion limit. `checked`: see
+    `config_validator`.
     """
     try:
-        error = jsonschema.exceptions.best_match(config_validator(schema).iter_errors(config))
+        validator = config_validator(schema, checked=checked)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     except jsonschema.exceptions.SchemaError as exc:
         raise ValueError(f"config_schema is not a valid JSON Schema: {exc.message}") from exc
     except RecursionError as exc:

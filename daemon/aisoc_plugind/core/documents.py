@@ -96,9 +96,54 @@ else:  # pragma: no cover - PyYAML built without libyaml
             yaml.resolver.Resolver.__init__(self)
 
 
+_STR = "tag:yaml.org,2002:str"
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _build(loader: _StrictLoader, node: yaml.nodes.Node, seen: set[int]) -> Any:
+    """Construct a composed node strictly (the same result as `_StrictConstruction`, with
+    none of the generic machinery: most nodes of a manifest are plain strings)."""
+    if id(node) in seen or node in loader.constructed_objects:
+        raise _AliasError(None, None, "aliases are not allowed in manifests", node.start_mark)
+    seen.add(id(node))
+    # The strict constructor (used for explicit tags below) refuses any node it finds here.
+    loader.constructed_objects[node] = None
+    tag = node.tag
+    if isinstance(node, yaml.ScalarNode):
+        if tag == _STR:
+            return node.value
+        del loader.constructed_objects[node]
+        return loader.construct_object(node, deep=True)  # int, float, bool, null, ...
+    if isinstance(node, yaml.MappingNode) and tag == "tag:yaml.org,2002:map":
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                raise _AliasError(
+                    None, None, "merge keys (<<) are not allowed in manifests", key_node.start_mark
+                )
+            key = _build(loader, key_node, seen)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key is not hashable", key_node.start_mark
+                )
+            if key in mapping:
+                raise _DuplicateKeyError(f"duplicate key {key!r} {key_node.start_mark}")
+            mapping[key] = _build(loader, value_node, seen)
+        return mapping
+    if isinstance(node, yaml.SequenceNode) and tag == "tag:yaml.org,2002:seq":
+        return [_build(loader, item, seen) for item in node.value]
+    del loader.constructed_objects[node]
+    return loader.construct_object(node, deep=True)  # explicit tags: the strict constructor
+
+
 def _load_yaml(text: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # type: ignore[arg-type]  # noqa: S506
+        loader = _StrictLoader(text)
+        try:
+            node = loader.get_single_node()
+            return None if node is None else _build(loader, node, set())
+        finally:
+            loader.dispose()
     except _DuplicateKeyError as exc:
         raise _duplicate(exc, YAML_MANIFEST) from exc
     except yaml.constructor.ConstructorError as exc:

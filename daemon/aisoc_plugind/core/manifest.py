@@ -50,7 +50,11 @@ _ENTRY_RE = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*/)*[A-Za-z_][A-Za-z0-9_]*\.py
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
-    """A validated manifest; `data` is the full parsed mapping (unknown keys kept)."""
+    """A validated manifest; `plain` is the full parsed mapping (unknown keys kept).
+
+    `plain` is shared, never modified: read it (records keep it as their `manifest`); take
+    `as_json()` for a copy of your own, and `data` for a read-only view.
+    """
 
     id: str
     name: str
@@ -58,11 +62,17 @@ class Manifest:
     plugin_type: str
     entry_point: str
     source: str
-    data: Mapping[str, Any]
+    plain: Mapping[str, Any]
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        """Return a read-only view of the manifest mapping (nested mappings and lists too)."""
+        frozen: Mapping[str, Any] = _freeze(self.plain)
+        return frozen
 
     def as_json(self) -> dict[str, Any]:
-        """Return the manifest mapping as a plain JSON-ready dict."""
-        thawed: dict[str, Any] = _thaw(self.data)
+        """Return a copy of the manifest mapping as a plain JSON-ready dict."""
+        thawed: dict[str, Any] = _thaw(self.plain)
         return thawed
 
 
@@ -99,8 +109,12 @@ def parse(data: bytes, source: str = YAML_MANIFEST) -> Manifest:
     return validate(loaded, source=source)
 
 
-def validate(loaded: Any, *, source: str = YAML_MANIFEST) -> Manifest:
-    """Validate an already-parsed manifest mapping; list every problem in one error."""
+def validate(loaded: Any, *, source: str = YAML_MANIFEST, checked: bool = False) -> Manifest:
+    """Validate an already-parsed manifest mapping; list every problem in one error.
+
+    `checked`: the mapping was validated already, by this same code in a scan worker (only
+    the shape is looked at again, not every value).
+    """
     if not isinstance(loaded, dict):
         raise ManifestError(
             [
@@ -112,7 +126,7 @@ def validate(loaded: Any, *, source: str = YAML_MANIFEST) -> Manifest:
             ],
             source=source,
         )
-    problems = list(_problems(loaded))
+    problems = list(_problems(loaded, _QUICK_CHECKS if checked else _CHECKS))
     if problems:
         raise ManifestError(problems, source=source)
     return Manifest(
@@ -122,13 +136,15 @@ def validate(loaded: Any, *, source: str = YAML_MANIFEST) -> Manifest:
         plugin_type=loaded["plugin_type"],
         entry_point=loaded.get("entry_point", "plugin.py"),
         source=source,
-        data=_freeze(loaded),
+        plain=loaded,
     )
 
 
-def _problems(m: dict[str, Any]) -> list[Problem]:
+def _problems(
+    m: dict[str, Any], checks: tuple[Callable[[dict[str, Any]], list[Problem]], ...]
+) -> list[Problem]:
     out: list[Problem] = []
-    for check in _CHECKS:
+    for check in checks:
         out.extend(check(m))
     return out
 
@@ -236,6 +252,7 @@ _CHECKS: tuple[Callable[[dict[str, Any]], list[Problem]], ...] = (
     _check_optional_shapes,
     _check_json_values,
 )
+_QUICK_CHECKS = _CHECKS[:-1]  # all but the walk over every value
 
 
 def _non_json_path(value: Any, path: str) -> str | None:
@@ -271,6 +288,6 @@ def _freeze(value: Any) -> Any:
 def _thaw(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
+    if isinstance(value, list | tuple):
         return [_thaw(v) for v in value]
     return value

@@ -16,18 +16,18 @@ from aisoc_plugind.core.clock import utcnow
 from aisoc_plugind.core.manifest import Manifest
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
 from aisoc_plugind.core.signing import SignatureStatus, parse_signature
-from aisoc_plugind.engine.bundle import Bundle, has_manifest
+from aisoc_plugind.engine.bundle import has_manifest
 from aisoc_plugind.engine.directories import candidate_dirs, find_plugin_dir
 from aisoc_plugind.engine.emitter import EngineEvents
+from aisoc_plugind.engine.hosts import LoadRequest
 from aisoc_plugind.engine.loading import Prepared, Preparer
 from aisoc_plugind.engine.results import Caller, Deferred, Loaded, LoadOutcome, Rejected
 from aisoc_plugind.engine.runs import RunTracker, elapsed_ms
+from aisoc_plugind.engine.scan import Scanned
 from aisoc_plugind.engine.table import Live, PluginTable, Slot
 from aisoc_plugind.errors import (
     AuditUnavailable,
-    BundleError,
     DuplicatePluginId,
-    ManifestError,
     PluginDError,
     PluginLoadError,
     SignatureRefused,
@@ -51,11 +51,22 @@ class LoadBatch:
     """Fresh loads prepared together and committed with one durable write (one fsync)."""
 
     pending: dict[str, _Pending] = field(default_factory=dict)
+    reserved: dict[str, Slot] = field(default_factory=dict)  # admitted, being loaded
 
     def owner(self, plugin_id: str) -> Slot | None:
-        """Return the pending slot that holds `plugin_id` in this batch."""
+        """Return the slot that holds `plugin_id` in this batch (loaded or being loaded)."""
         found = self.pending.get(plugin_id)
-        return found.slot if found is not None else None
+        return found.slot if found is not None else self.reserved.get(plugin_id)
+
+
+@dataclass(slots=True, kw_only=True)
+class _Fresh:
+    """A new plugin admitted (trusted, configured): its record and what the host loads."""
+
+    slot: Slot
+    record: PluginRecord
+    scanned: Scanned
+    request: LoadRequest
 
 
 class Loads:
@@ -80,31 +91,96 @@ class Loads:
         return candidate_dirs(self.plugins_dir, self.table.serving_dirs())
 
     async def load_guarded(self, path: Path, caller: Caller, batch: LoadBatch) -> LoadOutcome:
-        """Load one directory; an unexpected error fails that directory, never the scan."""
-        try:
-            return await self.load_new(path, caller, batch)
-        except PluginDError:
-            raise
-        except Exception as exc:  # a bug or a parser we do not control: contain it here
-            error = PluginLoadError(
-                f"loading failed unexpectedly ({type(exc).__name__})", code="plugin_load_error"
-            )
-            self.events.load_failed(None, path, error, caller)
-            return self.table.reject(path, error)
+        """Load one directory; an unexpected error fails that directory, never the caller."""
+        scanned = await self.preparer.scan(path)
+        return (await self.load_scanned([scanned], caller, batch))[0]
 
     async def load_new(self, path: Path, caller: Caller, batch: LoadBatch) -> LoadOutcome:
         """Load a directory as a new plugin; a success joins `batch` (see `settle`)."""
+        return await self.load_guarded(path, caller, batch)
+
+    async def load_scanned(
+        self, items: list[Scanned], caller: Caller, batch: LoadBatch
+    ) -> list[LoadOutcome]:
+        """Load scanned directories as new plugins; successes join `batch` (see `settle`).
+
+        Per directory, in order: `plugin.discovered` and the trust decision; then the host
+        loads every admitted one together; then `plugin.loaded` and `plugin.enabled` (or
+        `plugin.load.failed`). An unexpected error fails that directory, never the others.
+        """
+        outcomes: list[LoadOutcome | None] = [None] * len(items)
+        fresh: list[tuple[int, _Fresh]] = []
+        for index, scanned in enumerate(items):
+            try:
+                admitted = self._admit(scanned, caller, batch)
+            except PluginDError:
+                raise
+            except Exception as exc:  # a bug or a parser we do not control: contain it here
+                admitted = self._unexpected(scanned.path, exc, caller)
+            if isinstance(admitted, _Fresh):
+                fresh.append((index, admitted))
+            else:
+                outcomes[index] = admitted
         try:
-            bundle, manifest = await self.preparer.read(path)
-        except (BundleError, ManifestError) as exc:
-            self.events.load_failed(None, path, exc, caller)
-            return self.table.reject(path, exc)
+            results = await self.preparer.load_many([(f.scanned, f.request) for _, f in fresh])
+        except PluginDError:
+            raise
+        except Exception as exc:  # the host failed as a whole: each of these fails
+            results = [_unexpected_error(exc) for _ in fresh]
+        for (index, admitted), result in zip(fresh, results, strict=True):
+            outcomes[index] = self._loaded(admitted, result, caller, batch)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _unexpected(self, path: Path, exc: Exception, caller: Caller) -> Rejected:
+        error = _unexpected_error(exc)
+        self.events.load_failed(None, path, error, caller)
+        return self.table.reject(path, error)
+
+    def _admit(self, scanned: Scanned, caller: Caller, batch: LoadBatch) -> LoadOutcome | _Fresh:
+        """Sort out errors and duplicates, write `plugin.discovered` and the trust decision."""
+        path, manifest = scanned.path, scanned.manifest
+        if scanned.error is not None:
+            self.events.load_failed(None, path, scanned.error, caller)
+            return self.table.reject(path, scanned.error)
+        assert manifest is not None
         owner = batch.owner(manifest.id) or self.table.slots.get(manifest.id)
         if owner is not None and Path(owner.record.path) != path:
             if _keeps_id(owner.record):
                 return self._other_owner(owner, path, manifest, caller)
             del self.table.slots[manifest.id]  # failed/unloaded and its directory is gone
-        return await self._load_fresh(bundle, manifest, caller, batch)
+        self.table.clear(path)
+        record = _new_record(manifest, path)
+        self.events.state(names.PLUGIN_DISCOVERED, record, None, caller)
+        try:
+            request = self.preparer.admit(scanned, caller)
+        except PluginDError as exc:
+            return self._failed(record, exc, caller)
+        slot = Slot(record=record)
+        batch.reserved[manifest.id] = slot
+        return _Fresh(slot=slot, record=record, scanned=scanned, request=request)
+
+    def _failed(self, record: PluginRecord, exc: PluginDError, caller: Caller) -> Rejected:
+        path = Path(record.path)
+        failed = record.moved_to(State.FAILED).with_(error=exc.as_dict(), **_signature_fields(exc))
+        self.table.slots[record.id] = Slot(record=failed)
+        self.events.load_failed(failed, path, exc, caller)
+        return self.table.reject(path, exc, plugin_id=record.id)
+
+    def _loaded(
+        self, fresh: _Fresh, result: Prepared | PluginDError, caller: Caller, batch: LoadBatch
+    ) -> LoadOutcome:
+        record = fresh.record
+        batch.reserved.pop(record.id, None)
+        if isinstance(result, PluginDError):
+            return self._failed(record, result, caller)
+        loaded = installed(record, result).moved_to(State.LOADED)
+        self.events.state(names.PLUGIN_LOADED, loaded, State.DISCOVERED, caller)
+        enabled = loaded.moved_to(State.ENABLED)
+        seq = self.events.state(names.PLUGIN_ENABLED, enabled, State.LOADED, caller)
+        batch.pending[record.id] = _Pending(
+            slot=fresh.slot, prepared=result, record=enabled, seq=seq
+        )
+        return Loaded(plugin_id=record.id)
 
     def _other_owner(
         self, owner: Slot, path: Path, manifest: Manifest, caller: Caller
@@ -128,31 +204,6 @@ class Loads:
         )
         failed = _new_record(manifest, path).moved_to(State.FAILED).with_(error=error.as_dict())
         return self.table.reject(path, error, record=failed)
-
-    async def _load_fresh(
-        self, bundle: Bundle, manifest: Manifest, caller: Caller, batch: LoadBatch
-    ) -> LoadOutcome:
-        path = bundle.path
-        self.table.clear(path)
-        record = _new_record(manifest, path)
-        self.events.state(names.PLUGIN_DISCOVERED, record, None, caller)
-        try:
-            prepared = await self.preparer.prepare(bundle, manifest, caller)
-        except PluginDError as exc:
-            failed = record.moved_to(State.FAILED).with_(
-                error=exc.as_dict(), **_signature_fields(exc)
-            )
-            self.table.slots[manifest.id] = Slot(record=failed)
-            self.events.load_failed(failed, path, exc, caller)
-            return self.table.reject(path, exc, plugin_id=manifest.id)
-        loaded = installed(record, prepared).moved_to(State.LOADED)
-        self.events.state(names.PLUGIN_LOADED, loaded, State.DISCOVERED, caller)
-        enabled = loaded.moved_to(State.ENABLED)
-        seq = self.events.state(names.PLUGIN_ENABLED, enabled, State.LOADED, caller)
-        batch.pending[manifest.id] = _Pending(
-            slot=Slot(record=record), prepared=prepared, record=enabled, seq=seq
-        )
-        return Loaded(plugin_id=manifest.id)
 
     async def settle(self, batch: LoadBatch, caller: Caller) -> None:
         """Put the batch's plugins in the table once their events are durable.
@@ -264,13 +315,15 @@ class Loads:
                 f"holds plugin {slot.record.id!r}",
                 code="plugin_dir_missing",
             )
-        bundle, manifest = await self.preparer.read(path)
-        if manifest.id != slot.record.id:
+        scanned = await self.preparer.scan(path)
+        if scanned.error is not None:
+            raise scanned.error
+        if scanned.manifest is not None and scanned.manifest.id != slot.record.id:
             raise PluginLoadError(
-                f"{path} now declares id {manifest.id!r}, not {slot.record.id!r}",
+                f"{path} now declares id {scanned.manifest.id!r}, not {slot.record.id!r}",
                 code="plugin_id_changed",
             )
-        return await self.preparer.prepare(bundle, manifest, caller)
+        return await self.preparer.prepare(scanned, caller)
 
     async def load_installed(self, target: Path, plugin_id: str, caller: Caller) -> None:
         """Load a freshly installed directory: reload a serving plugin of that id from it,
@@ -338,7 +391,7 @@ def installed(record: PluginRecord, prepared: Prepared) -> PluginRecord:
         version=m.version,
         plugin_type=m.plugin_type,
         path=str(prepared.bundle.path),
-        manifest=m.as_json(),
+        manifest=m.plain,
         loaded_at=utcnow(),
         signature_status=d.status.value,
         signing_key_id=d.key_id,
@@ -360,7 +413,13 @@ def _new_record(manifest: Manifest, path: Path) -> PluginRecord:
         error=None,
         path=str(path),
         loaded_at=None,
-        manifest=manifest.as_json(),
+        manifest=manifest.plain,
+    )
+
+
+def _unexpected_error(exc: Exception) -> PluginLoadError:
+    return PluginLoadError(
+        f"loading failed unexpectedly ({type(exc).__name__})", code="plugin_load_error"
     )
 
 

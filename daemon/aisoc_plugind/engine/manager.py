@@ -134,12 +134,14 @@ class PluginManager:
             loaded: list[str] = []
             failed: list[Rejected] = []
             batch = LoadBatch()  # every new plugin of the scan commits with one fsync
-            for path in await anyio.to_thread.run_sync(self._loads.candidates):
-                outcome = await self._loads.load_guarded(path, caller, batch)
-                if isinstance(outcome, Loaded):
-                    loaded.append(outcome.plugin_id)
-                elif isinstance(outcome, Rejected):
-                    failed.append(outcome)
+            paths = await anyio.to_thread.run_sync(self._loads.candidates)
+            async with self._loads.preparer.session(paths) as session:
+                while (chunk := await session.next_chunk()) is not None:
+                    for outcome in await self._loads.load_scanned(chunk, caller, batch):
+                        if isinstance(outcome, Loaded):
+                            loaded.append(outcome.plugin_id)
+                        elif isinstance(outcome, Rejected):
+                            failed.append(outcome)
             await self._loads.settle(batch, caller)
             await self._events.commit()  # the failures' events too, before the answer
             return DiscoverResult(discovered=loaded, failed=failed)

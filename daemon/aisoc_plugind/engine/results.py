@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,18 @@ class RunResult:
     plugin_id: str
     result: dict[str, Any]
     duration_ms: float
+    result_json: str  # `result` as compact JSON, encoded (and checked) once by the host
 
     def to_json(self) -> dict[str, Any]:
         """Return the API shape."""
         return {"plugin_id": self.plugin_id, "result": self.result, "duration_ms": self.duration_ms}
+
+    def encoded(self) -> str:
+        """Return `to_json()` as compact JSON, reusing the host's encoding of the result."""
+        return (
+            f'{{"plugin_id":{json.dumps(self.plugin_id)},"result":{self.result_json},'
+            f'"duration_ms":{self.duration_ms!r}}}'  # a finite float: repr is JSON
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

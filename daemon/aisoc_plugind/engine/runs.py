@@ -28,11 +28,13 @@ class RunTracker:
     def __init__(self, events: EngineEvents) -> None:
         self.events = events
         self.inflight = 0
-        self._idle = anyio.Event()
+        self._idle: anyio.Event | None = None  # made when someone waits (rarely)
 
     async def wait_idle(self) -> None:
         """Return once no run is executing."""
         while self.inflight:
+            if self._idle is None:
+                self._idle = anyio.Event()
             await self._idle.wait()
 
     async def run(
@@ -43,12 +45,26 @@ class RunTracker:
         caller: Caller,
     ) -> RunResult:
         """Run the live version of `slot`'s plugin and write the run's event."""
-        live, record = _runnable(slot), slot.record
+        record = slot.record
+        try:
+            live = _runnable(slot)
+        except PluginStateConflict as exc:  # a refused run is on the record too
+            self.events.emit(
+                names.PLUGIN_RUN_FAILED,
+                level="warning",
+                plugin_id=record.id,
+                version=record.version,
+                error_code=exc.code,
+                error=exc.message,
+                duration_ms=0.0,
+                **caller.fields(),
+            )
+            raise
         live.inflight += 1
         self.inflight += 1
         started = time.perf_counter()
         try:
-            result = await live.plugin.run(dict(payload or {}), dict(context or {}))
+            output = await live.plugin.run(dict(payload or {}), dict(context or {}))
         except PluginDError as exc:
             self.events.emit(
                 names.PLUGIN_RUN_FAILED,
@@ -63,7 +79,8 @@ class RunTracker:
             raise
         finally:
             self._finished(live)
-            await self.retire_if_idle(live, record.id)
+            if live.retired and live.inflight == 0:
+                await self.retire_if_idle(live, record.id)
         duration = elapsed_ms(started)
         seq = self.events.emit(
             names.PLUGIN_RUN_COMPLETED,
@@ -73,14 +90,16 @@ class RunTracker:
             **caller.fields(),
         )
         await self.events.commit(seq, durable=False)  # answered only once its line is written
-        return RunResult(plugin_id=record.id, result=result, duration_ms=duration)
+        return RunResult(
+            plugin_id=record.id, result=output.value, duration_ms=duration, result_json=output.text
+        )
 
     def _finished(self, live: Live) -> None:
         live.inflight -= 1
         self.inflight -= 1
-        if self.inflight == 0:
+        if self.inflight == 0 and self._idle is not None:
             self._idle.set()
-            self._idle = anyio.Event()
+            self._idle = None
 
     async def retire_if_idle(self, live: Live | None, plugin_id: str) -> None:
         """Tear down a replaced version once nothing runs on it (whoever sees that does it)."""

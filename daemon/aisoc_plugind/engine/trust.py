@@ -59,6 +59,13 @@ class TrustGate:
         decision = decide(
             digest=digest, signature_file=bundle.signature, keys=self.keyring.keys, mode=self.mode
         )
+        self.announce(decision, bundle, manifest, caller)
+        return decision
+
+    def announce(
+        self, decision: TrustDecision, bundle: Bundle, manifest: Manifest, caller: Caller
+    ) -> None:
+        """Emit the event of a decision (made here or by a scan with this keyring)."""
         level = "info" if decision.status is SignatureStatus.VERIFIED else "warning"
         if decision.status is SignatureStatus.UNSIGNED and not decision.allowed:
             level = "error"
@@ -77,11 +84,20 @@ class TrustGate:
             files=len(bundle.sources),
             **caller.fields(),
         )
-        return decision
 
     def require(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> TrustDecision:
         """Decide (and emit); raise SignatureRefused when the trust mode refuses."""
-        decision = self.decide(bundle, manifest, caller)
+        return self.refuse_unless_allowed(self.decide(bundle, manifest, caller))
+
+    def admit(
+        self, decision: TrustDecision, bundle: Bundle, manifest: Manifest, caller: Caller
+    ) -> TrustDecision:
+        """Emit a scan's decision; raise SignatureRefused when the trust mode refuses."""
+        self.announce(decision, bundle, manifest, caller)
+        return self.refuse_unless_allowed(decision)
+
+    def refuse_unless_allowed(self, decision: TrustDecision) -> TrustDecision:
+        """Return `decision`, or raise SignatureRefused when it does not allow loading."""
         if not decision.allowed:
             raise SignatureRefused(
                 f"trust mode {self.mode.value} refuses a plugin whose signature "

@@ -9,12 +9,15 @@ in behind the same Protocols.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import CodeType
 from typing import Any, Protocol
 
-__all__ = ["HostInfo", "LoadRequest", "LoadedPlugin", "PluginHost"]
+from aisoc_plugind.errors import PluginDError
+
+__all__ = ["HostInfo", "LoadRequest", "LoadedPlugin", "PluginHost", "RunOutput"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +35,8 @@ class LoadRequest:
     entry_point: str
     config: Mapping[str, Any]
     group: str
+    # In-process only: code the scan compiled from `sources` (never sent to a host process).
+    code: Mapping[str, CodeType] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +52,15 @@ class HostInfo:
         return {"pid": self.pid, "group": self.group, "isolated": self.isolated}
 
 
+@dataclass(frozen=True, slots=True)
+class RunOutput:
+    """A run's result: the JSON object, and its compact encoding (checked once, in the host,
+    and reused as the response body)."""
+
+    value: dict[str, Any]
+    text: str
+
+
 class LoadedPlugin(Protocol):
     """One plugin version loaded in a host: constructed and set up, ready to run."""
 
@@ -54,8 +68,8 @@ class LoadedPlugin(Protocol):
     def host(self) -> HostInfo:
         """Return where this plugin runs."""
 
-    async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
-        """Run the plugin once; return its JSON-ready result dict.
+    async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> RunOutput:
+        """Run the plugin once; return its result (a JSON object) and its encoding.
 
         Raises PluginRunError, PluginTimeout or PluginResultInvalid (with their codes).
         """
@@ -68,11 +82,19 @@ class LoadedPlugin(Protocol):
 class PluginHost(Protocol):
     """Something that can load plugin versions and run them."""
 
+    @property
+    def wants_code(self) -> bool:
+        """Return True when `LoadRequest.code` helps (code is compiled in this process)."""
+
     async def load(self, request: LoadRequest) -> LoadedPlugin:
         """Import the request's bytes, construct `Plugin` and call `setup()`.
 
         Raises PluginLoadError with a code naming the step that failed.
         """
+
+    async def load_many(self, requests: Sequence[LoadRequest]) -> list[LoadedPlugin | PluginDError]:
+        """Load several versions (a discovery); one outcome per request, in order. A failure
+        of one (a PluginDError in its place) does not stop the others."""
 
     async def aclose(self) -> None:
         """Release everything this host holds (after every plugin was torn down)."""

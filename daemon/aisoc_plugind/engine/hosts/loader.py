@@ -18,7 +18,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 
 __all__ = [
     "NAMESPACE",
@@ -44,14 +44,24 @@ class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bundles: dict[str, tuple[Path, Mapping[str, bytes]]] = {}
+        self._code: dict[str, Mapping[str, CodeType]] = {}
 
-    def register(self, package: str, root: Path, sources: Mapping[str, bytes]) -> None:
+    def register(
+        self,
+        package: str,
+        root: Path,
+        sources: Mapping[str, bytes],
+        code: Mapping[str, CodeType] | None = None,
+    ) -> None:
         with self._lock:
             self._bundles[package] = (root, sources)
+            if code:
+                self._code[package] = code
 
     def unregister(self, package: str) -> None:
         with self._lock:
             self._bundles.pop(package, None)
+            self._code.pop(package, None)
         for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
             sys.modules.pop(name, None)
 
@@ -95,10 +105,14 @@ class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         root, source = found
         if not source.path:
             return  # an implicit package directory: nothing to execute
-        data = self._bundles[".".join(module.__name__.split(".")[:2])][1][source.path]
+        package = ".".join(module.__name__.split(".")[:2])
         filename = str(root / source.path)
         module.__file__ = filename
-        code = compile(data, filename, "exec", dont_inherit=True)
+        # Compiled already (by the scan, from these same verified bytes), or compile now.
+        code = self._code.get(package, {}).get(source.path)
+        if code is None:
+            data = self._bundles[package][1][source.path]
+            code = compile(data, filename, "exec", dont_inherit=True)
         exec(code, module.__dict__)  # noqa: S102 - the verified bytes of a trusted plugin
 
     def get_source(self, fullname: str) -> str | None:
@@ -155,18 +169,48 @@ def entry_module_name(entry_point: str) -> str:
     return entry_point.removesuffix(".py").replace("/", ".")
 
 
-def import_bundle(root: Path, sources: Mapping[str, bytes], entry_point: str) -> ImportedBundle:
+def import_bundle(
+    root: Path,
+    sources: Mapping[str, bytes],
+    entry_point: str,
+    code: Mapping[str, CodeType] | None = None,
+) -> ImportedBundle:
     """Import `sources` as a fresh private package and return its entry module.
 
-    Raises whatever the plugin's module code raises; the caller translates it.
+    `code` holds what the scan compiled from these same bytes (files missing from it are
+    compiled here). Raises whatever the plugin's module code raises; the caller translates it.
     """
     importer = _ensure_installed()
     package = f"{NAMESPACE}.g{next(_generation)}"
-    importer.register(package, root, sources)
+    importer.register(package, root, sources, code)
+    entry = entry_module_name(entry_point)
     try:
-        importlib.import_module(package)
-        module = importlib.import_module(f"{package}.{entry_module_name(entry_point)}")
+        if "__init__.py" in sources or "." in entry:
+            importlib.import_module(package)
+            module = importlib.import_module(f"{package}.{entry}")
+        else:  # the usual layout: import machinery would only add time around the same steps
+            module = _import_flat(importer, package, root, entry)
     except BaseException:
         importer.unregister(package)
         raise
     return ImportedBundle(package=package, module=module)
+
+
+def _import_flat(importer: BundleImporter, package: str, root: Path, entry: str) -> ModuleType:
+    """Import a top-level entry module of a bundle without `__init__.py`: the same module
+    attributes and `sys.modules` entries as `importlib.import_module` gives it."""
+    parent = ModuleType(package)
+    parent.__spec__ = importlib.machinery.ModuleSpec(package, importer, is_package=True)
+    parent.__spec__.submodule_search_locations = []
+    parent.__loader__, parent.__package__, parent.__path__ = importer, package, []
+    sys.modules[package] = parent
+    name = f"{package}.{entry}"
+    module = ModuleType(name)
+    spec = importlib.machinery.ModuleSpec(name, importer, origin=str(root / f"{entry}.py"))
+    spec.has_location = True
+    module.__spec__, module.__loader__, module.__package__ = spec, importer, package
+    sys.modules[name] = module
+    importer.exec_module(module)
+    module = sys.modules[name]  # as importlib does: the module may have replaced itself
+    setattr(parent, entry, module)
+    return module
