@@ -23,8 +23,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nacl.signing
@@ -51,27 +53,27 @@ class Plugin:
 """
 
 
-@dataclass(eq=False)  # hashable: structlog keys a lock by the stream
-class ReloadTap(io.TextIOBase):
-    """EventLog's stdout: stamps each reload outcome with perf_counter() as it is emitted."""
+@dataclass(eq=False)
+class ReloadTap:
+    """An EventLog listener: stamps each reload outcome with perf_counter() as it is emitted
+    (on the event loop, the moment the engine reports it)."""
 
     completed: list[tuple[str, float]] = field(default_factory=list)
     reload_ms: list[float] = field(default_factory=list)
     failed: int = 0
     waiting: dict[str, anyio.Event] = field(default_factory=dict)
 
-    def write(self, text: str) -> int:
-        if '"plugin.reload.' in text:
-            now = time.perf_counter()
-            event = json.loads(text)
-            if event["event"] == "plugin.reload.completed":
-                self.completed.append((event["version"], now))
-                self.reload_ms.append(event["duration_ms"])
-                if (waiter := self.waiting.pop(event["version"], None)) is not None:
-                    waiter.set()
-            else:
-                self.failed += 1
-        return len(text)
+    EVENTS = ("plugin.reload.completed", "plugin.reload.failed")
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        now = time.perf_counter()
+        if event["event"] == "plugin.reload.completed":
+            self.completed.append((event["version"], now))
+            self.reload_ms.append(event["duration_ms"])
+            if (waiter := self.waiting.pop(event["version"], None)) is not None:
+                waiter.set()
+        else:
+            self.failed += 1
 
 
 @dataclass(frozen=True)
@@ -147,13 +149,19 @@ async def run_bench(iterations: int, debounce_ms: int, idle_s: float) -> Result:
     with tempfile.TemporaryDirectory(prefix="aisoc-reload-bench-") as tmp_name:
         settings = setup_dirs(Path(tmp_name), key, debounce_ms)
         tap = ReloadTap()
-        events = EventLog(log_options(settings), stream=tap)
-        async with PluginManager(settings, events, load_keyring(settings.keys_dir)) as manager:
-            await manager.discover()
-            async with watcher_component(None, manager):  # type: ignore[arg-type]
-                idle = await measure_idle_cpu(idle_s)
-                latencies = await edit_loop(settings.plugins_dir / "reloader", key, tap, iterations)
-                await one_edit(settings.plugins_dir / "reloader", make_edit("9.9.9", key), tap)
+        events = EventLog(log_options(settings), stream=io.StringIO())
+        events.start()
+        events.subscribe(tap, ReloadTap.EVENTS)
+        try:
+            async with PluginManager(settings, events, load_keyring(settings.keys_dir)) as manager:
+                await manager.discover()
+                async with watcher_component(None, manager):  # type: ignore[arg-type]
+                    idle = await measure_idle_cpu(idle_s)
+                    plugin_dir = settings.plugins_dir / "reloader"
+                    latencies = await edit_loop(plugin_dir, key, tap, iterations)
+                    await one_edit(plugin_dir, make_edit("9.9.9", key), tap)
+        finally:
+            await events.aclose()  # the writer is done with the temp dir before it goes
     reloads = sum(1 for version, _ in tap.completed if version != "9.9.9")
     return Result(
         latencies=latencies,
