@@ -147,9 +147,17 @@ class PluginStateConflict(PluginDError):
 
 
 class PluginRunError(PluginDError):
-    """The plugin raised while running."""
+    """The plugin raised while running (or its host ended under the call).
+
+    `fault` names the type of what the plugin raised, when known: events carry it instead
+    of the message, which can quote the payload.
+    """
 
     code = "plugin_error"
+
+    def __init__(self, message: str, *, code: str | None = None, fault: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.fault = fault
 
 
 class PluginTimeout(PluginDError):

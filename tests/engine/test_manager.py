@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -23,6 +24,12 @@ from aisoc_plugind.errors import (
     PluginTimeout,
 )
 from tests.conftest import Env, ManagerFactory, PluginFactory
+
+
+def state_of(env: Env, plugin_id: str = "test.a") -> Path:
+    """The plugin's own writable directory (in a host, the only place it may write)."""
+    return env.tmp / "state" / plugin_id
+
 
 TEARDOWN_CODE = """
 import pathlib
@@ -49,7 +56,12 @@ async def test_discover_loads_new_plugins_enabled(
     assert result.discovered == ["test.a"] and result.failed == []
     record = manager.get("test.a")
     assert record.state.value == "enabled" and record.enabled and record.loaded_at is not None
-    assert [e for e in env.names() if e.startswith("plugin.") and "signature" not in e] == [
+    lifecycle = [
+        e
+        for e in env.names()
+        if e.startswith("plugin.") and "signature" not in e and not e.startswith("plugin.host.")
+    ]
+    assert lifecycle == [
         "plugin.discovered",
         "plugin.loaded",
         "plugin.enabled",
@@ -307,7 +319,7 @@ async def test_plugin_gets_its_config(
     env: Env, plugins: PluginFactory, make_manager: ManagerFactory
 ) -> None:
     """Plugin(config) receives [plugin_config."<id>"]."""
-    plugins.write("a", code=TEARDOWN_CODE.format(version="1", marker=str(env.tmp)))
+    plugins.write("a", code=TEARDOWN_CODE.format(version="1", marker=str(state_of(env))))
     manager = await make_manager(plugin_config={"test.a": {"api_key": "k"}})
     await manager.discover()
     assert (await manager.run("test.a", {})).result["config"] == {"api_key": "k"}
@@ -368,14 +380,16 @@ async def test_reload_swaps_in_new_code(
     env: Env, plugins: PluginFactory, make_manager: ManagerFactory
 ) -> None:
     """reload re-reads from disk; the new version serves; the old one is torn down."""
-    plugins.write("a", code=TEARDOWN_CODE.format(version="1", marker=str(env.tmp)))
+    plugins.write("a", code=TEARDOWN_CODE.format(version="1", marker=str(state_of(env))))
     manager = await make_manager()
     await manager.discover()
-    plugins.write("a", version="2.0.0", code=TEARDOWN_CODE.format(version="2", marker=str(env.tmp)))
+    plugins.write(
+        "a", version="2.0.0", code=TEARDOWN_CODE.format(version="2", marker=str(state_of(env)))
+    )
     record = await manager.reload("test.a")
     assert record.version == "2.0.0"
     assert (await manager.run("test.a", {})).result["version"] == "2"
-    assert (env.tmp / "setup-2").exists() and (env.tmp / "teardown-1").exists()
+    assert (state_of(env) / "setup-2").exists() and (state_of(env) / "teardown-1").exists()
     completed = [e for e in env.audit_events() if e["event"] == "plugin.reload.completed"]
     assert completed[0]["from_version"] == "1.0.0" and completed[0]["version"] == "2.0.0"
 
@@ -509,12 +523,12 @@ async def test_unload_tears_down_and_keeps_files(
     env: Env, plugins: PluginFactory, make_manager: ManagerFactory
 ) -> None:
     """unload calls teardown, frees the modules, leaves files, and discovery reloads it."""
-    path = plugins.write("a", code=TEARDOWN_CODE.format(version="1", marker=str(env.tmp)))
+    path = plugins.write("a", code=TEARDOWN_CODE.format(version="1", marker=str(state_of(env))))
     manager = await make_manager()
     await manager.discover()
     record = await manager.unload("test.a")
     assert record.state.value == "unloaded" and path.joinpath("plugin.py").exists()
-    assert (env.tmp / "teardown-1").exists()
+    assert (state_of(env) / "teardown-1").exists()
     assert not [
         n
         for n in sys.modules

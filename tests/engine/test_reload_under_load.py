@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from tests.conftest import ManagerFactory, PluginFactory
+from tests.conftest import Env, ManagerFactory, PluginFactory
 
 RELOADS = 50
 RUNNERS = 8
@@ -84,35 +84,42 @@ async def test_fifty_reloads_under_concurrent_runs_lose_no_call(
 
 
 async def test_in_flight_run_finishes_on_the_version_it_started_on(
-    plugins: PluginFactory, make_manager: ManagerFactory
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory
 ) -> None:
-    """A run that started before a reload returns the old version; the next gets the new."""
-    # In-process, the payload dict is handed over as is: it carries the test's events.
+    """A run that started before a reload returns the old version; the next gets the new.
+
+    The plugin runs in a host process: it says it started, and waits to be released, through
+    files in its own state directory (the one place it may write).
+    """
     code = """
+import asyncio, os
 VERSION = {version!r}
 class Plugin:
     async def run(self, payload, context):
-        if "release" in payload:
-            payload["started"].set()
-            await payload["release"].wait()
+        if "hold" in payload:
+            where = payload["hold"]
+            open(os.path.join(where, "started"), "w").close()
+            while not os.path.exists(os.path.join(where, "release")):
+                await asyncio.sleep(0.01)
         return {{"version": VERSION}}
 """
     plugins.write("a", version="1.0.0", code=code.format(version="1.0.0"))
     manager = await make_manager()
     await manager.discover()
-    started, release = anyio.Event(), anyio.Event()
+    state = env.tmp / "state" / "test.a"
     held: dict[str, Any] = {}
 
     async def long_run() -> None:
-        outcome = await manager.run("test.a", {"started": started, "release": release})
+        outcome = await manager.run("test.a", {"hold": str(state)})
         held.update(outcome.result)
 
-    with anyio.fail_after(5):
+    with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(long_run)
-            await started.wait()
+            while not (state / "started").exists():
+                await anyio.sleep(0.01)
             plugins.write("a", version="2.0.0", code=code.format(version="2.0.0"))
             await manager.reload("test.a")
             assert (await manager.run("test.a")).result["version"] == "2.0.0"
-            release.set()
+            (state / "release").touch()
     assert held["version"] == "1.0.0"

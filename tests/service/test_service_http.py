@@ -73,8 +73,9 @@ def _free_port() -> int:
 
 
 def test_sigterm_lets_the_run_in_flight_finish(env: Env, plugins: PluginFactory) -> None:
-    """SIGTERM while a run is in flight: it completes (200), exit 0, audit ends daemon.stopped."""
-    marker = env.tmp / "teardown-called"
+    """SIGTERM while a run is in flight: it completes (200), exit 0, audit ends daemon.stopped;
+    the plugin's teardown ran (in its host: it marks its own state directory)."""
+    marker = env.tmp / "state" / "test.slow" / "teardown-called"
     plugins.write(
         "slow",
         code=VERSIONED.format(version="v1")

@@ -23,7 +23,7 @@ from aisoc_plugind.api.errors import (
 )
 from aisoc_plugind.api.metrics import CONTENT_TYPE
 from aisoc_plugind.core.manifest import ID_RE, PLUGIN_TYPES
-from aisoc_plugind.core.records import SERVING, State
+from aisoc_plugind.core.records import SERVING, PluginRecord, State
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.errors import AuditUnavailable, PluginDError, PluginNotFound
 
@@ -131,17 +131,25 @@ def _query_choice(request: web.Request, name: str, choices: Collection[str]) -> 
     return value
 
 
+def _with_host(manager: PluginManager, record: PluginRecord) -> dict[str, Any]:
+    """Return the record's API shape with `host`: where its code runs now (or null)."""
+    host = manager.host_of(record.id) if record.state in SERVING else None
+    return {**record.to_json(), "host": host.to_json() if host is not None else None}
+
+
 async def list_plugins(request: web.Request) -> web.Response:
     """GET /api/v1/plugins[?plugin_type=T&state=S]."""
     plugin_type = _query_choice(request, "plugin_type", PLUGIN_TYPES)
     state = _query_choice(request, "state", [s.value for s in State])
     records = state_of(request).manager.records(plugin_type=plugin_type, state=state)
-    return json_response({"plugins": [r.to_json() for r in records]})
+    manager = state_of(request).manager
+    return json_response({"plugins": [_with_host(manager, r) for r in records]})
 
 
 async def show_plugin(request: web.Request) -> web.Response:
     """GET /api/v1/plugins/{id}."""
-    return json_response(state_of(request).manager.get(_plugin_id(request)).to_json())
+    manager = state_of(request).manager
+    return json_response(_with_host(manager, manager.get(_plugin_id(request))))
 
 
 async def discover_plugins(request: web.Request) -> web.Response:
@@ -153,13 +161,13 @@ async def discover_plugins(request: web.Request) -> web.Response:
 async def enable_plugin(request: web.Request) -> web.Response:
     """POST /api/v1/plugins/{id}/enable (409 when the plugin is failed)."""
     record = await state_of(request).manager.enable(_plugin_id(request), caller_of(request))
-    return json_response(record.to_json())
+    return json_response(_with_host(state_of(request).manager, record))
 
 
 async def disable_plugin(request: web.Request) -> web.Response:
     """POST /api/v1/plugins/{id}/disable."""
     record = await state_of(request).manager.disable(_plugin_id(request), caller_of(request))
-    return json_response(record.to_json())
+    return json_response(_with_host(state_of(request).manager, record))
 
 
 async def reload_plugin(request: web.Request) -> web.Response:
@@ -171,7 +179,7 @@ async def reload_plugin(request: web.Request) -> web.Response:
         raise
     except PluginDError as exc:
         raise _reload_conflict(st.manager, plugin_id, exc) from exc
-    return json_response(record.to_json())
+    return json_response(_with_host(state_of(request).manager, record))
 
 
 def _reload_conflict(manager: PluginManager, plugin_id: str, exc: PluginDError) -> ApiError:

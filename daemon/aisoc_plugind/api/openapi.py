@@ -93,6 +93,21 @@ _SCHEMAS: dict[str, Any] = {
             "manifest": {"type": "object"},
             "digest": _NULLABLE_STR,
             "path_missing": {"type": "boolean"},
+            "host": {
+                "description": "where the plugin's code runs now (null: not loaded)",
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "required": ["pid", "group", "isolated"],
+                        "properties": {
+                            "pid": {"type": "integer"},
+                            "group": {"type": "string"},
+                            "isolated": {"type": "boolean"},
+                        },
+                    },
+                ],
+            },
         },
     },
     "PluginList": {

@@ -36,6 +36,15 @@ def preflight(settings: Settings) -> list[ConfigWarning]:
                 "will load",
             )
         )
+    if settings.environment != "development" and settings.isolation_mode == "none":
+        out.append(
+            ConfigWarning(
+                code="isolation_none_outside_development",
+                message=f"isolation.mode = none outside development "
+                f"(ENVIRONMENT={settings.environment}): plugin code runs inside the daemon, "
+                "with its privileges, its tokens and its audit log within reach",
+            )
+        )
     out += _dir_warnings(
         settings.plugins_dir,
         "plugins_dir",

@@ -20,10 +20,23 @@ from aisoc_plugind.core.listen import ListenAddress, parse_listen
 from aisoc_plugind.core.signing import TrustMode
 from aisoc_plugind.errors import ConfigError
 
-__all__ = ["AUDIT_SCHEMAS", "KEYS", "LOG_LEVELS", "FsyncPolicy", "Settings", "load_settings"]
+__all__ = [
+    "AUDIT_SCHEMAS",
+    "ISOLATION_GROUPS",
+    "ISOLATION_MODES",
+    "KEYS",
+    "LANDLOCK_MODES",
+    "LOG_LEVELS",
+    "FsyncPolicy",
+    "Settings",
+    "load_settings",
+]
 
 AUDIT_SCHEMAS = ("native", "ecs", "ocsf")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ISOLATION_MODES = ("process", "none")
+ISOLATION_GROUPS = ("signer", "plugin")
+LANDLOCK_MODES = ("auto", "require", "off")
 
 
 class FsyncPolicy(StrEnum):
@@ -66,6 +79,13 @@ class Settings:
     log_format: str = "json"
     log_level: str = "info"
     state_dir: Path = Path("/var/lib/aisoc-plugind/state")
+    isolation_mode: str = "process"  # "process" | "none" (in the daemon: development only)
+    isolation_group: str = "signer"  # "signer" | "plugin"
+    isolation_dedicated: tuple[str, ...] = ()
+    isolation_memory_mb: int = 512
+    isolation_landlock: str = "auto"  # "auto" | "require" | "off"
+    isolation_read_paths: tuple[Path, ...] = ()
+    max_result_bytes: int = 8 * 1024 * 1024
     shutdown_grace_s: float = 20.0
     oci_allow_insecure_registries: tuple[str, ...] = ()
     oci_ca_file: Path | None = None
@@ -182,6 +202,14 @@ def _str_list(v: Any) -> tuple[str, ...]:
     return tuple(x.strip() for x in v)
 
 
+def _path_list(v: Any) -> tuple[Path, ...]:
+    paths = tuple(Path(p) for p in _str_list(v))
+    relative = [str(p) for p in paths if not p.is_absolute()]
+    if relative:
+        raise ValueError(f"paths must be absolute: {', '.join(relative)}")
+    return paths
+
+
 def _listen(v: Any) -> str:
     return parse_listen(_as_str(v)).text
 
@@ -227,6 +255,13 @@ KEYS: tuple[_Key, ...] = (
     _Key("log_format", "log", "format", None, _choice(("json", "console"))),
     _Key("log_level", "log", "level", None, _choice(LOG_LEVELS)),
     _Key("state_dir", "isolation", "state_dir", None, _as_path),
+    _Key("isolation_mode", "isolation", "mode", None, _choice(ISOLATION_MODES)),
+    _Key("isolation_group", "isolation", "group", None, _choice(ISOLATION_GROUPS)),
+    _Key("isolation_dedicated", "isolation", "dedicated", None, _str_list),
+    _Key("isolation_memory_mb", "isolation", "memory_mb", None, _positive(int)),
+    _Key("isolation_landlock", "isolation", "landlock", None, _choice(LANDLOCK_MODES)),
+    _Key("isolation_read_paths", "isolation", "read_paths", None, _path_list),
+    _Key("max_result_bytes", "plugins", "max_result_bytes", None, _positive(int)),
     _Key("shutdown_grace_s", "daemon", "shutdown_grace_s", None, _positive(float)),
     _Key("oci_allow_insecure_registries", "oci", "allow_insecure_registries", None, _str_list),
     _Key("oci_ca_file", "oci", "ca_file", None, _as_opt_path),

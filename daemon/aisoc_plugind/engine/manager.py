@@ -8,6 +8,7 @@ prepares the new version completely before swapping it in.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
 from aisoc_plugind.core.signing import plugin_digest
 from aisoc_plugind.engine.emitter import EngineEvents
-from aisoc_plugind.engine.hosts import PluginHost
+from aisoc_plugind.engine.hosts import HostInfo, PluginHost
 from aisoc_plugind.engine.hosts.inprocess import InProcessHost
 from aisoc_plugind.engine.install import PackageFetcher, Staging
 from aisoc_plugind.engine.keyring import Keyring
@@ -75,6 +76,8 @@ class PluginManager:
         )
         self._staging = Staging(settings.plugins_dir, fetch) if fetch is not None else None
         self._lock = anyio.Lock()
+        self._lost: set[asyncio.Task[None]] = set()
+        self._host.set_on_failed(self._host_lost)
 
     async def __aenter__(self) -> Self:
         return self
@@ -102,6 +105,42 @@ class PluginManager:
     ) -> list[PluginRecord]:
         """Return every record (loaded ids and failed directories), filtered."""
         return self._table.records(plugin_type=plugin_type, state=state)
+
+    def host_of(self, plugin_id: str) -> HostInfo | None:
+        """Return where the plugin's live code runs now, or None when nothing is loaded."""
+        live = self._table.get(plugin_id).live
+        return live.plugin.host if live is not None else None
+
+    def _host_lost(self, plugin_ids: list[str], error: PluginDError) -> None:
+        """The host layer lost these plugins for good (a crash loop): mark them failed."""
+        task = asyncio.ensure_future(self._fail_lost(plugin_ids, error))
+        self._lost.add(task)
+        task.add_done_callback(self._lost.discard)
+
+    async def _fail_lost(self, plugin_ids: list[str], error: PluginDError) -> None:
+        async with self._lock:
+            for plugin_id in plugin_ids:
+                slot = self._table.slots.get(plugin_id)
+                if slot is None or slot.record.state not in SERVING:
+                    continue
+                before = slot.record.state
+                failed = slot.record.moved_to(State.FAILED).with_(error=error.as_dict())
+                self._events.emit(
+                    names.PLUGIN_LOAD_FAILED,
+                    level="error",
+                    plugin_id=plugin_id,
+                    path=failed.path,
+                    version=failed.version,
+                    from_state=before.value,
+                    to_state=State.FAILED.value,
+                    error_code=error.code,
+                    error=error.message,
+                )
+                slot.record = failed  # the code is gone with its host: applied regardless
+                live, slot.live = slot.live, None
+                if live is not None:
+                    live.retired = True
+                    live.torn_down = True
 
     def serving_dirs(self) -> list[Path]:
         """Return the directories the serving plugins were loaded from."""

@@ -139,9 +139,11 @@ def _runnable(slot: Slot) -> Live:
 def _audit_text(exc: PluginDError) -> str:
     """Return what a run failure may say in an event: a plugin's exception text can quote the
     payload, so only its type is kept there (the caller still gets the full message)."""
-    cause = exc.__cause__
-    if isinstance(exc, PluginRunError) and cause is not None:
-        return f"run raised {type(cause).__name__}"
+    if isinstance(exc, PluginRunError):
+        if exc.fault is not None:
+            return f"run raised {exc.fault}"
+        if exc.__cause__ is not None:
+            return f"run raised {type(exc.__cause__).__name__}"
     return exc.message
 
 

@@ -23,6 +23,7 @@ from aisoc_plugind.audit import stdlog
 from aisoc_plugind.audit.log import EventLog, log_options
 from aisoc_plugind.config.preflight import preflight
 from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.engine.hosts.sandbox import make_non_dumpable
 from aisoc_plugind.engine.keyring import Keyring, load_keyring
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.engine.results import SYSTEM
@@ -67,6 +68,8 @@ class Service:
     ) -> None:
         """Start everything, serve until stopped, then shut down in order."""
         self.events.start()
+        if self.settings.isolation_mode == "process":
+            make_non_dumpable()  # hosts (same user) cannot ptrace us or read our memory
         uninstall_logging = stdlog.install(self.events, self.settings.log_level)
         self.events.on_recovered(self._audit_recovered)
         self.events.emit(

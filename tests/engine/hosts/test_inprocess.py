@@ -16,8 +16,8 @@ import pytest
 
 from aisoc_plugind.engine.bundle import Bundle
 from aisoc_plugind.engine.hosts import LoadRequest
-from aisoc_plugind.engine.hosts.inprocess import InProcessHost, _takes_config
-from aisoc_plugind.engine.hosts.loader import NAMESPACE, import_bundle
+from aisoc_plugind.engine.hosts.inprocess import InProcessHost
+from aisoc_plugind.engine.hosts.loader import NAMESPACE, import_bundle, takes_config
 from aisoc_plugind.engine.scan import compile_sources
 from aisoc_plugind.errors import PluginDError, PluginLoadError, PluginRunError, PluginTimeout
 
@@ -222,7 +222,7 @@ def test_plugin_config_is_passed_when_init_takes_it() -> None:
         def __new__(cls, config: object) -> New:
             return object.__new__(cls)
 
-    assert [_takes_config(c) for c in (NoInit, Takes, Star, KeywordOnly, WithMeta, New)] == [
+    assert [takes_config(c) for c in (NoInit, Takes, Star, KeywordOnly, WithMeta, New)] == [
         False,
         True,
         True,

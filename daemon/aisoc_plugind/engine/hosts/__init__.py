@@ -9,7 +9,7 @@ in behind the same Protocols.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import CodeType
@@ -95,6 +95,10 @@ class PluginHost(Protocol):
     async def load_many(self, requests: Sequence[LoadRequest]) -> list[LoadedPlugin | PluginDError]:
         """Load several versions (a discovery); one outcome per request, in order. A failure
         of one (a PluginDError in its place) does not stop the others."""
+
+    def set_on_failed(self, callback: Callable[[list[str], PluginDError], None]) -> None:
+        """Register how to tell the engine that plugins were lost for good (their host
+        crashed too often): it moves them to `failed`."""
 
     async def aclose(self) -> None:
         """Release everything this host holds (after every plugin was torn down)."""

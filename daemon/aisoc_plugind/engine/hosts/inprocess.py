@@ -15,7 +15,6 @@ import json
 import os
 import threading
 import time
-import types
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -24,7 +23,12 @@ import anyio
 from aisoc_plugind.core.contract import Plugin
 from aisoc_plugind.engine.hosts import HostInfo, LoadedPlugin, LoadRequest, RunOutput
 from aisoc_plugind.engine.hosts.deadlines import Deadlines
-from aisoc_plugind.engine.hosts.loader import ImportedBundle, entry_module_name, import_bundle
+from aisoc_plugind.engine.hosts.loader import (
+    ImportedBundle,
+    entry_module_name,
+    import_bundle,
+    takes_config,
+)
 from aisoc_plugind.errors import (
     PluginDError,
     PluginLoadError,
@@ -211,6 +215,9 @@ class InProcessHost:
                 if not finished.is_set() and batch.overran(self._timeout_s):
                     tasks.cancel_scope.cancel()
 
+    def set_on_failed(self, callback: Callable[[list[str], PluginDError], None]) -> None:
+        """Nothing to report: in process, a plugin cannot be lost without the daemon."""
+
     async def aclose(self) -> None:
         """Nothing to release: plugins free their own modules at teardown."""
 
@@ -318,31 +325,12 @@ def _construct(imported: ImportedBundle, request: LoadRequest) -> Plugin:
         )
     factory = cast(Callable[..., Plugin], cls)
     try:
-        instance = factory(dict(request.config)) if _takes_config(cls) else factory()
+        instance = factory(dict(request.config)) if takes_config(cls) else factory()
     except PLUGIN_FAULTS as exc:
         raise PluginLoadError(
             f"Plugin() raised {describe(exc)}", code="plugin_init_failed"
         ) from exc
     return instance
-
-
-def _takes_config(cls: type) -> bool:
-    """Return True when `Plugin(config)` takes a positional argument (besides self)."""
-    init: object = getattr(cls, "__init__", None)
-    new: object = getattr(cls, "__new__", None)
-    if type(cls) is type and new is object.__new__:  # the usual class: look quickly
-        if init is object.__init__:
-            return False
-        if isinstance(init, types.FunctionType):
-            code = init.__code__
-            return code.co_argcount > 1 or bool(code.co_flags & inspect.CO_VARARGS)
-    try:
-        params = list(inspect.signature(cls).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
-    )
 
 
 def normalise_result(value: Any) -> RunOutput:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import itertools
 import sys
 import threading
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = [
     "ImportedBundle",
     "entry_module_name",
     "import_bundle",
+    "takes_config",
 ]
 
 NAMESPACE = "_aisoc_plugins"
@@ -214,3 +217,22 @@ def _import_flat(importer: BundleImporter, package: str, root: Path, entry: str)
     module = sys.modules[name]  # as importlib does: the module may have replaced itself
     setattr(parent, entry, module)
     return module
+
+
+def takes_config(cls: type) -> bool:
+    """Return True when `Plugin(config)` takes a positional argument (besides self)."""
+    init: object = getattr(cls, "__init__", None)
+    new: object = getattr(cls, "__new__", None)
+    if type(cls) is type and new is object.__new__:  # the usual class: look quickly
+        if init is object.__init__:
+            return False
+        if isinstance(init, types.FunctionType):
+            code = init.__code__
+            return code.co_argcount > 1 or bool(code.co_flags & inspect.CO_VARARGS)
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )

@@ -1,0 +1,304 @@
+"""The plugin host's side: serve load, run, cancel and teardown requests on one socket.
+
+This runs in a host process forked by the zygote, after the sandbox is in place. The host
+gets the verified bytes of each plugin in its LOAD request and imports them from memory with
+the daemon's loader (a private package per load, no `sys.path`, no bytecode); it never opens
+plugin code on disk. Async `run()`s are tasks on the host's event loop; sync ones run in a
+bounded thread pool. Whatever a plugin raises or returns becomes a coded answer; the host
+itself exits only when asked (STOP), when the supervisor goes away (end of the socket), or
+after a MemoryError (exit status `MEMORY_EXIT`, so the supervisor restarts it as `memory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import inspect
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aisoc_plugind.engine.hosts.loader import (
+    ImportedBundle,
+    entry_module_name,
+    import_bundle,
+    takes_config,
+)
+from aisoc_plugind.engine.hosts.protocol import MAX_TO_HOST, Frame, Kind, encode, read_frame
+
+__all__ = ["MEMORY_EXIT", "HostOptions", "serve"]
+
+MEMORY_EXIT = 86  # the host ran out of memory (RLIMIT_AS): restart it, reason "memory"
+_MAX_ERROR_TEXT = 500
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostOptions:
+    """What the supervisor tells a host at start."""
+
+    max_result_bytes: int
+    concurrency: int
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostOptions:
+        return cls(
+            max_result_bytes=int(data["max_result_bytes"]), concurrency=int(data["concurrency"])
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return {"max_result_bytes": self.max_result_bytes, "concurrency": self.concurrency}
+
+
+class _Failure(Exception):
+    """A coded failure to answer with (`fault`: the type of what the plugin raised)."""
+
+    def __init__(self, code: str, message: str, fault: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fault = fault
+
+
+@dataclass(slots=True)
+class _Loaded:
+    instance: Any
+    imported: ImportedBundle
+    is_async: bool
+
+
+class _Host:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, options: HostOptions
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.options = options
+        self.plugins: dict[str, _Loaded] = {}
+        self.calls: dict[int, asyncio.Task[None]] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, options.concurrency), thread_name_prefix="plugin"
+        )
+        self.encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+    def send(self, kind: Kind, header: dict[str, Any], blob: bytes = b"") -> None:
+        self.writer.write(encode(kind, header, blob))
+
+    def fail(self, call_id: int, code: str, message: str, fault: str | None = None) -> None:
+        header: dict[str, Any] = {"id": call_id, "code": code, "message": message}
+        if fault is not None:
+            header["fault"] = fault
+        self.send(Kind.ERROR, header)
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                frame = await read_frame(self.reader, MAX_TO_HOST)
+            except EOFError:
+                return  # the supervisor is gone
+            if frame.kind is Kind.STOP:
+                await self.stop()
+                return
+            self.dispatch(frame)
+            await self.writer.drain()
+
+    def dispatch(self, frame: Frame) -> None:
+        header = frame.header
+        call_id = int(header.get("id", 0))
+        if frame.kind is Kind.CANCEL:
+            task = self.calls.get(call_id)
+            if task is not None:
+                task.cancel()
+            return
+        handler = {Kind.LOAD: self.load, Kind.RUN: self.run, Kind.TEARDOWN: self.teardown}.get(
+            frame.kind
+        )
+        if handler is None:
+            self.fail(call_id, "host_protocol_error", f"unexpected {frame.kind.name}")
+            return
+        task = asyncio.ensure_future(self.guarded(handler, call_id, frame))
+        self.calls[call_id] = task
+        task.add_done_callback(lambda _: self.calls.pop(call_id, None))
+
+    async def guarded(
+        self, handler: Callable[[int, Frame], Any], call_id: int, frame: Frame
+    ) -> None:
+        try:
+            await handler(call_id, frame)
+        except _Failure as exc:
+            self.fail(call_id, exc.code, exc.message, exc.fault)
+        except asyncio.CancelledError:
+            self.fail(call_id, "plugin_cancelled", "cancelled by the supervisor")
+        except MemoryError:
+            self.fail(call_id, "plugin_memory_exceeded", "the host ran out of memory")
+            with contextlib.suppress(Exception):
+                await self.writer.drain()
+            os._exit(MEMORY_EXIT)
+        except BaseException as exc:
+            self.fail(call_id, "plugin_error", f"host error ({type(exc).__name__})")
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def load(self, call_id: int, frame: Frame) -> None:
+        header = frame.header
+        key, entry_point = str(header["key"]), str(header["entry_point"])
+        sources: dict[str, bytes] = {}
+        offset = 0
+        for rel, size in header["files"]:
+            sources[str(rel)] = frame.blob[offset : offset + int(size)]
+            offset += int(size)
+        if offset != len(frame.blob):
+            raise _Failure("host_protocol_error", "the files do not add up to the blob")
+        from pathlib import Path
+
+        root = Path(str(header["root"]))
+        config = header.get("config") or {}
+        loop = asyncio.get_running_loop()
+        imported = await loop.run_in_executor(
+            self.pool, functools.partial(_import, root, sources, entry_point)
+        )
+        try:
+            instance = await loop.run_in_executor(
+                self.pool, functools.partial(_construct, imported, entry_point, config)
+            )
+            await _call_hook(instance, "setup", "plugin_setup_failed", self.pool)
+        except BaseException:
+            imported.release()
+            raise
+        run = getattr(instance, "run", None)
+        self.plugins[key] = _Loaded(
+            instance=instance, imported=imported, is_async=inspect.iscoroutinefunction(run)
+        )
+        self.send(Kind.LOADED, {"id": call_id, "key": key})
+
+    async def run(self, call_id: int, frame: Frame) -> None:
+        header = frame.header
+        loaded = self.plugins.get(str(header.get("key")))
+        if loaded is None:
+            raise _Failure("plugin_not_loaded", "this host holds no such plugin")
+        payload, context = header.get("payload") or {}, header.get("context") or {}
+        run: Callable[..., Any] = loaded.instance.run
+        try:
+            if loaded.is_async:
+                value = await run(payload, context)
+            else:
+                value = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, functools.partial(run, payload, context)
+                )
+                if inspect.isawaitable(value):
+                    value = await value
+        except (asyncio.CancelledError, MemoryError):
+            raise
+        except BaseException as exc:
+            raise _Failure(
+                "plugin_error", f"run raised {_describe(exc)}", type(exc).__name__
+            ) from exc
+        self.send(Kind.RESULT, {"id": call_id}, self.result_bytes(value))
+
+    def result_bytes(self, value: Any) -> bytes:
+        result = value if isinstance(value, dict) else {"result": value}
+        try:
+            text = self.encode(result)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _Failure(
+                "plugin_result_invalid", f"the result is not JSON-serialisable: {exc}"
+            ) from exc
+        data = text.encode("utf-8")
+        if len(data) > self.options.max_result_bytes:
+            raise _Failure(
+                "plugin_result_too_large",
+                f"the result is {len(data)} bytes, over plugins.max_result_bytes "
+                f"({self.options.max_result_bytes})",
+            )
+        return data
+
+    async def teardown(self, call_id: int, frame: Frame) -> None:
+        loaded = self.plugins.pop(str(frame.header.get("key")), None)
+        if loaded is not None:
+            try:
+                await _call_hook(loaded.instance, "teardown", "plugin_teardown_failed", self.pool)
+            finally:
+                loaded.imported.release()
+        self.send(Kind.DONE, {"id": call_id})
+
+    async def stop(self) -> None:
+        for key in list(self.plugins):
+            loaded = self.plugins.pop(key)
+            with contextlib.suppress(BaseException):
+                await _call_hook(loaded.instance, "teardown", "plugin_teardown_failed", self.pool)
+        with contextlib.suppress(Exception):
+            await self.writer.drain()
+
+
+def _import(root: Any, sources: dict[str, bytes], entry_point: str) -> ImportedBundle:
+    try:
+        return import_bundle(root, sources, entry_point)
+    except MemoryError:
+        raise
+    except BaseException as exc:
+        leaf = entry_module_name(entry_point).rsplit(".", 1)[-1]
+        missing = isinstance(exc, ModuleNotFoundError) and leaf in str(exc)
+        raise _Failure(
+            "plugin_entry_missing" if missing else "plugin_import_failed",
+            f"importing {entry_point} raised {_describe(exc)}",
+        ) from exc
+
+
+def _construct(imported: ImportedBundle, entry_point: str, config: dict[str, Any]) -> Any:
+    cls: Any = getattr(imported.module, "Plugin", None)
+    if not inspect.isclass(cls):
+        raise _Failure("plugin_class_missing", f"{entry_point} defines no class Plugin")
+    if not callable(getattr(cls, "run", None)):
+        raise _Failure("plugin_class_missing", "class Plugin has no run(payload, context) method")
+    factory = cast(Callable[..., Any], cls)
+    try:
+        return factory(dict(config)) if takes_config(cls) else factory()
+    except MemoryError:
+        raise
+    except BaseException as exc:
+        raise _Failure("plugin_init_failed", f"Plugin() raised {_describe(exc)}") from exc
+
+
+async def _call_hook(
+    instance: object, name: str, code: str, pool: concurrent.futures.Executor
+) -> None:
+    hook = getattr(instance, name, None)
+    if hook is None:
+        return
+    try:
+        if inspect.iscoroutinefunction(hook):
+            await hook()
+        else:
+            outcome = await asyncio.get_running_loop().run_in_executor(pool, hook)
+            if inspect.isawaitable(outcome):
+                await outcome
+    except (asyncio.CancelledError, MemoryError):
+        raise
+    except BaseException as exc:
+        raise _Failure(code, f"{name}() raised {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "…"
+
+
+async def _main(sock: socket.socket, options: HostOptions, hello: dict[str, Any]) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**16)
+    host = _Host(reader, writer, options)
+    host.send(Kind.HELLO, {"pid": os.getpid(), **hello})
+    await writer.drain()
+    try:
+        await host.serve()
+    finally:
+        host.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def serve(sock: socket.socket, options: HostOptions, hello: dict[str, Any]) -> int:
+    """Run the host until STOP or the end of the socket; return the exit status (0)."""
+    asyncio.run(_main(sock, options, hello))
+    return 0
