@@ -239,7 +239,18 @@ def _wait_until_shipped(forwarded: Path, audit: Path) -> None:
         if forwarded.exists() and len(forwarded.read_bytes().splitlines()) >= expected:
             return
         time.sleep(0.05)
-    raise AssertionError(f"rsyslog did not forward {expected} lines in {SHIP_TIMEOUT_S} s")
+    rotated, lines = _all_audit_lines(audit)
+    got = set(forwarded.read_bytes().splitlines()) if forwarded.exists() else set()
+    missing = [
+        (line[:60], [p.name for p in [*rotated, audit] if line in _read_lines(p)])
+        for line in lines
+        if line not in got
+    ]
+    log = _text_or_empty(audit.parent.parent / "rsyslogd.log")[-2000:]
+    raise AssertionError(
+        f"rsyslog did not forward {expected} lines in {SHIP_TIMEOUT_S} s: "
+        f"missing {missing}; rsyslogd.log: {log}"
+    )
 
 
 def _next_second(after: float) -> None:
@@ -293,6 +304,13 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Shipped:
         after_postrotate=after_postrotate,
         rsyslogd_log=_text_or_empty(root / "rsyslogd.log"),
     )
+
+
+# rsyslogd's own notices that say nothing about lost lines: imfile (8.2302) sometimes gets an
+# inotify event for the watch of a file it already dropped after the rename, and says so as
+# an "internal error? ... ignored" (https://www.rsyslog.com/e/2175). The other tests check
+# that every line still arrives once.
+KNOWN_RSYSLOG_NOTICES = ("which we could not find in our tables - ignored",)
 
 
 def _text_or_empty(path: Path) -> str:
@@ -357,7 +375,8 @@ def test_rsyslogd_reports_no_errors(shipped: Shipped) -> None:
     problems = [
         line
         for line in shipped.rsyslogd_log.splitlines()
-        if "error" in line.lower() or "warning" in line.lower()
+        if ("error" in line.lower() or "warning" in line.lower())
+        and not any(known in line for known in KNOWN_RSYSLOG_NOTICES)
     ]
     assert problems == []
 

@@ -38,8 +38,9 @@ class State(StrEnum):
 TRANSITIONS: Mapping[State, frozenset[State]] = {
     State.DISCOVERED: frozenset({State.LOADED, State.FAILED}),
     State.LOADED: frozenset({State.ENABLED, State.DISABLED, State.FAILED}),
-    State.ENABLED: frozenset({State.DISABLED, State.UNLOADED}),
-    State.DISABLED: frozenset({State.ENABLED, State.UNLOADED}),
+    # -> FAILED from a serving state: its host process crashed too often (INTERFACE §8).
+    State.ENABLED: frozenset({State.DISABLED, State.UNLOADED, State.FAILED}),
+    State.DISABLED: frozenset({State.ENABLED, State.UNLOADED, State.FAILED}),
     State.FAILED: frozenset({State.DISCOVERED, State.UNLOADED}),
     State.UNLOADED: frozenset({State.DISCOVERED}),
 }

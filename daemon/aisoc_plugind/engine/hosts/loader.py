@@ -185,6 +185,10 @@ def import_bundle(
     """
     importer = _ensure_installed()
     package = f"{NAMESPACE}.g{next(_generation)}"
+    # Nothing may stand in for this load's modules: a plugin sharing the process could have
+    # put entries under the next names beforehand.
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
     importer.register(package, root, sources, code)
     entry = entry_module_name(entry_point)
     try:
@@ -208,6 +212,8 @@ def _import_flat(importer: BundleImporter, package: str, root: Path, entry: str)
     parent.__loader__, parent.__package__, parent.__path__ = importer, package, []
     sys.modules[package] = parent
     name = f"{package}.{entry}"
+    if importer.find_spec(name, None) is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     module = ModuleType(name)
     spec = importlib.machinery.ModuleSpec(name, importer, origin=str(root / f"{entry}.py"))
     spec.has_location = True

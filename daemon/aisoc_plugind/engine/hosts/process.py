@@ -330,6 +330,7 @@ class _HostGroup:
         self.keys = itertools.count(1)
         self.tmp = owner.settings.state_dir / ".hosts" / f"{os.getpid()}-{number}"
         self.watcher: asyncio.Task[None] | None = None
+        self.one_by_one = asyncio.Lock()  # loads retried after the host ended under them
 
     def covers(self, request: LoadRequest) -> bool:
         return (
@@ -348,6 +349,7 @@ class _HostGroup:
     async def start(self) -> None:
         """Start the host process (the first time); raise PluginLoadError when it cannot."""
         await self._spawn()
+        self.ready.set()
 
     async def _spawn(self) -> None:
         settings = self.owner.settings
@@ -425,7 +427,7 @@ class _HostGroup:
             memory_mb=self.owner.settings.isolation_memory_mb,
         )
         self.watcher = asyncio.ensure_future(self._serve(process))
-        self.ready.set()
+        # Not `ready` yet: a restart loads the plugins again first (calls wait for that).
 
     async def _serve(self, process: _Process) -> None:
         """Read the host's answers until it ends; then account for the end and restart."""
@@ -530,15 +532,17 @@ class _HostGroup:
         except PluginLoadError:
             self._ended_before_start()
             return
-        lost: list[str] = []
+        process = self.process
         for key, request in list(self.members.items()):
+            if process is None or process.ended.is_set():
+                return  # it ended again while loading: its own end restarts it
             try:
-                await self._load_into(key, request)
+                await self._load_into(key, request, process)
             except PluginDError as exc:
                 self.members.pop(key, None)
-                lost.append(request.plugin_id)
                 self.owner.on_failed([request.plugin_id], exc)
-        del lost
+        if process is not None and not process.ended.is_set():
+            self.ready.set()
 
     def _ended_before_start(self) -> None:
         now = time.monotonic()
@@ -557,14 +561,21 @@ class _HostGroup:
         if self.failed is not None:
             raise self.failed
         process = self.process
-        if process is None or process.ended.is_set():
+        if not self.ready.is_set() or process is None or process.ended.is_set():
             try:
                 async with asyncio.timeout(timeout_s):
-                    while self.process is None or self.process.ended.is_set():
+                    while (
+                        not self.ready.is_set()
+                        or self.process is None
+                        or self.process.ended.is_set()
+                    ):
                         if self.failed is not None:
                             raise self.failed
-                        self.ready.clear()
                         await self.ready.wait()
+                        if self.failed is None and (
+                            self.process is None or self.process.ended.is_set()
+                        ):
+                            await asyncio.sleep(0.01)
             except TimeoutError as exc:
                 raise PluginRunError(
                     "the plugin's host is restarting", code="plugin_crashed"
@@ -589,14 +600,23 @@ class _HostGroup:
         return call_id, future
 
     async def load(self, request: LoadRequest) -> HostedPlugin:
+        """Load a version into this host. When the host ends while it loads (another plugin's
+        import may have ended it), try once more after the restart, one load at a time: only
+        the plugin that ends the host again fails (`host_crashed`)."""
         key = f"{request.plugin_id}#{next(self.keys)}"
-        await self._load_into(key, request)
+        timeout = self.owner.settings.run_timeout_s
+        try:
+            await self._load_into(key, request, await self._process_ready(timeout))
+        except PluginLoadError as exc:
+            if exc.code != "host_crashed":
+                raise
+            async with self.one_by_one:
+                await self._load_into(key, request, await self._process_ready(timeout))
         self.members[key] = request
         return HostedPlugin(self, key, request.plugin_id)
 
-    async def _load_into(self, key: str, request: LoadRequest) -> None:
+    async def _load_into(self, key: str, request: LoadRequest, process: _Process) -> None:
         timeout = self.owner.settings.run_timeout_s
-        process = await self._process_ready(timeout)
         files = sorted(request.sources.items())
         header = {
             "key": key,

@@ -64,6 +64,10 @@ class _Failure(Exception):
         self.fault = fault
 
 
+class _StillRunning(Exception):
+    """A cancelled sync run whose thread goes on: the call is not answered."""
+
+
 @dataclass(slots=True)
 class _Loaded:
     instance: Any
@@ -122,7 +126,12 @@ class _Host:
             return
         task = asyncio.ensure_future(self.guarded(handler, call_id, frame))
         self.calls[call_id] = task
-        task.add_done_callback(lambda _: self.calls.pop(call_id, None))
+        task.add_done_callback(functools.partial(self.finished, call_id))
+
+    def finished(self, call_id: int, task: asyncio.Task[None]) -> None:
+        self.calls.pop(call_id, None)
+        if task.cancelled():  # cancelled before it started: `guarded` never ran to answer
+            self.fail(call_id, "plugin_cancelled", "cancelled by the supervisor")
 
     async def guarded(
         self, handler: Callable[[int, Frame], Any], call_id: int, frame: Frame
@@ -131,6 +140,8 @@ class _Host:
             await handler(call_id, frame)
         except _Failure as exc:
             self.fail(call_id, exc.code, exc.message, exc.fault)
+        except _StillRunning:
+            pass  # no answer: the supervisor ends this host when its cancel goes unanswered
         except asyncio.CancelledError:
             self.fail(call_id, "plugin_cancelled", "cancelled by the supervisor")
         except MemoryError:
@@ -186,12 +197,17 @@ class _Host:
             if loaded.is_async:
                 value = await run(payload, context)
             else:
-                value = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, functools.partial(run, payload, context)
-                )
+                try:
+                    value = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, functools.partial(run, payload, context)
+                    )
+                except asyncio.CancelledError:
+                    # A thread cannot be stopped: saying "cancelled" would leave it running
+                    # in a host that looks healthy.
+                    raise _StillRunning from None
                 if inspect.isawaitable(value):
                     value = await value
-        except (asyncio.CancelledError, MemoryError):
+        except (asyncio.CancelledError, MemoryError, _StillRunning):
             raise
         except BaseException as exc:
             raise _Failure(
@@ -296,6 +312,9 @@ async def _main(sock: socket.socket, options: HostOptions, hello: dict[str, Any]
         await host.serve()
     finally:
         host.pool.shutdown(wait=False, cancel_futures=True)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def serve(sock: socket.socket, options: HostOptions, hello: dict[str, Any]) -> int:
