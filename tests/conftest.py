@@ -126,6 +126,7 @@ class Env:
             "run_timeout_s": 2.0,
             "shutdown_grace_s": 2.0,
             "state_dir": self.tmp / "state",
+            "revoked_file": self.tmp / "revoked.toml",
             "watch": False,
             "environment": "development",
         }

@@ -139,14 +139,25 @@ def wait_until(probe: Callable[[], T | None], timeout: float, what: str) -> T:
 
 
 def write_config(
-    root: Path, *, plugins: Path, keys: Path, audit: Path, port: int, extra: str = ""
+    root: Path,
+    *,
+    plugins: Path,
+    keys: Path,
+    audit: Path,
+    port: int,
+    extra: str = "",
+    watch: bool = False,
+    trust_extra: str = "",
 ) -> Path:
-    """Write a development config for a daemon on 127.0.0.1:`port`."""
+    """Write a development config for a daemon on 127.0.0.1:`port` (`trust_extra`: more
+    lines of the `[trust]` table; `trust.revoked_file` is `root/revoked.toml` unless set)."""
     config = root / "config.toml"
+    default = "" if "revoked_file" in trust_extra else f'revoked_file = "{root}/revoked.toml"\n'
+    trust = default + trust_extra
     config.write_text(
         'environment = "development"\n'
-        f'[plugins]\ndir = "{plugins}"\nwatch = false\nrun_timeout_s = 5\n'
-        f'[trust]\nkeys_dir = "{keys}"\n'
+        f'[plugins]\ndir = "{plugins}"\nwatch = {str(watch).lower()}\nrun_timeout_s = 5\n'
+        f'[trust]\nkeys_dir = "{keys}"\n{trust}'
         f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{root}/tokens.toml"\n'
         f'[audit]\npath = "{audit}"\n'
         f'[isolation]\nstate_dir = "{root}/state"\n'
@@ -165,13 +176,24 @@ def live_daemon(
     extra: str = "",
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
+    watch: bool = False,
+    trust_extra: str = "",
 ) -> Iterator[LiveDaemon]:
     """Start a daemon over `plugins`; on exit stop it (SIGTERM, then SIGKILL) by its PID."""
     root.mkdir(parents=True, exist_ok=True)
     audit = audit or root / "log" / "audit.jsonl"
     port = free_port()
     tokens = write_tokens(root / "tokens.toml", {"root": PERMISSIONS})
-    config = write_config(root, plugins=plugins, keys=keys, audit=audit, port=port, extra=extra)
+    config = write_config(
+        root,
+        plugins=plugins,
+        keys=keys,
+        audit=audit,
+        port=port,
+        extra=extra,
+        watch=watch,
+        trust_extra=trust_extra,
+    )
     stdout, stderr = root / "stdout.jsonl", root / "stderr.txt"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         proc = subprocess.Popen(

@@ -4,7 +4,9 @@
     ├── ConfigError                   config_invalid (startup, check-config)
     ├── ManifestError                 manifest_*
     ├── BundleError                   bundle_*, plugin_dir_missing, manifest_missing
-    ├── SignatureRefused              signature_unsigned / signature_invalid
+    ├── SignatureRefused              signature_unsigned / signature_invalid / signature_revoked
+    ├── VersionDowngrade              version_downgrade (a reload would lower the version)
+    ├── RevocationFileError           revoked_file_* (the revocation list cannot be used)
     ├── KeyFileError                  key_* (a skipped trusted-key file)
     ├── PluginLoadError               plugin_import_failed / plugin_init_failed / ...
     ├── DuplicatePluginId             duplicate_id
@@ -19,6 +21,7 @@
     ├── SandboxError                  sandbox_* (a plugin host could not sandbox itself)
     └── OciError                      oci_*
         ├── OciReferenceError         oci_bad_reference (the caller's input)
+        ├── OciPolicyError            oci_tag_not_pinned / oci_registry_not_allowed
         └── ArchiveError              archive_*
 
 The `code` is what the API's error body, the audit log (`error_code`) and the CLI show. Which
@@ -41,6 +44,7 @@ __all__ = [
     "KeyFileError",
     "ManifestError",
     "OciError",
+    "OciPolicyError",
     "OciReferenceError",
     "PluginDError",
     "PluginLoadError",
@@ -50,9 +54,11 @@ __all__ = [
     "PluginStateConflict",
     "PluginTimeout",
     "Problem",
+    "RevocationFileError",
     "SandboxError",
     "SignatureRefused",
     "TokenFileError",
+    "VersionDowngrade",
 ]
 
 
@@ -114,6 +120,24 @@ class SignatureRefused(PluginDError):
     """The trust mode refuses to load a plugin because of its signature status."""
 
     code = "signature_invalid"
+
+
+class VersionDowngrade(PluginDError):
+    """A reload would lower the plugin's version (or change it to or from one that is not
+    semantic versioning) and the operator did not ask for it (INTERFACE §10)."""
+
+    code = "version_downgrade"
+
+
+class RevocationFileError(PluginDError):
+    """`trust.revoked_file` cannot be used; the last good revocation list stays in force.
+
+    revoked_file_unreadable, revoked_file_unsafe (not a regular file, or writable by group or
+    others), revoked_file_unparseable (not UTF-8 TOML), revoked_file_invalid (wrong keys or
+    types).
+    """
+
+    code = "revoked_file_invalid"
 
 
 class KeyFileError(PluginDError):
@@ -216,6 +240,15 @@ class OciReferenceError(OciError):
     """An OCI reference is malformed: the caller's input, not a registry failure."""
 
     code = "oci_bad_reference"
+
+
+class OciPolicyError(OciError):
+    """The configuration refuses a reference (`oci.require_digest`, `oci.allowed_registries`).
+
+    oci_tag_not_pinned (a tag while digests are required), oci_registry_not_allowed.
+    """
+
+    code = "oci_registry_not_allowed"
 
 
 class ArchiveError(OciError):

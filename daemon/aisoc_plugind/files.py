@@ -32,7 +32,7 @@ _CHUNK = 1 << 16
 class FileRefused(Exception):
     """A file that is not read as asked; `detail` completes "<path> ..." for a message.
 
-    `reason` is one of `symlink`, `not_regular`, `too_large`.
+    `reason` is one of `symlink`, `not_regular`, `too_large`, `unsafe_mode`.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -50,14 +50,20 @@ def is_link(name: str | Path, *, dir_fd: int | None = None) -> bool:
 
 
 def read_regular(
-    name: str | Path, *, cap: int, dir_fd: int | None = None, head: bool = False
+    name: str | Path,
+    *,
+    cap: int,
+    dir_fd: int | None = None,
+    head: bool = False,
+    owner_only: bool = False,
 ) -> bytes:
     """Return the whole content of a regular file of at most `cap` bytes.
 
     The last path component is never followed when it is a link. Raises FileNotFoundError
     when there is nothing at `name`, FileRefused for a link, a non-regular file or a file
     over `cap` (also one that grows past `cap` while read), and OSError otherwise. With
-    `head`, a larger file is not refused: its first `cap` bytes are returned.
+    `head`, a larger file is not refused: its first `cap` bytes are returned. With
+    `owner_only`, a file that group or others may write is refused (`unsafe_mode`).
     """
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
@@ -72,6 +78,10 @@ def read_regular(
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise FileRefused("not_regular", "is not a regular file")
+        if owner_only and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise FileRefused(
+                "unsafe_mode", f"is writable by group or others ({stat.filemode(st.st_mode)})"
+            )
         if head:
             return _read_all(fd, cap, head=True)
         if st.st_size > cap:

@@ -671,7 +671,7 @@ async def test_manager_installs_a_pushed_package(
     ref = f"{oci_registry}/aisoc/e2e:1.2.0"
     digest = push_package(package, ref, insecure_registries=[oci_registry])
     manager = await make_manager(oci_allow_insecure_registries=(oci_registry,))
-    result = await manager.install_from_oci(ref)
+    result = await manager.install_from_oci(f"{oci_registry}/aisoc/e2e@{digest}")
     assert (result.plugin_id, result.digest) == (PLUGIN_ID, digest)
     assert (env.plugins / PLUGIN_ID / "plugin.sig").is_file()
     record = manager.get(PLUGIN_ID)
@@ -692,9 +692,9 @@ async def test_manager_refuses_an_unsigned_package(
             if not info.name.endswith("plugin.sig"):
                 dst.addfile(info, src.extractfile(info) if info.isfile() else None)
     ref = f"{oci_registry}/aisoc/unsigned:1"
-    push_package(unsigned, ref, insecure_registries=[oci_registry])
+    digest = push_package(unsigned, ref, insecure_registries=[oci_registry])
     manager = await make_manager(oci_allow_insecure_registries=(oci_registry,))
     with pytest.raises(PluginDError) as caught:
-        await manager.install_from_oci(ref)
+        await manager.install_from_oci(f"{oci_registry}/aisoc/unsigned@{digest}")
     assert caught.value.code.startswith("signature_")
     assert sorted(p.name for p in env.plugins.iterdir()) == []

@@ -47,8 +47,8 @@ def _push(
     archive = tmp / f"{repo}-{version}.tar.gz"
     archive.write_bytes(build_package(plugin_dir).data)
     ref = f"{registry}/aisoc/{repo}:{version}"
-    push_package(archive, ref, **(push_options or {"insecure_registries": [registry]}))
-    return ref
+    digest = push_package(archive, ref, **(push_options or {"insecure_registries": [registry]}))
+    return f"{registry}/aisoc/{repo}@{digest}"  # pinned: oci.require_digest is on by default
 
 
 def _leftovers(env: Env) -> list[str]:

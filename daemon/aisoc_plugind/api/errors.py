@@ -47,6 +47,7 @@ _STATUS_BY_CLASS: Mapping[type[errors.PluginDError], int] = {
     errors.DuplicatePluginId: 409,
     errors.PluginNotFound: 404,
     errors.PluginStateConflict: 409,
+    errors.VersionDowngrade: 409,
     errors.PluginRunError: 502,
     errors.PluginTimeout: 504,
     errors.PluginResultInvalid: 502,
@@ -59,6 +60,8 @@ _STATUS_BY_CLASS: Mapping[type[errors.PluginDError], int] = {
 # Codes whose answer differs from their class's.
 _STATUS_BY_CODE: Mapping[str, int] = {
     "oci_not_configured": 501,
+    "oci_tag_not_pinned": 400,
+    "oci_registry_not_allowed": 403,
 }
 
 

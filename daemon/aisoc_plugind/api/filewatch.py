@@ -8,6 +8,8 @@ requests that arrived with them, so a change made before a request is seen by th
 Without inotify (another OS, no watch possible, the directory went away) every question is
 answered True: the caller stats as before. Either way a caller may also look on its own
 schedule (`TokenStore` looks at least once a second) for setups inotify cannot see.
+`on_change`, when given, is called (on the loop) each time events raise the flag, for a
+caller that waits for changes instead of asking (the revocation list's watch).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ctypes.util
 import errno
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["ChangeFlag"]
@@ -65,8 +68,9 @@ def _libc() -> ctypes.CDLL | None:
 class ChangeFlag:
     """Whether one file may have changed; see the module docstring."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_change: Callable[[], None] | None = None) -> None:
         self.path = path
+        self._on_change = on_change
         self._fd: int | None = None
         self._libc: ctypes.CDLL | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,3 +158,5 @@ class ChangeFlag:
         if lost:
             self._dirty = True
             self.close()
+        if self._dirty and self._on_change is not None:
+            self._on_change()

@@ -171,10 +171,15 @@ async def disable_plugin(request: web.Request) -> web.Response:
 
 
 async def reload_plugin(request: web.Request) -> web.Response:
-    """POST /api/v1/plugins/{id}/reload; a failed reload is 409, the old version serves on."""
+    """POST /api/v1/plugins/{id}/reload [`{"allow_downgrade": true}`]; a failed reload is 409
+    (`version_downgrade` for a lower version without the word), the old version serves on."""
     st, plugin_id = state_of(request), _plugin_id(request)
+    body = await _body(request, ("allow_downgrade",))
+    allow = body.get("allow_downgrade", False)
+    if not isinstance(allow, bool):
+        raise ApiError("`allow_downgrade` must be true or false", code="invalid_body", status=400)
     try:
-        record = await st.manager.reload(plugin_id, caller_of(request))
+        record = await st.manager.reload(plugin_id, caller_of(request), allow_downgrade=allow)
     except (PluginNotFound, AuditUnavailable):
         raise
     except PluginDError as exc:
@@ -220,9 +225,13 @@ async def run_plugin(request: web.Request) -> web.Response:
 
 
 async def install_from_oci(request: web.Request) -> web.Response:
-    """POST /api/v1/plugins/install_from_oci with `{"oci_ref": "..."}`; 501 until configured."""
-    body = await _body(request, ("oci_ref",))
+    """POST /api/v1/plugins/install_from_oci with `{"oci_ref": "...", "replace": bool}`;
+    501 until configured."""
+    body = await _body(request, ("oci_ref", "replace"))
     ref = body.get("oci_ref")
+    replace = body.get("replace", False)
+    if not isinstance(replace, bool):
+        raise ApiError("`replace` must be true or false", code="invalid_body", status=400)
     if not isinstance(ref, str) or not _OCI_REF_RE.fullmatch(ref):
         raise ApiError(
             "`oci_ref` is required: a reference such as "
@@ -230,7 +239,9 @@ async def install_from_oci(request: web.Request) -> web.Response:
             code="invalid_body",
             status=400,
         )
-    outcome = await state_of(request).manager.install_from_oci(ref, caller_of(request))
+    outcome = await state_of(request).manager.install_from_oci(
+        ref, caller_of(request), replace=replace
+    )
     return json_response(outcome.to_json(), status=201)
 
 

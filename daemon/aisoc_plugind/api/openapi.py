@@ -137,6 +137,18 @@ _SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {"payload": {"type": "object"}, "context": {"type": "object"}},
     },
+    "ReloadRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "allow_downgrade": {
+                "type": "boolean",
+                "description": "the operator's word to lower the version (or change it to or "
+                "from one that is not semantic versioning); without it such a reload is 409 "
+                "version_downgrade",
+            }
+        },
+    },
     "RunResult": {
         "type": "object",
         "required": ["plugin_id", "result", "duration_ms"],
@@ -151,7 +163,12 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["oci_ref"],
         "additionalProperties": False,
         "properties": {
-            "oci_ref": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,1024}$", "maxLength": 1024}
+            "oci_ref": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,1024}$", "maxLength": 1024},
+            "replace": {
+                "type": "boolean",
+                "description": "upgrade an installed id in place (the old directory moves to "
+                ".previous/<id>@<version>/ once the new version serves)",
+            },
         },
     },
     "InstallResult": {
@@ -278,7 +295,7 @@ def openapi_yaml() -> str:
     """Return `docs/openapi.yaml` as it must be (regenerate it from this)."""
     header = (
         "# Generated from aisoc_plugind.api ROUTES; do not edit. Regenerate with:\n"
-        "#   .venv/bin/python -c 'from aisoc_plugind.api.app import openapi_yaml; "
+        "#   .venv/bin/python -c 'from aisoc_plugind.api.openapi import openapi_yaml; "
         'print(openapi_yaml(), end="")\' > docs/openapi.yaml\n'
     )
     return header + yaml.safe_dump(

@@ -60,7 +60,7 @@ ROUTES: tuple[Route, ...] = (
         response="InstallResult",
         body="InstallRequest",
         body_required=True,
-        errors=(400, 409, 413, 422, 501, 502),
+        errors=(400, 403, 409, 413, 422, 501, 502),
     ),
     Route(
         method="GET",
@@ -105,7 +105,8 @@ ROUTES: tuple[Route, ...] = (
         permission=ADMIN,
         summary="Reload a plugin from disk; on failure the old version serves on",
         response="Plugin",
-        errors=(404, 409),
+        body="ReloadRequest",
+        errors=(400, 404, 409, 413),
     ),
     Route(
         method="POST",

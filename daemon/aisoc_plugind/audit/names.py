@@ -53,6 +53,8 @@ __all__ = [
     "PLUGIN_TEARDOWN_FAILED",
     "PLUGIN_UNLOADED",
     "PLUGIN_VERSION_DOWNGRADED",
+    "REVOCATIONS_CHANGED",
+    "REVOCATIONS_FAILED",
     "WATCHER_ERROR",
     "WATCHER_STARTED",
     "WATCHER_STOPPED",
@@ -69,6 +71,9 @@ CONFIG_WARNING = "config.warning"
 # Trust material.
 KEY_SKIPPED = "trust.key.skipped"
 KEYS_CHANGED = "trust.keys.changed"
+# The revocation list (`trust.revoked_file`): adopted, or refused (the last good one stays).
+REVOCATIONS_CHANGED = "trust.revocations.changed"
+REVOCATIONS_FAILED = "trust.revocations.failed"
 
 # The audit file itself (the writer's own records carry no `seq`).
 AUDIT_REOPENED = "audit.reopened"

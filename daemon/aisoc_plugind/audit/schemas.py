@@ -95,6 +95,8 @@ _TABLE: Final[dict[str, _Row]] = {
     ev.CONFIG_WARNING: (_EVENT, "configuration", "info", None, _OTHER),
     ev.KEY_SKIPPED: (_EVENT, "configuration", "access", _FAIL, _OTHER),
     ev.KEYS_CHANGED: (_EVENT, "configuration", "change", _OK, _OTHER),
+    ev.REVOCATIONS_CHANGED: (_EVENT, "configuration", "change", _OK, _OTHER),
+    ev.REVOCATIONS_FAILED: (_EVENT, "configuration", "access", _FAIL, _OTHER),
     ev.AUDIT_REOPENED: (_EVENT, "file", "access", _OK, _OTHER),
     ev.AUDIT_WRITE_FAILED: (_EVENT, "file", "change", _FAIL, _OTHER),
     ev.AUDIT_GAP: (_EVENT, "file", "info", None, _OTHER),

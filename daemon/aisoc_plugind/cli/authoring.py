@@ -1,13 +1,16 @@
-"""Run the authoring commands: `aisoc plugin new|validate|keygen|sign|verify|package|push`.
+"""Run the authoring commands: `aisoc plugin new|validate|keygen|sign|verify|package|push|pull`.
 
-The work is done by the authoring package (and the OCI client for `push`); this module only
+The work is done by the authoring package (and the OCI client for `push`, the daemon's own
+install code for `pull`); this module only
 turns argv into calls and results into lines for the author.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
+import json
 import os
 import stat
 import sys
@@ -21,10 +24,13 @@ from aisoc_plugind.authoring.signer import sign_plugin, verify_plugin
 from aisoc_plugind.authoring.validate import validate_plugin
 from aisoc_plugind.cli.tree import Command, CommandFailed, say, warn
 from aisoc_plugind.core import manifest as manifest_mod
-from aisoc_plugind.core.signing import SignatureStatus
-from aisoc_plugind.delivery.oci import push_package, push_reference
+from aisoc_plugind.core.signing import SignatureStatus, TrustMode
+from aisoc_plugind.delivery.oci import pull_package, push_package, push_reference
+from aisoc_plugind.delivery.reference import parse_reference
 from aisoc_plugind.engine.bundle import SIGNATURE_FILE
-from aisoc_plugind.errors import OciReferenceError
+from aisoc_plugind.engine.install import PulledPlugin, pull_verified
+from aisoc_plugind.engine.keyring import load_keyring
+from aisoc_plugind.errors import OciReferenceError, PluginDError
 
 __all__ = ["PLUGIN_COMMANDS", "PROG"]
 
@@ -200,6 +206,101 @@ def _args_push(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    keys_dir = Path(args.keys_dir)
+    if not keys_dir.is_dir():
+        raise CommandFailed(f"{keys_dir}: no such keys directory [keys_dir_missing]")
+    keyring = load_keyring(keys_dir)
+    for skipped in keyring.skipped:
+        warn(f"{PROG} pull", f"{skipped.path} skipped: {skipped.message} [{skipped.code}]")
+    reference = parse_reference(args.ref)
+    fetch = functools.partial(
+        pull_package,
+        insecure_registries=[reference.registry] if args.insecure else [],
+        ca_file=args.ca_file,
+        docker_config=args.docker_config,
+    )
+    args.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        pulled = pull_verified(
+            fetch, args.ref, args.dir, mode=TrustMode(args.trust_mode), keys=keyring.keys
+        )
+    except PluginDError as exc:
+        raise CommandFailed(f"{exc.message} [{exc.code}]") from exc
+    say(json.dumps(_pulled_json(args.ref, pulled)) if args.json else _pulled_line(pulled))
+    return 0
+
+
+def _pulled_json(ref: str, pulled: PulledPlugin) -> dict[str, object]:
+    return {
+        "plugin_id": pulled.plugin_id,
+        "version": pulled.version,
+        "oci_ref": ref,
+        "digest": pulled.digest,
+        "path": str(pulled.path),
+        "signature_status": pulled.decision.status.value,
+        "signing_key_id": pulled.decision.key_id,
+    }
+
+
+def _pulled_line(pulled: PulledPlugin) -> str:
+    d = pulled.decision
+    by = f" by key {d.key_id}" if d.key_id else ""
+    return (
+        f"pulled {pulled.plugin_id} {pulled.version} ({pulled.digest}) into {pulled.path}: "
+        f"{d.status.value}{by}"
+    )
+
+
+def _oci_ref(value: str) -> str:
+    try:
+        parse_reference(value)
+    except OciReferenceError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+    return value
+
+
+def _args_pull(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "ref", metavar="OCI_REF", type=_oci_ref, help="HOST[:PORT]/REPOSITORY@sha256:... or :TAG"
+    )
+    p.add_argument(
+        "dir", metavar="DIR", type=Path, help="the plugin lands in DIR/<id> (created if missing)"
+    )
+    p.add_argument(
+        "--keys-dir",
+        metavar="K",
+        required=True,
+        help="trusted public keys (*.pem, *.pub); key id = file stem",
+    )
+    p.add_argument(
+        "--trust-mode",
+        metavar="M",
+        choices=[m.value for m in TrustMode],
+        default=TrustMode.STRICT.value,
+        help="strict (default: only a trusted signature), warn or disabled, as the daemon's",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="talk plain HTTP to this registry (local test registries only)",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        type=Path,
+        help="also trust the CA certificates in this PEM file (a registry with a private CA)",
+    )
+    p.add_argument(
+        "--docker-config",
+        metavar="FILE",
+        type=Path,
+        help="read registry credentials from this Docker config file (default: "
+        "$DOCKER_CONFIG/config.json, else ~/.docker/config.json)",
+    )
+
+
 def _plugin_id(value: str) -> str:
     if not manifest_mod.ID_RE.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{value!r} must match {manifest_mod.ID_RE.pattern}")
@@ -338,5 +439,15 @@ exit status: 0 verified, 1 unsigned or invalid (the reason is printed)""",
   aisoc plugin push shodan-1.2.0.tar.gz 127.0.0.1:5000/aisoc/shodan:1.2.0 --insecure
   aisoc plugin push shodan-1.2.0.tar.gz reg.internal:5000/aisoc/shodan:1.2.0 \\
       --ca-file /etc/ssl/private-ca.pem --docker-config ./ci-docker-config.json""",
+    ),
+    Command(
+        name="pull",
+        help="pull, extract and verify a plugin into DIR/<id> (no daemon needed)",
+        run=_cmd_pull,
+        arguments=_args_pull,
+        example="""\
+  aisoc plugin pull ghcr.io/myorg/aisoc-plugins/shodan@sha256:<digest> /opt/aisoc/plugins \\
+      --keys-dir /opt/aisoc/plugin-keys
+exit status: 0 pulled and verified, 1 refused or failed (nothing is left in DIR)""",
     ),
 )

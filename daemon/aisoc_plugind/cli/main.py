@@ -85,8 +85,9 @@ def aisoc_parser() -> Parser:
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True, parser_class=Parser)
     plugin = sub.add_parser(
         "plugin",
-        help="author plugins: scaffold, check, sign, verify, package, push",
-        description="Author AiSOC plugins: scaffold, check, sign, verify, package and push them.",
+        help="author plugins: scaffold, check, sign, verify, package, push, pull",
+        description="Author AiSOC plugins: scaffold, check, sign, verify, package, push and "
+        "pull them.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="typical flow: new -> validate -> keygen -> sign -> verify -> package -> push\n"
         "run `aisoc plugin COMMAND --help` for an example of each",

@@ -135,6 +135,11 @@ def _switch(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any]
     return call(ep, "POST", f"{PREFIX}/{_pid(args)}/{args.command}"), render_state
 
 
+def _reload(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
+    body = {"allow_downgrade": True} if args.allow_downgrade else None
+    return call(ep, "POST", f"{PREFIX}/{_pid(args)}/reload", body), render_state
+
+
 def _unload(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
     call(ep, "DELETE", f"{PREFIX}/{_pid(args)}")
     return {"id": args.id, "state": "unloaded"}, lambda _: f"{args.id}: unloaded"
@@ -150,7 +155,10 @@ def _run(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], s
 
 
 def _install(ep: Endpoint, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
-    doc = call(ep, "POST", f"{PREFIX}/install_from_oci", {"oci_ref": args.oci_ref})
+    body: dict[str, Any] = {"oci_ref": args.oci_ref}
+    if args.replace:
+        body["replace"] = True
+    doc = call(ep, "POST", f"{PREFIX}/install_from_oci", body)
     return doc, render_install
 
 
@@ -212,8 +220,22 @@ def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", help="JSON object handed to the plugin")
 
 
+def _args_reload(p: argparse.ArgumentParser) -> None:
+    _plugin_id(p)
+    p.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="allow a lower version (or one that is not semantic versioning): the rollback",
+    )
+
+
 def _args_install(p: argparse.ArgumentParser) -> None:
-    p.add_argument("oci_ref", help="e.g. registry.example.org/plugins/geoip:1.2.0")
+    p.add_argument("oci_ref", help="e.g. registry.example.org/plugins/geoip@sha256:<digest>")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="upgrade an installed id in place (old version kept in .previous/)",
+    )
 
 
 def _op(
@@ -237,7 +259,7 @@ OPERATOR_COMMANDS: tuple[Command, ...] = (
     _op("discover", "scan the plugins directory now", _discover, _no_args),
     _op("enable", "enable a plugin", _switch),
     _op("disable", "disable a plugin", _switch),
-    _op("reload", "reload a plugin from disk", _switch),
+    _op("reload", "reload a plugin from disk", _reload, _args_reload),
     _op("unload", "unload a plugin (files stay on disk)", _unload),
     _op("run", "run a plugin", _run, _args_run),
     _op("install", "install a signed plugin from an OCI registry", _install, _args_install),

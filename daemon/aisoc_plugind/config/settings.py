@@ -28,6 +28,7 @@ __all__ = [
     "LANDLOCK_MODES",
     "LOG_LEVELS",
     "FsyncPolicy",
+    "OciFollow",
     "Settings",
     "load_settings",
 ]
@@ -48,6 +49,14 @@ class FsyncPolicy(StrEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OciFollow:
+    """One `[[oci.follow]]` entry: a tag reference polled every `interval_s` seconds."""
+
+    ref: str
+    interval_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything the daemon is configured with (INTERFACE §2, plus documented extras)."""
 
@@ -60,6 +69,7 @@ class Settings:
     scan_workers: int | None = None  # None: one per CPU, up to 4 (engine.scanpool)
     trust_mode: TrustMode = TrustMode.STRICT
     keys_dir: Path = Path("/opt/aisoc/plugin-keys")
+    revoked_file: Path = Path("/etc/aisoc-plugind/revoked.toml")
     api_listen: str = "127.0.0.1:8470"
     tokens_file: Path = Path("/etc/aisoc-plugind/tokens.toml")
     api_tls_cert: Path | None = None
@@ -90,6 +100,9 @@ class Settings:
     oci_allow_insecure_registries: tuple[str, ...] = ()
     oci_ca_file: Path | None = None
     oci_docker_config: Path | None = None
+    oci_require_digest: bool = True
+    oci_allowed_registries: tuple[str, ...] = ()
+    oci_follow: tuple[OciFollow, ...] = ()
     plugin_config: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -114,7 +127,7 @@ class Settings:
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [_plain(v) for v in value]
             out[name] = value
         return out
 
@@ -210,6 +223,32 @@ def _path_list(v: Any) -> tuple[Path, ...]:
     return paths
 
 
+def _plain(v: Any) -> Any:
+    """Return a value of a tuple setting as JSON can show it."""
+    if isinstance(v, OciFollow):
+        return {"ref": v.ref, "interval_s": v.interval_s}
+    return str(v) if isinstance(v, Path) else v
+
+
+def _follow(v: Any) -> tuple[OciFollow, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+        raise ValueError('must be an array of tables: [[oci.follow]] ref = "HOST/REPO:TAG"')
+    return tuple(_follow_entry(x) for x in v)
+
+
+def _follow_entry(entry: dict[str, Any]) -> OciFollow:
+    unknown = sorted(set(entry) - {"ref", "interval_s"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} (allowed: ref, interval_s)")
+    if not isinstance(entry.get("ref"), str) or not entry["ref"].strip():
+        raise ValueError("every entry needs ref, a tag reference (HOST/REPOSITORY:TAG)")
+    ref = entry["ref"].strip()
+    if "@" in ref:
+        raise ValueError(f"{ref[:200]!r}: follow a tag, not a digest (a digest never moves)")
+    interval = _positive(float)(entry.get("interval_s", 300.0))
+    return OciFollow(ref=ref, interval_s=interval)
+
+
 def _listen(v: Any) -> str:
     return parse_listen(_as_str(v)).text
 
@@ -230,6 +269,7 @@ KEYS: tuple[_Key, ...] = (
         lambda v: TrustMode(_choice(tuple(m.value for m in TrustMode))(v)),
     ),
     _Key("keys_dir", "trust", "keys_dir", "PLUGIN_TRUSTED_KEYS_DIR", _as_path),
+    _Key("revoked_file", "trust", "revoked_file", None, _as_path),
     _Key("api_listen", "api", "listen", "AISOC_PLUGIND_LISTEN", _listen),
     _Key("tokens_file", "api", "tokens_file", "AISOC_PLUGIND_TOKENS_FILE", _as_path),
     _Key("api_tls_cert", "api", "tls_cert", None, _as_opt_path),
@@ -266,6 +306,9 @@ KEYS: tuple[_Key, ...] = (
     _Key("oci_allow_insecure_registries", "oci", "allow_insecure_registries", None, _str_list),
     _Key("oci_ca_file", "oci", "ca_file", None, _as_opt_path),
     _Key("oci_docker_config", "oci", "docker_config", None, _as_opt_path),
+    _Key("oci_require_digest", "oci", "require_digest", None, _as_bool),
+    _Key("oci_allowed_registries", "oci", "allowed_registries", None, _str_list),
+    _Key("oci_follow", "oci", "follow", None, _follow),
 )
 _SECTIONS = {k.section for k in KEYS if k.section} | {"plugin_config"}
 

@@ -65,6 +65,7 @@ class SignatureStatus(StrEnum):
     UNSIGNED = "unsigned"
     INVALID = "invalid"
     SKIPPED = "skipped"
+    REVOKED = "revoked"  # the revocation list refuses it (INTERFACE §10)
 
 
 class TrustMode(StrEnum):

@@ -6,9 +6,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aisoc_plugind.errors import OciReferenceError
+from aisoc_plugind.errors import OciPolicyError, OciReferenceError
 
-__all__ = ["DIGEST_RE", "Reference", "allows_http", "bad_reference", "parse_reference"]
+__all__ = [
+    "DIGEST_RE",
+    "Reference",
+    "allows_http",
+    "bad_reference",
+    "check_policy",
+    "parse_reference",
+    "pinned",
+]
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 
@@ -118,3 +126,34 @@ def bad_reference(ref: str, why: str) -> OciReferenceError:
 def allows_http(registry: str, insecure_registries: Sequence[str]) -> bool:
     """Return True when `registry` is one of the registries allowed plain HTTP."""
     return registry.lower() in {r.strip().lower() for r in insecure_registries}
+
+
+def pinned(reference: Reference, digest: str) -> Reference:
+    """Return `reference` pinned to the manifest `digest` (its tag kept for the reader)."""
+    return Reference(
+        registry=reference.registry, repository=reference.repository, tag=None, digest=digest
+    )
+
+
+def check_policy(
+    reference: Reference, *, require_digest: bool, allowed_registries: Sequence[str]
+) -> None:
+    """Refuse what the configuration does not allow, before any request is sent.
+
+    A non-empty `allowed_registries` lists the registries (`host[:port]`, compared without
+    case) that may be used; `require_digest` refuses a reference that names no digest.
+    """
+    allowed = {r.strip().lower() for r in allowed_registries if r.strip()}
+    if allowed and reference.registry.lower() not in allowed:
+        raise OciPolicyError(
+            f"registry {reference.registry} is not in oci.allowed_registries "
+            f"({', '.join(sorted(allowed))[:300]}); add it there to install from it",
+            code="oci_registry_not_allowed",
+        )
+    if require_digest and reference.digest is None:
+        raise OciPolicyError(
+            f"{reference} names a tag, not a digest: a tag can be moved to other code. Pin it "
+            f"as {reference.registry}/{reference.repository}@sha256:<digest> (`aisoc plugin "
+            "push` prints the digest), or set oci.require_digest = false to install tags",
+            code="oci_tag_not_pinned",
+        )

@@ -1,6 +1,8 @@
 """Load plugin directories into slots, and reload serving plugins without a gap in service.
 
-The old version keeps serving until the new one is fully set up. Callers hold the manager's
+The old version keeps serving until the new one is fully set up. No reload lowers a version
+(semantic-versioning order, `core.versions`) unless the caller passes `allow_downgrade` (the
+operator's explicit word); then `plugin.version.downgraded` says so. Callers hold the manager's
 lifecycle lock; nothing here takes it.
 """
 
@@ -16,6 +18,7 @@ from aisoc_plugind.core.clock import utcnow
 from aisoc_plugind.core.manifest import Manifest
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
 from aisoc_plugind.core.signing import SignatureStatus, parse_signature
+from aisoc_plugind.core.versions import VersionChange, change, needs_operator
 from aisoc_plugind.engine.bundle import has_manifest
 from aisoc_plugind.engine.directories import candidate_dirs, find_plugin_dir
 from aisoc_plugind.engine.emitter import EngineEvents
@@ -31,6 +34,7 @@ from aisoc_plugind.errors import (
     PluginDError,
     PluginLoadError,
     SignatureRefused,
+    VersionDowngrade,
 )
 
 __all__ = ["LoadBatch", "Loads", "installed"]
@@ -261,13 +265,18 @@ class Loads:
             raise outcome.error
         return self.table.slots[plugin_id].record
 
-    async def reload(self, slot: Slot, path: Path | None, caller: Caller) -> PluginRecord:
+    async def reload(
+        self, slot: Slot, path: Path | None, caller: Caller, *, allow_downgrade: bool = False
+    ) -> PluginRecord:
         """Replace a serving plugin's code with what `path` holds now; on failure the old
-        version keeps serving, the record shows the error and the error is raised."""
+        version keeps serving, the record shows the error and the error is raised.
+
+        A lower (or incomparable) version is refused with VersionDowngrade unless
+        `allow_downgrade`."""
         started = time.perf_counter()
         old_version = slot.record.version
         try:
-            prepared = await self._prepare_reload(slot, path, caller)
+            prepared = await self._prepare_reload(slot, path, caller, allow_downgrade)
         except PluginDError as exc:
             slot.record = slot.record.with_(error=exc.as_dict())
             self.events.emit(
@@ -283,6 +292,7 @@ class Loads:
             )
             raise
         record = installed(slot.record, prepared)
+        self._note_downgrade(record, old_version, caller)
         seq = self.events.emit(
             names.PLUGIN_RELOAD_COMPLETED,
             plugin_id=record.id,
@@ -308,7 +318,24 @@ class Loads:
         await self.runs.retire_if_idle(old, slot.record.id)
         return record
 
-    async def _prepare_reload(self, slot: Slot, path: Path | None, caller: Caller) -> Prepared:
+    def _note_downgrade(self, record: PluginRecord, old_version: str, caller: Caller) -> None:
+        """Emit `plugin.version.downgraded` when an allowed reload lowers the version."""
+        found = change(old_version, record.version)
+        if needs_operator(found):
+            self.events.emit(
+                names.PLUGIN_VERSION_DOWNGRADED,
+                level="warning",
+                plugin_id=record.id,
+                path=record.path,
+                version=record.version,
+                from_version=old_version,
+                change=found.value,
+                **caller.fields(),
+            )
+
+    async def _prepare_reload(
+        self, slot: Slot, path: Path | None, caller: Caller, allow_downgrade: bool = False
+    ) -> Prepared:
         if path is None:
             raise PluginLoadError(
                 f"{slot.record.path} is gone and no other directory "
@@ -323,6 +350,8 @@ class Loads:
                 f"{path} now declares id {scanned.manifest.id!r}, not {slot.record.id!r}",
                 code="plugin_id_changed",
             )
+        if scanned.manifest is not None and not allow_downgrade:
+            _refuse_downgrade(slot.record, scanned.manifest.version)
         return await self.preparer.prepare(scanned, caller)
 
     async def load_installed(self, target: Path, plugin_id: str, caller: Caller) -> None:
@@ -398,6 +427,22 @@ def installed(record: PluginRecord, prepared: Prepared) -> PluginRecord:
         digest=d.digest_hex,
         error=None,
         path_missing=False,
+    )
+
+
+def _refuse_downgrade(record: PluginRecord, candidate: str) -> None:
+    """Raise VersionDowngrade when `candidate` would lower (or lose the order of) the version."""
+    found = change(record.version, candidate)
+    if not needs_operator(found):
+        return
+    how = (
+        "is lower than"
+        if found is VersionChange.DOWNGRADE
+        else "cannot be ordered against (not semantic versioning)"
+    )
+    raise VersionDowngrade(
+        f"version {candidate!r} on disk {how} the serving version {record.version!r}; "
+        "only the operator may make this change (reload with allow_downgrade)"
     )
 
 

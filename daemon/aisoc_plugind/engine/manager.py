@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -21,6 +21,7 @@ from aisoc_plugind.audit import names
 from aisoc_plugind.audit.log import EventLog
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
+from aisoc_plugind.core.revocation import RevocationList
 from aisoc_plugind.core.signing import plugin_digest
 from aisoc_plugind.engine.emitter import EngineEvents
 from aisoc_plugind.engine.hosts import HostInfo, PluginHost
@@ -38,10 +39,13 @@ from aisoc_plugind.engine.results import (
     Rejected,
     RunResult,
 )
+from aisoc_plugind.engine.revocations import RevocationOutcome, Revoker
 from aisoc_plugind.engine.runs import RunTracker, elapsed_ms
+from aisoc_plugind.engine.scan import Scanned
+from aisoc_plugind.engine.scanpool import Session
 from aisoc_plugind.engine.table import PluginTable, Slot
 from aisoc_plugind.engine.trust import TrustGate
-from aisoc_plugind.errors import OciError, PluginDError, PluginStateConflict
+from aisoc_plugind.errors import OciError, PluginDError
 
 __all__ = ["PluginManager"]
 
@@ -75,6 +79,7 @@ class PluginManager:
             settings.plugins_dir,
         )
         self._staging = Staging(settings.plugins_dir, fetch) if fetch is not None else None
+        self._revoker = Revoker(self._table, self._trust, self._loads, self._events)
         self._lock = anyio.Lock()
         self._lost: set[asyncio.Task[None]] = set()
         self._host.set_on_failed(self._host_lost)
@@ -170,13 +175,14 @@ class PluginManager:
         """Scan `plugins.dir`; load what is new, retry what failed, flag what vanished."""
         async with self._lock:
             self._loads.flag_missing()
+            self._host.warm_up()
             loaded: list[str] = []
             failed: list[Rejected] = []
             batch = LoadBatch()  # every new plugin of the scan commits with one fsync
             paths = await anyio.to_thread.run_sync(self._loads.candidates)
             async with self._loads.preparer.session(paths) as session:
-                while (chunk := await session.next_chunk()) is not None:
-                    for outcome in await self._loads.load_scanned(chunk, caller, batch):
+                async for items in self._scanned(session):
+                    for outcome in await self._loads.load_scanned(items, caller, batch):
                         if isinstance(outcome, Loaded):
                             loaded.append(outcome.plugin_id)
                         elif isinstance(outcome, Rejected):
@@ -184,6 +190,19 @@ class PluginManager:
             await self._loads.settle(batch, caller)
             await self._events.commit()  # the failures' events too, before the answer
             return DiscoverResult(discovered=loaded, failed=failed)
+
+    async def _scanned(self, session: Session) -> AsyncIterator[list[Scanned]]:
+        """Yield a discovery's scan results chunk by chunk, or all at once for a host that
+        loads better together (a host process per group, which must know every plugin
+        directory of its group when it starts)."""
+        together: list[Scanned] = []
+        while (chunk := await session.next_chunk()) is not None:
+            if not self._host.loads_together:
+                yield chunk
+            else:
+                together.extend(chunk)
+        if together:
+            yield together
 
     async def sync_dir(self, path: Path, caller: Caller = SYSTEM) -> None:
         """Bring one plugin directory up to date after its files changed (the watcher's entry).
@@ -218,18 +237,21 @@ class PluginManager:
         digest = plugin_digest(manifest.as_json(), bundle.sources).hex()
         return digest == slot.record.digest and bundle.signature == slot.signature_file
 
-    async def reload(self, plugin_id: str, caller: Caller = SYSTEM) -> PluginRecord:
+    async def reload(
+        self, plugin_id: str, caller: Caller = SYSTEM, *, allow_downgrade: bool = False
+    ) -> PluginRecord:
         """Re-read, re-verify and re-import from disk; on failure the old version serves on.
 
         A failed or unloaded plugin is loaded again as new. When the plugin's directory is
-        gone, the directory now holding its id is used (the seed's upgrade flow).
+        gone, the directory now holding its id is used (the seed's upgrade flow). A lower
+        version is refused (VersionDowngrade) unless `allow_downgrade` (the seed's rollback).
         """
         async with self._lock:
             slot = self._table.get(plugin_id)
             path = await anyio.to_thread.run_sync(self._loads.reload_path, slot)
             if slot.record.state not in SERVING:
                 return await self._loads.retry(slot, path, caller)
-            return await self._loads.reload(slot, path, caller)
+            return await self._loads.reload(slot, path, caller, allow_downgrade=allow_downgrade)
 
     # Operator switches.
 
@@ -245,13 +267,8 @@ class PluginManager:
         async with self._lock:
             slot = self._table.get(plugin_id)
             before = slot.record.state
-            if to is State.ENABLED and not self._trust.may_enable(slot.record):
-                raise PluginStateConflict(
-                    f"plugin {plugin_id!r} is {slot.record.signature_status} under strict "
-                    "trust (its signing key is no longer trusted); restore the key and "
-                    "SIGHUP, or reload a version signed by a trusted key",
-                    code="plugin_untrusted",
-                )
+            if to is State.ENABLED:
+                self._trust.check_enable(slot.record)  # plugin_untrusted / plugin_revoked
             if before is not to:
                 changed = slot.record.moved_to(to)
                 seq = self._events.state(event, changed, before, caller)
@@ -293,20 +310,38 @@ class PluginManager:
                 changed.append(slot.record.id)
                 if found.disabled:
                     self._events.state(names.PLUGIN_DISABLED, slot.record, before, caller)
-            return changed
+            return changed + self._revoker.sweep(caller)
+
+    @property
+    def revoked(self) -> RevocationList:
+        """Return the revocation list in force."""
+        return self._trust.revoked
+
+    async def adopt_revocations(
+        self, revoked: RevocationList, caller: Caller = SYSTEM
+    ) -> RevocationOutcome:
+        """Switch to a new revocation list: disable the loaded plugins it revokes (with
+        `plugin.revoked`), reload and re-enable those it no longer revokes."""
+        async with self._lock:
+            return await self._revoker.adopt(revoked, caller)
 
     # OCI install.
 
-    async def install_from_oci(self, oci_ref: str, caller: Caller = SYSTEM) -> InstallResult:
+    async def install_from_oci(
+        self, oci_ref: str, caller: Caller = SYSTEM, *, replace: bool = False
+    ) -> InstallResult:
         """Pull a signed package, verify it in staging, move it into place, and load it.
 
         Nothing reaches `plugins.dir/<id>` unless the signature inside the package passes the
         trust mode; the load then verifies again what it imports. An existing directory of
-        that name is never overwritten (the platform never deletes plugin files).
+        that name is never overwritten (the platform never deletes plugin files). With
+        `replace`, an installed id is upgraded through a reload: its directory moves to
+        `.previous/<id>@<version>/` once the new version is set up, and stays where it was
+        (the old version serving) when the new one fails.
         """
         started = time.perf_counter()
         try:
-            plugin_id, digest = await self._install(oci_ref, caller)
+            plugin_id, digest = await self._install(oci_ref, caller, replace=replace)
         except PluginDError as exc:
             self._events.emit(
                 names.PLUGIN_INSTALL_FAILED,
@@ -329,19 +364,50 @@ class PluginManager:
         await self._events.commit(seq)
         return InstallResult(plugin_id=plugin_id, oci_ref=oci_ref, digest=digest)
 
-    async def _install(self, oci_ref: str, caller: Caller) -> tuple[str, str]:
+    async def _install(self, oci_ref: str, caller: Caller, *, replace: bool) -> tuple[str, str]:
         if self._staging is None:
             raise OciError(
                 "installing plugins from OCI registries is not available in this daemon",
                 code="oci_not_configured",
             )
-        async with self._staging.fetched(oci_ref) as (digest, staging):
-            bundle, manifest = await self._loads.preparer.read(staging)
+        async with self._staging.fetched(oci_ref) as fetched:
+            bundle, manifest = await self._loads.preparer.read(fetched.path)
             self._trust.require(bundle, manifest, caller)
+            if not fetched.pinned:
+                self._events.emit(
+                    names.PLUGIN_INSTALL_UNPINNED,
+                    level="warning",
+                    plugin_id=manifest.id,
+                    oci_ref=oci_ref,
+                    digest=fetched.digest,
+                    **caller.fields(),
+                )
             async with self._lock:
-                target = await anyio.to_thread.run_sync(self._staging.place, staging, manifest.id)
-                await self._loads.load_installed(target, manifest.id, caller)
-        return manifest.id, digest
+                if replace:
+                    await self._replace(fetched.path, manifest.id, caller)
+                else:
+                    target = await anyio.to_thread.run_sync(
+                        self._staging.place, fetched.path, manifest.id
+                    )
+                    await self._loads.load_installed(target, manifest.id, caller)
+        return manifest.id, fetched.digest
+
+    async def _replace(self, staging: Path, plugin_id: str, caller: Caller) -> None:
+        """Swap the verified files in for the id's directory and load them (a reload when
+        the id serves); when that fails, swap back: the old version serves from where it was."""
+        assert self._staging is not None
+        slot = self._table.slots.get(plugin_id)
+        current = Path(slot.record.path) if slot is not None else None
+        version = slot.record.version if slot is not None else "unknown"
+        swap = await anyio.to_thread.run_sync(
+            self._staging.swap, staging, plugin_id, current, version
+        )
+        try:
+            await self._loads.load_installed(swap.target, plugin_id, caller)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._staging.swap_back, swap)
+            raise
 
     # Runs and shutdown.
 

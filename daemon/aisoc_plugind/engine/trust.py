@@ -1,40 +1,69 @@
 """Decide whether a plugin's signature lets it load, and re-check loaded plugins on key change.
 
-Every decision is one event (`plugin.signature.*`), whatever it decides. A plugin that no
-trusted key verifies any more is disabled in strict mode (marked `invalid` in warn mode),
-through the lifecycle state machine, with events either way: nothing is left running silently.
+Every decision is one event (`plugin.signature.*`, or `plugin.revoked` for a plugin the
+revocation list refuses), whatever it decides. A plugin that no trusted key verifies any more
+is disabled in strict mode (marked `invalid` in warn mode), through the lifecycle state
+machine, with events either way: nothing is left running silently. Signatures are checked
+with the trusted keys that are not revoked (`keys`); the revocation list then turns a plugin
+signed only by revoked keys, or whose digest is revoked, into a `revoked` refusal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import nacl.signing
 
 from aisoc_plugind.audit import names
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core.manifest import Manifest
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
+from aisoc_plugind.core.revocation import (
+    EMPTY,
+    RevocationList,
+    RevokedBy,
+    apply_revocation,
+    revoked_by,
+)
 from aisoc_plugind.core.signing import (
     SignatureStatus,
     TrustDecision,
     TrustMode,
     decide,
     find_signer,
+    parse_signature,
     plugin_digest,
 )
 from aisoc_plugind.engine.bundle import Bundle
 from aisoc_plugind.engine.emitter import EngineEvents
 from aisoc_plugind.engine.keyring import Keyring
 from aisoc_plugind.engine.results import Caller
-from aisoc_plugind.errors import SignatureRefused
+from aisoc_plugind.errors import PluginStateConflict, SignatureRefused
 
-__all__ = ["SIGNATURE_EVENTS", "Recheck", "TrustGate"]
+__all__ = ["SIGNATURE_EVENTS", "Recheck", "TrustGate", "raw_signature"]
 
 SIGNATURE_EVENTS = {
     SignatureStatus.VERIFIED: names.PLUGIN_SIGNATURE_VERIFIED,
     SignatureStatus.UNSIGNED: names.PLUGIN_SIGNATURE_UNSIGNED,
     SignatureStatus.INVALID: names.PLUGIN_SIGNATURE_INVALID,
     SignatureStatus.SKIPPED: names.PLUGIN_SIGNATURE_SKIPPED,
+    SignatureStatus.REVOKED: names.PLUGIN_REVOKED,
 }
+
+
+# Refusals that are errors (not warnings) in the event log.
+_LOUD_REFUSALS = frozenset({SignatureStatus.UNSIGNED, SignatureStatus.REVOKED})
+
+
+def raw_signature(signature_file: bytes | None) -> bytes | None:
+    """Return the raw signature in a `plugin.sig`, or None when there is none or it is bad."""
+    if signature_file is None:
+        return None
+    try:
+        return parse_signature(signature_file)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,24 +80,58 @@ class TrustGate:
     def __init__(self, settings: Settings, events: EngineEvents, keyring: Keyring) -> None:
         self.mode = settings.trust_mode
         self.events = events
-        self.keyring = keyring
+        self._keyring = keyring
+        self._revoked = EMPTY
+        self.keys: Mapping[str, nacl.signing.VerifyKey] = dict(keyring.keys)
+
+    @property
+    def keyring(self) -> Keyring:
+        """Return every trusted key, revoked or not."""
+        return self._keyring
+
+    @keyring.setter
+    def keyring(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+        self.keys = self._revoked.split(keyring.keys)[0]
+
+    @property
+    def revoked(self) -> RevocationList:
+        """Return the revocation list in force."""
+        return self._revoked
+
+    @revoked.setter
+    def revoked(self, revoked: RevocationList) -> None:
+        self._revoked = revoked
+        self.keys = revoked.split(self._keyring.keys)[0]
 
     def decide(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> TrustDecision:
         """Check the signature of a read bundle and emit the decision."""
         digest = plugin_digest(manifest.as_json(), bundle.sources)
         decision = decide(
-            digest=digest, signature_file=bundle.signature, keys=self.keyring.keys, mode=self.mode
+            digest=digest, signature_file=bundle.signature, keys=self.keys, mode=self.mode
         )
+        decision = self.revise(decision, bundle)
         self.announce(decision, bundle, manifest, caller)
         return decision
+
+    def revise(self, decision: TrustDecision, bundle: Bundle) -> TrustDecision:
+        """Apply the revocation list to a decision made with the keys that are not revoked."""
+        return apply_revocation(
+            decision,
+            signature_file=bundle.signature,
+            revoked=self._revoked,
+            keys=self._keyring.keys,
+            mode=self.mode,
+        )
 
     def announce(
         self, decision: TrustDecision, bundle: Bundle, manifest: Manifest, caller: Caller
     ) -> None:
         """Emit the event of a decision (made here or by a scan with this keyring)."""
         level = "info" if decision.status is SignatureStatus.VERIFIED else "warning"
-        if decision.status is SignatureStatus.UNSIGNED and not decision.allowed:
+        if not decision.allowed and decision.status in _LOUD_REFUSALS:
             level = "error"
+        revoked = decision.status is SignatureStatus.REVOKED
         self.events.emit(
             SIGNATURE_EVENTS[decision.status],
             level=level,
@@ -80,10 +143,14 @@ class TrustGate:
             digest=decision.digest_hex,
             trust_mode=self.mode.value,
             decision="load" if decision.allowed else "refuse",
-            reason=decision.reason,
+            reason=self._revoked_why(decision).value if revoked else decision.reason,
+            **({"error_code": "signature_revoked", "error": decision.reason} if revoked else {}),
             files=len(bundle.sources),
             **caller.fields(),
         )
+
+    def _revoked_why(self, decision: TrustDecision) -> RevokedBy:
+        return RevokedBy.DIGEST if decision.digest_hex in self._revoked.digests else RevokedBy.KEY
 
     def require(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> TrustDecision:
         """Decide (and emit); raise SignatureRefused when the trust mode refuses."""
@@ -93,6 +160,7 @@ class TrustGate:
         self, decision: TrustDecision, bundle: Bundle, manifest: Manifest, caller: Caller
     ) -> TrustDecision:
         """Emit a scan's decision; raise SignatureRefused when the trust mode refuses."""
+        decision = self.revise(decision, bundle)
         self.announce(decision, bundle, manifest, caller)
         return self.refuse_unless_allowed(decision)
 
@@ -114,6 +182,35 @@ class TrustGate:
             and record.signature_status not in (SignatureStatus.VERIFIED.value, None)
         )
 
+    def check_enable(self, record: PluginRecord) -> None:
+        """Raise PluginStateConflict when the trust mode would not load this code now."""
+        if record.signature_status == SignatureStatus.REVOKED.value:
+            raise PluginStateConflict(
+                f"plugin {record.id!r} is revoked (trust.revoked_file); remove its key or "
+                "digest from the revocation list to restore it",
+                code="plugin_revoked",
+            )
+        if not self.may_enable(record):
+            raise PluginStateConflict(
+                f"plugin {record.id!r} is {record.signature_status} under strict "
+                "trust (its signing key is no longer trusted); restore the key and "
+                "SIGHUP, or reload a version signed by a trusted key",
+                code="plugin_untrusted",
+            )
+
+    def revocation_of(
+        self, record: PluginRecord, signature: bytes | None
+    ) -> tuple[RevokedBy, str | None] | None:
+        """Return why a loaded plugin is revoked now (and the revoked key), or None."""
+        if self.mode is TrustMode.DISABLED:
+            return None
+        return revoked_by(
+            digest_hex=record.digest,
+            signature=signature,
+            revoked=self._revoked,
+            keys=self._keyring.keys,
+        )
+
     def recheck(
         self, record: PluginRecord, signature: bytes | None, caller: Caller
     ) -> Recheck | None:
@@ -124,7 +221,11 @@ class TrustGate:
         """
         if record.state not in SERVING or signature is None or record.digest is None:
             return None
-        key_id = find_signer(bytes.fromhex(record.digest), signature, self.keyring.keys)
+        if record.signature_status == SignatureStatus.REVOKED.value:
+            return None  # the revocation list decides about it (see `revocation_of`)
+        key_id = find_signer(bytes.fromhex(record.digest), signature, self.keys)
+        if key_id is None and self.revocation_of(record, signature) is not None:
+            return None  # revoked, not removed: the manager's revocation sweep disables it
         if key_id is not None:
             if key_id == record.signing_key_id:
                 return None

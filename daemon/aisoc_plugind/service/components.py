@@ -1,4 +1,4 @@
-"""List the parts that run inside the service: control API, watcher, sd_notify."""
+"""List the parts that run inside the service: control API, watcher, follow, sd_notify."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from aisoc_plugind.api.app import serve
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.service.daemon import Component, HangupHook, Service
+from aisoc_plugind.service.follow import follow_component
 from aisoc_plugind.service.sdnotify import sdnotify_component
 from aisoc_plugind.service.watcher import watcher_component
 
@@ -34,4 +35,4 @@ def default_components() -> list[Component]:
     sd_notify comes last: it stops first (STOPPING=1 as shutdown begins) and its SIGHUP hook
     (READY=1) runs after the API has re-read the tokens.
     """
-    return [api_component, watcher_component, sdnotify_component]
+    return [api_component, watcher_component, follow_component, sdnotify_component]

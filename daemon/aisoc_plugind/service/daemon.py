@@ -2,7 +2,9 @@
 
 One task group owns every task. SIGTERM/SIGINT stop the daemon (drain in-flight runs up to
 `daemon.shutdown_grace_s`, tear every plugin down, flush the audit file); SIGHUP reopens the
-audit file, re-reads tokens and trusted keys, and re-checks loaded plugins against the keys.
+audit file, re-reads tokens, trusted keys and the revocation list, and re-checks loaded
+plugins against them. The revocation list is also read at start, before discovery, and
+whenever its file changes (`service.revocations`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from aisoc_plugind.engine.keyring import Keyring, load_keyring
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.engine.results import SYSTEM
 from aisoc_plugind.errors import AuditUnavailable, PluginDError
+from aisoc_plugind.service.revocations import RevocationWatch
 from aisoc_plugind.service.sdnotify import Notifier
 from aisoc_plugind.service.wiring import make_manager
 
@@ -56,6 +59,7 @@ class Service:
         self.ready = anyio.Event()
         self._stop = anyio.Event()
         self._hangup_hooks: list[HangupHook] = []
+        self._revocations: RevocationWatch | None = None
         self.stop_reason = "requested"
 
     def request_stop(self, reason: str = "requested") -> None:
@@ -92,6 +96,9 @@ class Service:
                 anyio.create_task_group() as tg,
             ):
                 self.manager = manager
+                self._revocations = RevocationWatch(manager)
+                await self._revocations.load(force=True)  # before anything is discovered
+                await tg.start(self._revocations.run)
                 tg.start_soon(self._signals)
                 async with self._components(manager):
                     await self._discover(manager)
@@ -201,6 +208,8 @@ class Service:
         before = self.manager.keyring.fingerprints()
         keyring = self._load_keys()
         changed = await self.manager.adopt_keyring(keyring, SYSTEM)
+        if self._revocations is not None:
+            await self._revocations.load(force=True)
         after = keyring.fingerprints()
         if before != after or changed:
             self.events.emit(

@@ -24,6 +24,8 @@ def make_manager(settings: Settings, events: EventLog, keyring: Keyring) -> Plug
         insecure_registries=settings.oci_allow_insecure_registries,
         ca_file=settings.oci_ca_file,
         docker_config=settings.oci_docker_config,
+        require_digest=settings.oci_require_digest,
+        allowed_registries=settings.oci_allowed_registries,
     )
     return PluginManager(settings, events, keyring, host=make_host(settings, events), fetch=fetch)
 
@@ -36,6 +38,7 @@ def make_host(settings: Settings, events: EventLog) -> PluginHost:
         settings.tokens_file,
         settings.audit_path,
         settings.keys_dir,
+        settings.revoked_file,
         settings.state_dir / ".daemon",
         *([settings.config_file] if settings.config_file else []),
         *([settings.audit_signing_key] if settings.audit_signing_key else []),

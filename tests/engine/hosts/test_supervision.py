@@ -8,6 +8,7 @@ and the other plugins keep serving, and the events say what happened.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import textwrap
 import threading
@@ -47,6 +48,10 @@ FAULTY = textwrap.dedent(
                 return {"len": len(blob)}
             if what == "hang":
                 time.sleep(60)
+            if what == "busy":  # allocates in a worker thread for a moment
+                chunks = [bytearray(256 * 1024) for _ in range(8)]
+                time.sleep(0.2)
+                return {"ok": True, "kib": sum(len(c) for c in chunks) // 1024}
             if what == "spawn":
                 import subprocess
                 kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -123,6 +128,19 @@ async def test_a_host_that_dies_answers_coded_and_comes_back(
     assert result["ok"] and result["pid"] != before  # a new host serves the same plugin
     assert (await manager.run("test.other", {"x": 1})).result["echo"] == {"x": 1}
     assert manager.get("test.faulty").state.value == "enabled"
+
+
+async def test_many_threads_of_a_host_fit_its_memory_limit(
+    plugins: PluginFactory, make_manager: ManagerFactory
+) -> None:
+    """Concurrent sync runs use one worker thread each; glibc's per-thread arenas must not
+    spend a small RLIMIT_AS on address space (they did: MemoryError in every thread)."""
+    manager = await _manager(make_manager, plugins, isolation_memory_mb=256, run_concurrency=16)
+    results = await asyncio.gather(
+        *(manager.run("test.faulty", {"do": "busy"}) for _ in range(32)), return_exceptions=True
+    )
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert all(r.result["kib"] == 2048 for r in results if not isinstance(r, BaseException))
 
 
 async def _retry_run(manager: Any, plugin_id: str) -> dict[str, Any]:

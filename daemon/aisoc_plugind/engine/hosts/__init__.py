@@ -86,6 +86,14 @@ class PluginHost(Protocol):
     def wants_code(self) -> bool:
         """Return True when `LoadRequest.code` helps (code is compiled in this process)."""
 
+    @property
+    def loads_together(self) -> bool:
+        """Return True when one `load_many` of a whole discovery beats one per scan chunk."""
+
+    def warm_up(self) -> None:
+        """Start, in the background, what the first load will need (call on the event loop;
+        a failure shows at that load)."""
+
     async def load(self, request: LoadRequest) -> LoadedPlugin:
         """Import the request's bytes, construct `Plugin` and call `setup()`.
 

@@ -150,6 +150,14 @@ class InProcessHost:
         """Return True: code compiled by the scan is imported here as is."""
         return True
 
+    @property
+    def loads_together(self) -> bool:
+        """Return False: loading chunk by chunk lets scanning and importing overlap."""
+        return False
+
+    def warm_up(self) -> None:
+        """Do nothing: plugins load in this process."""
+
     async def load_many(self, requests: Sequence[LoadRequest]) -> list[LoadedPlugin | PluginDError]:
         """Import and construct the requests in one worker thread (one hop, not one per
         plugin), each under the time limit; then call each `setup()` on the loop.

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import marshal
 import os
 import shutil
 import signal
@@ -112,6 +113,10 @@ class _Zygote:
             raise
         self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
         return pid, ours
+
+    async def start(self) -> None:
+        """Start the zygote process unless it runs already."""
+        await self._ensure()
 
     def exit_status(self, pid: int) -> asyncio.Future[dict[str, int]]:
         """Return a future for how `pid` ended (as the zygote reaped it)."""
@@ -318,6 +323,7 @@ class _HostGroup:
         self.group = group
         self.name = f"{group}#{number}"
         self.plugin_dirs = frozenset(str(m.root) for m in members)
+        self.dir_ids: dict[str, tuple[int, int] | None] = {}
         self.ids = frozenset(m.plugin_id for m in members)
         self.members: dict[str, LoadRequest] = {}  # key -> the request it was loaded from
         self.process: _Process | None = None
@@ -338,6 +344,9 @@ class _HostGroup:
             and not self.stopping
             and request.plugin_id in self.ids
             and str(request.root) in self.plugin_dirs
+            # Landlock granted the directory that was at this path when the host started: a
+            # directory moved there since (an upgrade) needs a host that can read it.
+            and _identity(request.root) == self.dir_ids.get(str(request.root))
         )
 
     @property
@@ -353,6 +362,7 @@ class _HostGroup:
 
     async def _spawn(self) -> None:
         settings = self.owner.settings
+        self.dir_ids = {path: _identity(path) for path in self.plugin_dirs}
         self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         for plugin_id in self.ids:
             (settings.state_dir / plugin_id).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -618,6 +628,9 @@ class _HostGroup:
     async def _load_into(self, key: str, request: LoadRequest, process: _Process) -> None:
         timeout = self.owner.settings.run_timeout_s
         files = sorted(request.sources.items())
+        # What the scan compiled from these same verified bytes (the host would compile them
+        # again otherwise); marshal is safe in this direction: the host trusts its supervisor.
+        compiled = sorted((rel, marshal.dumps(code)) for rel, code in (request.code or {}).items())
         header = {
             "key": key,
             "plugin_id": request.plugin_id,
@@ -625,10 +638,10 @@ class _HostGroup:
             "root": str(request.root),
             "config": dict(request.config),
             "files": [[rel, len(data)] for rel, data in files],
+            "code": [[rel, len(data)] for rel, data in compiled],
         }
-        call_id, future = await self._call(
-            process, Kind.LOAD, header, b"".join(d for _, d in files)
-        )
+        blob = b"".join(d for _, d in files) + b"".join(d for _, d in compiled)
+        call_id, future = await self._call(process, Kind.LOAD, header, blob)
         try:
             async with asyncio.timeout(timeout):
                 frame = await future
@@ -814,6 +827,15 @@ def _real(path: Path | str) -> str:
     return os.path.realpath(path)
 
 
+def _identity(path: Path | str) -> tuple[int, int] | None:
+    """Return the (device, inode) of the directory at `path` now, or None."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
+
+
 # ---- the PluginHost ------------------------------------------------------------------------
 
 
@@ -853,11 +875,28 @@ class ProcessHost:
         self._numbers = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_failed: OnFailed | None = None
+        self._warming: asyncio.Task[None] | None = None
 
     @property
     def wants_code(self) -> bool:
-        """Return False: hosts compile the verified bytes themselves."""
-        return False
+        """Return True: the scan compiles the verified bytes (in its worker processes) and
+        hosts get the code with the bytes, so a host does not compile them again."""
+        return True
+
+    @property
+    def loads_together(self) -> bool:
+        """Return True: a host's Landlock rules name its plugins' directories when it starts,
+        so a group's plugins are best loaded in one go (one host, not one per chunk)."""
+        return True
+
+    def warm_up(self) -> None:
+        """Start the zygote now (a discovery scans meanwhile) rather than at the first load."""
+        if self._warming is None:
+            self._warming = asyncio.ensure_future(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        with contextlib.suppress(Exception):  # the first spawn meets the same error again
+            await self.zygote.start()
 
     def set_on_failed(self, callback: OnFailed) -> None:
         """Tell the engine when plugins are lost for good (a host in a crash loop)."""
@@ -952,4 +991,7 @@ class ProcessHost:
                 group.process.kill("stopped")
         for task in list(self._tasks):
             task.cancel()
+        if self._warming is not None:  # let a starting zygote finish, to stop it cleanly
+            with contextlib.suppress(BaseException):
+                await self._warming
         await self.zygote.aclose()

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import concurrent.futures.thread  # imported here, in the zygote, not after each fork
 import contextlib
 import functools
 import inspect
 import json
+import marshal
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, cast
 
 from aisoc_plugind.engine.hosts.loader import (
@@ -158,24 +161,23 @@ class _Host:
         header = frame.header
         key, entry_point = str(header["key"]), str(header["entry_point"])
         sources: dict[str, bytes] = {}
+        compiled: dict[str, bytes] = {}
         offset = 0
-        for rel, size in header["files"]:
-            sources[str(rel)] = frame.blob[offset : offset + int(size)]
-            offset += int(size)
+        for parts, listing in ((sources, header["files"]), (compiled, header.get("code") or [])):
+            for rel, size in listing:
+                parts[str(rel)] = frame.blob[offset : offset + int(size)]
+                offset += int(size)
         if offset != len(frame.blob):
             raise _Failure("host_protocol_error", "the files do not add up to the blob")
         from pathlib import Path
 
         root = Path(str(header["root"]))
         config = header.get("config") or {}
-        loop = asyncio.get_running_loop()
-        imported = await loop.run_in_executor(
-            self.pool, functools.partial(_import, root, sources, entry_point)
+        imported, instance = await asyncio.get_running_loop().run_in_executor(
+            self.pool,
+            functools.partial(_import_and_construct, root, sources, compiled, entry_point, config),
         )
         try:
-            instance = await loop.run_in_executor(
-                self.pool, functools.partial(_construct, imported, entry_point, config)
-            )
             await _call_hook(instance, "setup", "plugin_setup_failed", self.pool)
         except BaseException:
             imported.release()
@@ -250,9 +252,41 @@ class _Host:
             await self.writer.drain()
 
 
-def _import(root: Any, sources: dict[str, bytes], entry_point: str) -> ImportedBundle:
+def _import_and_construct(
+    root: Any,
+    sources: dict[str, bytes],
+    compiled: dict[str, bytes],
+    entry_point: str,
+    config: dict[str, Any],
+) -> tuple[ImportedBundle, Any]:
+    """Import the bytes (with the code the supervisor's scan compiled from them, when sent)
+    and build `Plugin`: one worker-thread hop for both."""
+    imported = _import(root, sources, _code_objects(compiled), entry_point)
     try:
-        return import_bundle(root, sources, entry_point)
+        return imported, _construct(imported, entry_point, config)
+    except BaseException:
+        imported.release()
+        raise
+
+
+def _code_objects(compiled: dict[str, bytes]) -> dict[str, CodeType]:
+    code: dict[str, CodeType] = {}
+    for rel, data in compiled.items():
+        try:
+            value = marshal.loads(data)  # noqa: S302 - from the supervisor, which we trust
+        except (EOFError, ValueError, TypeError) as exc:
+            raise _Failure("host_protocol_error", f"undecodable code for {rel}") from exc
+        if not isinstance(value, CodeType):
+            raise _Failure("host_protocol_error", f"the code for {rel} is not a code object")
+        code[rel] = value
+    return code
+
+
+def _import(
+    root: Any, sources: dict[str, bytes], code: dict[str, CodeType], entry_point: str
+) -> ImportedBundle:
+    try:
+        return import_bundle(root, sources, entry_point, code)
     except MemoryError:
         raise
     except BaseException as exc:

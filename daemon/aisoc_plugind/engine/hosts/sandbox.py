@@ -306,8 +306,9 @@ def _normalised(path: Path | str) -> Path:
 
 def _check_protected(rules: Iterable[PathRule], protected: Iterable[Path]) -> None:
     for secret in (_normalised(p) for p in protected):
+        holders = {secret, *secret.parents}  # a set: this runs in every host's start
         for rule in rules:
-            if rule.path == secret or rule.path in secret.parents:
+            if rule.path in holders:
                 raise SandboxError(
                     f"sandbox would grant {rule.path} which holds protected {secret}",
                     code="sandbox_policy_invalid",
