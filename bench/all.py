@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/all.py [--quick] [--no-docs]
 
-Runs, each as its own process, in this order: cold discovery against a naive importlib
-loader (bench/discovery.py), POST /run against a bare aiohttp handler (bench/run_ratio.py,
-needs wrk), hot-reload latency (bench/reload_latency.py) and /run latency under a bounded load
-(bench/run_throughput.py). Each refreshes its section of docs/benchmarks.md unless
-`--no-docs`; `--quick` makes every run shorter (for a smoke test, not for the doc).
+Runs, each as its own process, in this order, for isolation modes `process` (the default)
+and `none`: cold discovery against a naive importlib loader (bench/discovery.py), POST /run
+against a bare aiohttp handler (bench/run_ratio.py, needs wrk); then plugin host start and
+idle memory (bench/host_start.py), hot-reload latency (bench/reload_latency.py) and /run
+latency under a bounded load (bench/run_throughput.py). Each refreshes its section of
+docs/benchmarks.md unless `--no-docs`; `--quick` makes every run shorter (for a smoke test,
+not for the doc).
 """
 
 from __future__ import annotations
@@ -47,24 +49,39 @@ def main() -> int:
     args = parser.parse_args()
     docs = ["--no-docs"] if args.no_docs or args.quick else []
     quick = args.quick
-    discovery = run(
-        "discovery.py", [*(["--plugins", "200", "--rounds", "1"] if quick else []), *docs]
-    )
-    ratio = run("run_ratio.py", [*(["--seconds", "2", "--rounds", "1"] if quick else []), *docs])
+    results: dict[str, tuple[list[str], list[str]]] = {}
+    for mode in ("process", "none"):
+        discovery = run(
+            "discovery.py",
+            [*(["--plugins", "200", "--rounds", "1"] if quick else []), "--isolation", mode, *docs],
+        )
+        ratio = run(
+            "run_ratio.py",
+            [*(["--seconds", "2", "--rounds", "1"] if quick else []), "--isolation", mode, *docs],
+        )
+        results[mode] = (median_row(discovery), median_row(ratio))
+    hosts = run("host_start.py", [*(["--hosts", "10", "--rounds", "1"] if quick else []), *docs])
     run(
         "reload_latency.py",
         [*(["--iterations", "20", "--idle-seconds", "0.5"] if quick else []), *docs],
     )
     run("run_throughput.py", [*(["--requests", "400"] if quick else []), *docs])
-    d, r = median_row(discovery), median_row(ratio)
     print("\n== summary (medians)")
-    if d:
-        print(
-            f"cold discovery: {d[1]} ms per plugin, {d[3]} x the naive importlib loader "
-            f"(target: <= 0.5 ms and <= 0.5 x)"
-        )
-    if r:
-        print(f"POST /run: {r[1]} req/s, {r[3]} x a bare aiohttp JSON handler (target: >= 0.8 x)")
+    for mode, (d, r) in results.items():
+        if d:
+            print(
+                f"[{mode}] cold discovery: {d[1]} ms per plugin, {d[3]} x the naive importlib "
+                "loader (target: <= 0.5 ms and <= 0.5 x)"
+            )
+        if r:
+            target = "0.5" if mode == "process" else "0.8"
+            print(
+                f"[{mode}] POST /run: {r[1]} req/s, {r[3]} x a bare aiohttp JSON handler "
+                f"(target: >= {target} x)"
+            )
+    h = median_row(hosts)
+    if h:
+        print(f"host start: {h[1]} ms median, idle USS {h[4]} MiB (targets: <= 10 ms, <= 12 MiB)")
     return 0
 
 
