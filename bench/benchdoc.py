@@ -11,6 +11,13 @@ _NEW_DOC = (
 )
 
 
+def markers(name: str, isolation: str) -> tuple[str, str]:
+    """Return the doc section markers of benchmark `name` in one isolation mode (`none`
+    keeps the markers the section had before process isolation existed)."""
+    suffix = "" if isolation == "none" else f":{isolation}"
+    return f"<!-- {name}{suffix}:begin -->", f"<!-- {name}{suffix}:end -->"
+
+
 def replace_section(section: str, begin: str, end: str, doc: Path = DOC) -> None:
     """Put `section` (which starts with `begin` and ends with `end`) in place of the old one,
     or append it; every other section is kept."""

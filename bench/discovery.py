@@ -44,18 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
-from benchdoc import replace_section
+from benchdoc import markers, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_MS = 0.5
 TARGET_RATIO = 0.5
 MODES = {"process": "plugins in a sandboxed host process", "none": "in-process mode"}
-
-
-def markers(isolation: str) -> tuple[str, str]:
-    """Return the doc section markers of one isolation mode."""
-    suffix = "" if isolation == "none" else f":{isolation}"
-    return f"<!-- discovery{suffix}:begin -->", f"<!-- discovery{suffix}:end -->"
 
 
 # The project's own example enricher (examples/plugins/shodan-enricher), one table row made
@@ -260,7 +254,7 @@ def where_time_goes(profile: Path) -> list[str]:
 def render(
     rounds: list[dict[str, Any]], count: int, argv: list[str], profile: list[str], isolation: str
 ) -> str:
-    begin, end = markers(isolation)
+    begin, end = markers("discovery", isolation)
     ours = statistics.median(r["ours"] for r in rounds)
     naive = statistics.median(r["naive"] for r in rounds)
     naive_nopyc = statistics.median(r["naive_nopyc"] for r in rounds)
@@ -352,7 +346,7 @@ def main() -> int:
     section = render(rounds, args.plugins, sys.argv[1:], profile, args.isolation)
     print(section.split("\n", 1)[1].rsplit("\n", 1)[0])
     if not args.no_docs:
-        replace_section(section, *markers(args.isolation))
+        replace_section(section, *markers("discovery", args.isolation))
     return 0
 
 

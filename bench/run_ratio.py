@@ -40,18 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
-from benchdoc import replace_section
+from benchdoc import markers, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 # The target per isolation mode: in the daemon (audit pipeline issue), through a host process
 # (isolation issue).
 TARGETS = {"none": (0.8, "audit pipeline"), "process": (0.5, "isolation")}
-
-
-def markers(isolation: str) -> tuple[str, str]:
-    """Return the doc section markers of one isolation mode."""
-    suffix = "" if isolation == "none" else f":{isolation}"
-    return f"<!-- run_ratio{suffix}:begin -->", f"<!-- run_ratio{suffix}:end -->"
 
 
 PLUGIN_ID = "bench.enricher"
@@ -198,7 +192,7 @@ def render(rounds: list[dict[str, Any]], args: argparse.Namespace, audit_lines: 
     bare = statistics.median(r["bare"]["rps"] for r in rounds)
     ratio = ours / bare
     target, issue = TARGETS[args.isolation]
-    begin, end = markers(args.isolation)
+    begin, end = markers("run_ratio", args.isolation)
     mode = "in-process mode" if args.isolation == "none" else "through a plugin host process"
     today = datetime.datetime.now(datetime.UTC).date().isoformat()
     rows = []
@@ -289,7 +283,7 @@ def main() -> int:
     section = render(rounds, args, audit_lines)
     print(section.split("\n", 1)[1].rsplit("\n", 1)[0])
     if not args.no_docs:
-        replace_section(section, *markers(args.isolation))
+        replace_section(section, *markers("run_ratio", args.isolation))
     return 0
 
 

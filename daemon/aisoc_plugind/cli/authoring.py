@@ -183,9 +183,8 @@ def _push_ref(value: str) -> str:
     return value
 
 
-def _args_push(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", type=Path, help="the package to push")
-    p.add_argument("ref", metavar="OCI_REF", type=_push_ref, help="HOST[:PORT]/REPOSITORY:TAG")
+def _registry_options(p: argparse.ArgumentParser) -> None:
+    """Add how to reach a registry: plain HTTP, an extra CA, a Docker config's credentials."""
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -204,6 +203,12 @@ def _args_push(p: argparse.ArgumentParser) -> None:
         help="read registry credentials from this Docker config file (default: "
         "$DOCKER_CONFIG/config.json, else ~/.docker/config.json)",
     )
+
+
+def _args_push(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", type=Path, help="the package to push")
+    p.add_argument("ref", metavar="OCI_REF", type=_push_ref, help="HOST[:PORT]/REPOSITORY:TAG")
+    _registry_options(p)
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -281,24 +286,7 @@ def _args_pull(p: argparse.ArgumentParser) -> None:
         help="strict (default: only a trusted signature), warn or disabled, as the daemon's",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="talk plain HTTP to this registry (local test registries only)",
-    )
-    p.add_argument(
-        "--ca-file",
-        metavar="PEM",
-        type=Path,
-        help="also trust the CA certificates in this PEM file (a registry with a private CA)",
-    )
-    p.add_argument(
-        "--docker-config",
-        metavar="FILE",
-        type=Path,
-        help="read registry credentials from this Docker config file (default: "
-        "$DOCKER_CONFIG/config.json, else ~/.docker/config.json)",
-    )
+    _registry_options(p)
 
 
 def _plugin_id(value: str) -> str:
