@@ -289,7 +289,7 @@ def render(
             f"| **median** | **{ours:.3f}** | **{naive:.3f}** | **{ratio:.2f}** "
             f"| {naive_nopyc:.3f} | {cpu:.3f} |",
             "",
-            f"Target (audit pipeline and isolation issues): at most {TARGET_MS} ms per plugin "
+            f"Target: at most {TARGET_MS} ms per plugin "
             f"and at most {TARGET_RATIO} times the naive loader: {'met' if ok else 'NOT met'}.",
             "",
             *(

@@ -237,7 +237,7 @@ def render(result: Result, argv: list[str]) -> str:
             f"Idle: the process used {result.idle_cpu_pct:.2f} % of one CPU while nothing changed "
             f"(watchfiles wakes every {STEP_MS} ms to look at the inotify queue).",
             "",
-            "Target (issue #4): median <= 50 ms, p99 <= 150 ms, exactly 1 reload per edit.",
+            "Target: median <= 50 ms, p99 <= 150 ms, exactly 1 reload per edit.",
             MARK.format(result.debounce_ms, "end"),
         ]
     )

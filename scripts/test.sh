@@ -10,6 +10,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# The quickstart installs only when pyproject.toml changed: the dev install covers it.
+touch ".venv/.quickstart-$(sha256sum pyproject.toml | cut -c1-16)"
 
 # System tools the tests use for real: OpenSSL (interop), systemd-analyze (unit checks),
 # docker-registry (a real OCI registry on 127.0.0.1), rsyslog and logrotate (the shipped SIEM
@@ -38,13 +40,50 @@ echo "== import contracts"
 .venv/bin/lint-imports --no-cache
 echo "== mypy (strict)"
 .venv/bin/mypy
-echo "== pytest"
-set +e
-.venv/bin/python -m pytest --cov=aisoc_plugind --cov-report=term:skip-covered --cov-fail-under=90 -p no:cacheprovider "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-    echo "error: pytest collected no tests" >&2
-    exit 1
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+run_pytest() {
+    local rc=0
+    "$@" || rc=$?
+    if [ "$rc" -eq 5 ]; then
+        echo "error: pytest collected no tests" >&2
+        return 1
+    fi
+    return "$rc"
+}
+
+echo "== pytest (Python $(.venv/bin/python -c 'import sys; print(sys.version.split()[0])'), newest dependencies, coverage)"
+run_pytest .venv/bin/python -m pytest --cov=aisoc_plugind --cov-report=term:skip-covered \
+    --cov-fail-under=90 -p no:cacheprovider "$@"
+
+# The same suite on every other CPython >= 3.11 on this machine, and once more with every
+# runtime dependency at its declared floor (scripts/floors.py): a floor is a tested version.
+# AISOC_TEST_MATRIX=0 skips both (a quick local run); CI always runs them.
+if [ "${AISOC_TEST_MATRIX:-1}" = 0 ] && [ "${CI:-}" != true ]; then
+    echo "== skipped: other interpreters and dependency floors (AISOC_TEST_MATRIX=0)"
+    exit 0
 fi
-exit "$rc"
+main_version=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+matrix_venv() {  # matrix_venv DIR PYTHON [pip args...]: a venv with the dev install
+    local dir=$1 python=$2
+    shift 2
+    [ -x "$dir/bin/python" ] || "$python" -m venv "$dir"
+    "$dir/bin/python" -m pip install --quiet --upgrade pip
+    "$dir/bin/python" -m pip install --quiet "$@" -e '.[dev]'
+}
+declare -A seen=(["$main_version"]=1)
+for candidate in python3.11 python3.12 python3.13 python3.14 python3.15 \
+    "$HOME"/.pyenv/versions/3.*/bin/python3; do
+    python=$(command -v "$candidate" 2>/dev/null) || continue
+    version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2]) if sys.version_info >= (3, 11) and sys.implementation.name == "cpython" else None' 2>/dev/null) || continue
+    [ "$version" != None ] && [ -z "${seen[$version]:-}" ] || continue
+    seen[$version]=1
+    echo "== pytest (Python $version: $python)"
+    matrix_venv ".venv-py$version" "$python"
+    run_pytest ".venv-py$version/bin/python" -m pytest -q -n 3 -p no:cacheprovider "$@"
+done
+echo "== pytest (Python $main_version, runtime dependencies at their floors)"
+.venv/bin/python scripts/floors.py > .venv/floors.txt
+matrix_venv .venv-floors "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" \
+    -c .venv/floors.txt
+.venv-floors/bin/python -m pip list --format=freeze | grep -i -F -f <(cut -d= -f1 .venv/floors.txt)
+run_pytest .venv-floors/bin/python -m pytest -q -n 3 -p no:cacheprovider "$@"

@@ -30,6 +30,9 @@ from aisoc_plugind.engine.keyring import load_keyring
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.service.wiring import make_manager as wire_manager
 
+# Every native event the suite writes is checked against docs/events.schema.json.
+pytest_plugins = ["tests.eventcheck"]
+
 # The project's own copy of the signature vectors (INTERFACE §4): a clone runs its tests with
 # nothing beside it. tests/test_vectors_copy.py checks the copy against the format.
 REPO = Path(__file__).resolve().parents[1]

@@ -148,9 +148,11 @@ def write_config(
     extra: str = "",
     watch: bool = False,
     trust_extra: str = "",
+    isolation_extra: str = "",
 ) -> Path:
     """Write a development config for a daemon on 127.0.0.1:`port` (`trust_extra`: more
-    lines of the `[trust]` table; `trust.revoked_file` is `root/revoked.toml` unless set)."""
+    lines of the `[trust]` table; `trust.revoked_file` is `root/revoked.toml` unless set;
+    `isolation_extra`: more lines of the `[isolation]` table, e.g. `mode = "none"`)."""
     config = root / "config.toml"
     default = "" if "revoked_file" in trust_extra else f'revoked_file = "{root}/revoked.toml"\n'
     trust = default + trust_extra
@@ -160,7 +162,7 @@ def write_config(
         f'[trust]\nkeys_dir = "{keys}"\n{trust}'
         f'[api]\nlisten = "127.0.0.1:{port}"\ntokens_file = "{root}/tokens.toml"\n'
         f'[audit]\npath = "{audit}"\n'
-        f'[isolation]\nstate_dir = "{root}/state"\n'
+        f'[isolation]\nstate_dir = "{root}/state"\n{isolation_extra}'
         f"[daemon]\nshutdown_grace_s = 5\n" + extra
     )
     return config
@@ -178,6 +180,7 @@ def live_daemon(
     env: dict[str, str] | None = None,
     watch: bool = False,
     trust_extra: str = "",
+    isolation_extra: str = "",
 ) -> Iterator[LiveDaemon]:
     """Start a daemon over `plugins`; on exit stop it (SIGTERM, then SIGKILL) by its PID."""
     root.mkdir(parents=True, exist_ok=True)
@@ -193,6 +196,7 @@ def live_daemon(
         extra=extra,
         watch=watch,
         trust_extra=trust_extra,
+        isolation_extra=isolation_extra,
     )
     stdout, stderr = root / "stdout.jsonl", root / "stderr.txt"
     with stdout.open("wb") as out, stderr.open("wb") as err:

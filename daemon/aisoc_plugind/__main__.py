@@ -1,5 +1,5 @@
 """Run `python -m aisoc_plugind` as `aisoc-plugind`."""
 
-from aisoc_plugind.cli.main import main
+from aisoc_plugind.cli.entry import plugind
 
-main()
+plugind()

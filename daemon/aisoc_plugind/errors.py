@@ -18,6 +18,8 @@
     ├── AuthoringError                authoring_failed (the `aisoc plugin` commands)
     ├── TokenFileError                tokens_file_invalid (the `token` commands)
     ├── AuditUnavailable              audit_unavailable (a change or run could not be recorded)
+    ├── DaemonStopping                daemon_stopping (a run refused or cut by the shutdown)
+    ├── AlreadyRunning                already_running (another daemon uses this audit file)
     ├── SandboxError                  sandbox_* (a plugin host could not sandbox itself)
     └── OciError                      oci_*
         ├── OciReferenceError         oci_bad_reference (the caller's input)
@@ -35,11 +37,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "AlreadyRunning",
     "ArchiveError",
     "AuditUnavailable",
     "AuthoringError",
     "BundleError",
     "ConfigError",
+    "DaemonStopping",
     "DuplicatePluginId",
     "KeyFileError",
     "ManifestError",
@@ -79,9 +83,19 @@ class PluginDError(Exception):
 
 
 class ConfigError(PluginDError):
-    """The configuration cannot be used; the daemon refuses to start."""
+    """The configuration cannot be used; the daemon refuses to start.
+
+    `problems` lists every problem found, each naming its TOML key (check-config prints one
+    a line); the message joins them.
+    """
 
     code = "config_invalid"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, problems: Iterable[str] = ()
+    ) -> None:
+        super().__init__(message, code=code)
+        self.problems = tuple(problems) or (message,)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +155,13 @@ class RevocationFileError(PluginDError):
 
 
 class KeyFileError(PluginDError):
-    """A trusted-key file is malformed or not Ed25519; it is skipped, never fatal."""
+    """A trusted-key file is malformed or not Ed25519; it is skipped, never fatal.
+
+    key_invalid, key_unreadable, key_symlink (a link out of the keys dir), key_file_insecure
+    (writable by group or others, or owned by another unprivileged user),
+    key_file_not_regular (a FIFO, socket, device or directory), key_duplicate_id; for the
+    keys dir itself keys_dir_unreadable and keys_dir_insecure (then no key is trusted).
+    """
 
     code = "key_invalid"
 
@@ -203,7 +223,11 @@ class AuthoringError(PluginDError):
 
 
 class TokenFileError(PluginDError):
-    """The tokens file cannot be read, parsed or written (the `token` commands)."""
+    """The tokens file cannot be read, parsed or written (the `token` commands).
+
+    tokens_file_invalid, tokens_file_insecure (writable by group or others, owned by another
+    unprivileged user, or not a regular file: not trusted), tokens_file_unreadable.
+    """
 
     code = "tokens_file_invalid"
 
@@ -212,6 +236,20 @@ class AuditUnavailable(PluginDError):
     """The audit file cannot be written, so a change or run is refused (or was undone)."""
 
     code = "audit_unavailable"
+
+
+class DaemonStopping(PluginDError):
+    """The daemon is shutting down: a run arrived too late, or was still running when the
+    shutdown's drain period ended and was cut."""
+
+    code = "daemon_stopping"
+
+
+class AlreadyRunning(PluginDError):
+    """Another daemon holds the instance lock of this configuration (its audit file); this
+    one stops before touching anything."""
+
+    code = "already_running"
 
 
 class SandboxError(PluginDError):

@@ -101,6 +101,7 @@ def test_bearer_parsing(header: str | None, token: str | None) -> None:
         ("Bearer nope", "token_malformed"),
         (f"Bearer {new_token()}", "token_unknown"),
     ],
+    ids=["none", "empty", "basic", "not-ours", "unknown"],  # stable: the token is random
 )
 def test_denial_reasons(header: str | None, reason: str) -> None:
     """The audit log tells a missing token from a malformed or unknown one."""

@@ -99,7 +99,7 @@ async def test_run_prints_the_result(as_root: Api, capsys: pytest.CaptureFixture
     ("argv", "message"),
     [
         (["show", "test.nothing"], "no plugin with id 'test.nothing'"),
-        (["run", "test.boom"], "RuntimeError: it broke"),
+        (["run", "test.boom"], "plugin raised RuntimeError"),  # the type only, never the text
         (["enable", "test.unsigned"], "is failed"),
     ],
 )

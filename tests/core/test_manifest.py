@@ -210,7 +210,6 @@ SAME_AS_SAFE_LOAD = [
     "explicit_str: !!str 12\nexplicit_int: !!int '7'\nexplicit_float: !!float '1'\n",
     "seq_of_maps:\n  - {a: 1}\n  - {b: 2}\n- \n".replace("- \n", ""),
     "unicode: \u00e9\u00e8 \u2603\nkey with spaces: v\n'quoted key': 1\n? complex\n: value\n",
-    "set: !!set {a, b}\nomap: !!omap [a: 1, b: 2]\nbinary: !!binary aGVsbG8=\n",
     "",
     "just a string",
     "[1, 2, 3]",
@@ -221,6 +220,14 @@ SAME_AS_SAFE_LOAD = [
 def test_the_strict_builder_matches_safe_load(text: str) -> None:
     """What is not refused constructs exactly as yaml.safe_load constructs it."""
     assert documents._load_yaml(text) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize(
+    "extra", ["s: !!set {a, b}\n", "o: !!omap [a: 1, b: 2]\n", "b: !!binary aGVsbG8=\n"]
+)
+def test_tags_outside_the_json_core_are_refused_before_construction(extra: str) -> None:
+    """Only !!str, !!int, !!float, !!bool, !!null, !!map and !!seq may be written out."""
+    assert _codes(GOOD + extra) == {"manifest_unsafe_yaml"}
 
 
 @pytest.mark.parametrize(

@@ -155,12 +155,16 @@ def test_non_ed25519_or_malformed_key_is_refused(kind: str) -> None:
 
 
 def test_keyring_skips_bad_files_and_keeps_good_ones(tmp_path: Path) -> None:
-    """A keys dir with junk in it still yields the good key, and lists what it skipped."""
+    """A keys dir with junk in it still yields the good key, and lists what it skipped
+    (a link out of the keys dir among them)."""
+    (tmp_path / "outside.pem").write_bytes(VECTOR_PUB.read_bytes())
+    tmp_path = tmp_path / "keys"
+    tmp_path.mkdir()
     (tmp_path / "good.pem").write_bytes(VECTOR_PUB.read_bytes())
     for name, data in _foreign_keys().items():
         (tmp_path / f"{name}.pub").write_bytes(data)
     (tmp_path / "readme.txt").write_text("ignored: not a key suffix")
-    (tmp_path / "link.pem").symlink_to(tmp_path / "good.pem")
+    (tmp_path / "link.pem").symlink_to(tmp_path.parent / "outside.pem")
     ring = load_keyring(tmp_path)
     assert list(ring.keys) == ["good"]
     assert {s.path.name for s in ring.skipped} == {f"{n}.pub" for n in _foreign_keys()} | {

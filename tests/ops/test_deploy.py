@@ -478,18 +478,12 @@ def test_readiness_probe_passes_against_the_daemon(k8s_daemon: K8sDaemon) -> Non
     assert _probe(daemon_container()["readinessProbe"], k8s_daemon.port) == 200
 
 
-@pytest.mark.xfail(
-    strict=True, reason="CIDR entries in api.allowed_hosts (INTERFACE §2) not supported yet: 421"
-)
 def test_a_client_addressing_the_pod_ip_is_accepted(k8s_daemon: K8sDaemon) -> None:
     """A Host header naming a pod IP inside the configured CIDR passes the Host check."""
     probe = daemon_container()["livenessProbe"]
     assert _probe(probe, k8s_daemon.port, host=f"10.1.2.3:{API_PORT}") == 200
 
 
-@pytest.mark.xfail(
-    strict=True, reason="keys behind kubelet's ..data links (INTERFACE §11) are refused yet"
-)
 def test_keys_mounted_from_a_secret_are_trusted(k8s_daemon: K8sDaemon) -> None:
     """The Secret's key, behind kubelet's ..data symlinks, is loaded and verifies the plugin."""
     ready = [e for e in audit_events(k8s_daemon.audit) if e["event"] == "daemon.ready"]

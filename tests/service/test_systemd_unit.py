@@ -15,6 +15,7 @@ from tests.conftest import REPO
 
 SYSTEMD = REPO / "systemd"
 UNIT = SYSTEMD / "aisoc-plugind.service"
+INSTALLED = "/opt/aisoc-plugind/venv/bin/aisoc-plugind"  # docs/service.md, step 1
 SYSUSERS = SYSTEMD / "aisoc-plugind.sysusers.conf"
 TMPFILES = SYSTEMD / "aisoc-plugind.tmpfiles.conf"
 MAX_EXPOSURE = 1.5
@@ -59,9 +60,9 @@ def testable_unit(tmp_path: Path) -> Path:
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
     text = UNIT.read_text()
-    assert text.count("ExecStart=/usr/bin/aisoc-plugind ") == 1
+    assert text.count(f"ExecStart={INSTALLED} ") == 1
     unit = tmp_path / UNIT.name
-    unit.write_text(text.replace("ExecStart=/usr/bin/aisoc-plugind ", f"ExecStart={fake} "))
+    unit.write_text(text.replace(f"ExecStart={INSTALLED} ", f"ExecStart={fake} "))
     return unit
 
 
@@ -109,9 +110,19 @@ def test_unit_is_type_notify_with_watchdog_and_reload_by_sighup() -> None:
     assert values("WatchdogSec") == ["30"]
     assert values("ExecReload") == ["/bin/kill -HUP $MAINPID"]
     assert values("Restart") == ["on-failure"]
-    assert values("ExecStart") == [
-        "/usr/bin/aisoc-plugind run --config /etc/aisoc-plugind/config.toml"
-    ]
+    assert values("ExecStart") == [f"{INSTALLED} run --config /etc/aisoc-plugind/config.toml"]
+
+
+def test_exec_start_and_documentation_are_what_the_documented_install_creates() -> None:
+    """docs/service.md's install steps create the venv ExecStart runs and the doc file."""
+    guide = (REPO / "docs" / "service.md").read_text()
+    assert "python3 -m venv /opt/aisoc-plugind/venv" in guide
+    assert INSTALLED == "/opt/aisoc-plugind/venv/bin/aisoc-plugind"
+    (doc_url,) = values("Documentation")
+    assert doc_url.startswith("file://")
+    installed_doc = doc_url.removeprefix("file://")
+    assert f"docs/service.md {installed_doc}" in guide
+    assert (REPO / "docs" / Path(installed_doc).name).exists()
 
 
 def test_stop_timeout_leaves_room_for_the_drain() -> None:

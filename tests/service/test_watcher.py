@@ -192,11 +192,14 @@ def test_plugin_dirs_keeps_a_relative_root_as_configured(
 
 
 def test_filter_passes_the_root_itself_so_its_removal_is_seen() -> None:
-    """The watched directory's own deletion reaches the watcher; temp files do not."""
+    """The watched directory's own deletion reaches the watcher; top-level hidden names do
+    not (temp files inside a plugin directory do: they are a deploy's activity)."""
     keep = ChangeFilter(ROOT)
     assert keep(Change.deleted, "/srv/plugins")
     assert keep(Change.added, "/srv/plugins/a/plugin.py")
-    assert not keep(Change.added, "/srv/plugins/a/.plugin.py.swp")
+    assert keep(Change.added, "/srv/plugins/a/.plugin.py.swp")
+    assert not keep(Change.added, "/srv/plugins/.tmp-a/plugin.py")
+    assert not keep(Change.added, "/srv/other/a/plugin.py")
     assert root_deleted({(Change.deleted, "/srv/plugins")}, ROOT)
     assert not root_deleted({(Change.deleted, "/srv/plugins/a")}, ROOT)
 

@@ -6,8 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 from aiohttp import web
 
+from aisoc_plugind.api.budget import BodyBudget
+from aisoc_plugind.api.connections import (
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
+    ConnectionGate,
+    GateLimits,
+)
 from aisoc_plugind.api.context import (
     STATE,
     ApiState,
@@ -27,8 +35,17 @@ from aisoc_plugind.audit import names
 from aisoc_plugind.audit.log import EventLog
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.engine.manager import PluginManager
+from aisoc_plugind.errors import ConfigError
 
-__all__ = ["HangupHook", "build_app", "serve"]
+__all__ = [
+    "CLOSE_WAIT_MAX_S",
+    "LINGER_S",
+    "HangupHook",
+    "build_app",
+    "close_wait_s",
+    "connection_gate",
+    "serve",
+]
 
 
 def build_app(
@@ -51,6 +68,8 @@ def build_app(
         unix=settings.listen.is_unix,
         limiter=DenialLimiter(settings.api_denied_burst, settings.api_denied_per_second),
         allowed_hosts=frozenset(h.strip().lower() for h in settings.api_allowed_hosts),
+        gate=connection_gate(settings, events),
+        budget=BodyBudget(settings.api_max_body_bytes_total),
         spec=dumps(openapi_document()).encode("utf-8"),
     )
     # aiohttp tries the routes under one path prefix in the order they were added: the run
@@ -62,28 +81,80 @@ def build_app(
     return app
 
 
+def connection_gate(settings: Settings, events: EventLog) -> ConnectionGate:
+    """Return the gate that bounds the API's connections (`api.max_connections`, ...)."""
+
+    def notify(**fields: object) -> None:
+        events.emit(names.API_CONNECTIONS_LIMITED, level="warning", **fields)
+
+    limits = GateLimits(
+        max_total=settings.api_max_connections,
+        max_per_peer=settings.api_max_connections_per_host,
+        header_timeout_s=settings.api_header_timeout_s,
+        write_timeout_s=settings.api_body_timeout_s,
+        unix=settings.listen.is_unix,
+    )
+    return ConnectionGate(limits, notify)
+
+
+# After a response, aiohttp reads and drops what is left of an unread request body for at
+# most this long, so that the client sees the answer rather than a reset.
+LINGER_S = 2.0
+
+
 # The SIGHUP hook the service runs after re-reading keys: here, re-read the tokens file.
 HangupHook = Callable[[], Awaitable[None]]
 
 
+# At shutdown, once the runs in flight were answered (`drained`), requests still running get
+# this long to answer (a tenth of the grace at most), then aiohttp cancels them.
+CLOSE_WAIT_MAX_S = 1.0
+
+
+def close_wait_s(settings: Settings) -> float:
+    """Return how long requests still running when the API closes may take to answer."""
+    return min(CLOSE_WAIT_MAX_S, settings.shutdown_grace_s / 10)
+
+
 @asynccontextmanager
 async def serve(
-    *, settings: Settings, events: EventLog, manager: PluginManager, ready: Callable[[], bool]
+    *,
+    settings: Settings,
+    events: EventLog,
+    manager: PluginManager,
+    ready: Callable[[], bool],
+    drained: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[HangupHook]:
     """Serve the control API until the block ends; yield the SIGHUP hook (re-read tokens).
 
-    Raises ConfigError before binding anything when the listen address is unsafe.
+    When the block ends the API stops accepting connections, awaits `drained` (the service
+    lets the runs in flight finish, or cuts them so that each still gets its answer), then
+    closes the connections (`close_wait_s`).
+
+    Raises ConfigError before binding anything when the listen address is unsafe, or when
+    the tokens file may not be trusted (`tokens_file_insecure`, after `api.tokens.refused`).
     """
     check_listen(settings)
     tls_context(settings)  # fail on bad TLS files before anything listens
     tokens = TokenStore(settings.tokens_file)
     emit_tokens_loaded(events, tokens, trigger="startup")
+    if tokens.refused is not None:  # a tokens file that may not be trusted: do not start
+        raise ConfigError(tokens.refused.message, code=tokens.refused.code)
     app = build_app(manager=manager, events=events, tokens=tokens, settings=settings, ready=ready)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=close_wait_s(settings),
+        keepalive_timeout=settings.api_keepalive_timeout_s,
+        lingering_time=LINGER_S,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_LINE_BYTES,
+        max_headers=MAX_HEADERS,
+    )
     await runner.setup()
     tokens.flag.attach(asyncio.get_running_loop())  # no stat() per request where inotify works
     try:
-        async with listening(runner, settings) as addresses:
+        async with listening(runner, settings, app[STATE].gate) as addresses:
             events.emit(
                 names.API_LISTENING,
                 listen=settings.api_listen,
@@ -98,4 +169,14 @@ async def serve(
             yield hangup
     finally:
         tokens.flag.close()
-        await runner.cleanup()
+        with anyio.CancelScope(shield=True):  # a start cancelled midway still closes
+            await _close(runner, drained)
+
+
+async def _close(runner: web.AppRunner, drained: Callable[[], Awaitable[None]] | None) -> None:
+    """Stop accepting, let the service drain the runs in flight, close the connections."""
+    for site in list(runner.sites):
+        await site.stop()
+    if drained is not None:
+        await drained()
+    await runner.cleanup()

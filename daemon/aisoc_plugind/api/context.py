@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
+from aisoc_plugind.api.budget import BodyBudget
+from aisoc_plugind.api.connections import ConnectionGate
 from aisoc_plugind.api.limiter import DenialLimiter
 from aisoc_plugind.api.metrics import ApiMetrics
 from aisoc_plugind.api.tokens import Principal, TokenStore
@@ -65,6 +67,8 @@ class ApiState:
     unix: bool
     allowed_hosts: frozenset[str]
     limiter: DenialLimiter
+    gate: ConnectionGate
+    budget: BodyBudget
     spec: bytes = b""
     routes: dict[AbstractRoute, Route] = field(default_factory=dict)
 

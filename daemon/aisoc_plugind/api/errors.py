@@ -56,12 +56,14 @@ _STATUS_BY_CLASS: Mapping[type[errors.PluginDError], int] = {
     errors.ArchiveError: 422,
     errors.OciError: 502,
     errors.AuditUnavailable: 503,
+    errors.DaemonStopping: 503,
 }
 # Codes whose answer differs from their class's.
 _STATUS_BY_CODE: Mapping[str, int] = {
     "oci_not_configured": 501,
     "oci_tag_not_pinned": 400,
     "oci_registry_not_allowed": 403,
+    "payload_too_large": 413,  # a run's payload that no plugin host would accept
 }
 
 

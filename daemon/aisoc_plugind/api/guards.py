@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import ipaddress
 import itertools
 import re
 import secrets
@@ -31,6 +33,7 @@ __all__ = [
     "emit_tokens_loaded",
     "host_allowed",
     "host_name",
+    "in_networks",
     "request_id",
     "too_large",
 ]
@@ -62,7 +65,34 @@ _MAX_HOST = 300
 @functools.lru_cache(maxsize=256)  # a client sends the same Host on every request
 def _host_allowed(host_header: str, allowed: frozenset[str]) -> bool:
     name = host_name(host_header)
-    return is_loopback_host(name) or name in allowed or host_header.strip().lower() in allowed
+    return (
+        is_loopback_host(name)
+        or name in allowed
+        or host_header.strip().lower() in allowed
+        or in_networks(name, allowed)
+    )
+
+
+def in_networks(name: str, allowed: frozenset[str]) -> bool:
+    """Return True when `name` is an IP address inside a CIDR entry of `allowed`."""
+    networks = _networks(allowed)
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False  # a DNS name never matches a network: only literal addresses do
+    return any(address in network for network in networks)
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(allowed: frozenset[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for entry in allowed:
+        if "/" in entry:
+            with contextlib.suppress(ValueError):  # settings refused invalid entries already
+                nets.append(ipaddress.ip_network(entry, strict=False))
+    return tuple(nets)
 
 
 def browser_refusal(headers: Mapping[str, str], allowed: Collection[str]) -> str | None:
@@ -88,7 +118,9 @@ def browser_refusal(headers: Mapping[str, str], allowed: Collection[str]) -> str
     if parts.scheme not in ("http", "https") or not hostname:
         return "origin_not_allowed"
     same = parts.netloc.lower() == headers.get("Host", "").strip().lower()
-    return None if same or hostname in allowed else "origin_not_allowed"
+    if same or hostname in allowed or in_networks(hostname, frozenset(allowed)):
+        return None
+    return "origin_not_allowed"
 
 
 # A new request id: 16 random hex characters drawn once per process, then a counter (32 hex
@@ -164,7 +196,19 @@ def too_large(settings: Settings) -> ApiError:
 
 
 def emit_tokens_loaded(events: EventLog, tokens: TokenStore, *, trigger: str) -> None:
-    """Write `api.tokens.loaded`: how many tokens, their names, and any file problems."""
+    """Write `api.tokens.loaded`: how many tokens, their names, and any file problems; or
+    `api.tokens.refused` when the file may not be trusted (the tokens before stay)."""
+    if tokens.refused is not None:
+        events.emit(
+            names.API_TOKENS_REFUSED,
+            level="error",
+            path=str(tokens.path),
+            error_code=tokens.refused.code,
+            error=tokens.refused.message,
+            tokens=len(tokens),
+            trigger=trigger,
+        )
+        return
     events.emit(
         names.API_TOKENS_LOADED,
         level="warning" if tokens.problems else "info",

@@ -1,4 +1,8 @@
-"""Listen where `api.listen` says: loopback TCP, TLS, or a unix socket made safely."""
+"""Listen where `api.listen` says: loopback TCP, TLS, or a unix socket made safely.
+
+Every listener accepts through the API's `ConnectionGate` (`api.connections`), which bounds
+how many connections are open and how long each may stall.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from aisoc_plugind.api.connections import ConnectionGate, GuardedSite
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.errors import ConfigError
 
@@ -54,7 +59,9 @@ def _clear_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+        raise ConfigError(
+            f"{path} exists and is not a socket; refusing to replace it", code="listen_failed"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
@@ -64,7 +71,9 @@ def _clear_stale_socket(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise ConfigError(f"{path} is in use by another process (another daemon running?)")
+    raise ConfigError(
+        f"{path} is in use by another process (another daemon running?)", code="listen_failed"
+    )
 
 
 def bind_unix(path: Path) -> socket.socket:
@@ -76,7 +85,9 @@ def bind_unix(path: Path) -> socket.socket:
         os.chmod(path, 0o660)  # nobody can connect yet: the socket is not listening
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
+        raise ConfigError(
+            f"cannot listen on unix:{path}: {exc.strerror}", code="listen_failed"
+        ) from exc
     return sock
 
 
@@ -90,23 +101,29 @@ def _remove_socket(path: Path, ident: int) -> None:
 
 
 @asynccontextmanager
-async def listening(runner: web.AppRunner, settings: Settings) -> AsyncIterator[list[str]]:
+async def listening(
+    runner: web.AppRunner, settings: Settings, gate: ConnectionGate
+) -> AsyncIterator[list[str]]:
     """Start listening on `api.listen`; yield the bound addresses; remove a unix socket after."""
     address = settings.listen
     listen = address.text
     if address.unix_path is not None:
         path = Path(address.unix_path)
         sock = bind_unix(path)
-        await web.SockSite(runner, sock).start()
+        await GuardedSite(runner, gate, sock=sock).start()
         ident = os.stat(path).st_ino
         try:
             yield [listen]
         finally:
             _remove_socket(path, ident)
         return
-    site = web.TCPSite(runner, address.host, address.port, ssl_context=tls_context(settings))
+    site = GuardedSite(
+        runner, gate, host=address.host, port=address.port, ssl_context=tls_context(settings)
+    )
     try:
         await site.start()
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+        raise ConfigError(
+            f"cannot listen on {listen}: {exc.strerror or exc}", code="listen_failed"
+        ) from exc
     yield [f"{a[0]}:{a[1]}" if len(a) == 2 else f"[{a[0]}]:{a[1]}" for a in runner.addresses]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +39,7 @@ from aisoc_plugind.api.guards import (
 )
 from aisoc_plugind.audit import names
 from aisoc_plugind.core.manifest import ID_RE
+from aisoc_plugind.engine.hosts.faults import cancelled_here
 from aisoc_plugind.errors import PluginDError
 
 __all__ = ["envelope"]
@@ -84,7 +87,14 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     call = Call(request.app[STATE], request_id(request.headers.get("X-Request-Id")))
     request[CALL] = call
     started = time.perf_counter()
-    response = await _answer(request, call, handler)
+    gate = call.state.gate
+    gate.started(request.transport)
+    try:
+        response = await _answer(request, call, handler)
+    finally:
+        gate.finished(request.transport)
+    if response.status == 408:
+        response.force_close()  # the rest of the body is still on its way: drop it
     headers = response.headers
     headers.update(_SECURITY_HEADERS)
     headers["X-Request-Id"] = call.request_id
@@ -103,18 +113,70 @@ async def _answer(request: web.Request, call: Call, handler: Handler) -> web.Str
                 status=503,
                 reason="audit_unavailable",
             )
-        return await handler(request)
+        async with _body_held(request, call):
+            return await handler(request)
     except web.HTTPException as exc:
         return _from_http(request, call, exc)
     except PluginDError as exc:
         return _from_error(request, call, exc)
-    except Exception as exc:  # the last line of defence: never a bare 500 page or a crash
+    except BaseException as exc:  # the last line of defence: never a bare 500 page or a crash
+        if cancelled_here(exc):
+            raise
         _internal_error(request, call, exc)
         return error_response(
             500,
             "internal_error",
             f"internal error (request id {call.request_id}); see the daemon log",
         )
+
+
+@asynccontextmanager
+async def _body_held(request: web.Request, call: Call) -> AsyncIterator[None]:
+    """Read an authorised request's body within `api.body_timeout_s`, its size reserved in
+    the body budget (`api.max_body_bytes_total`) until the handler is done with it.
+
+    Bodies of requests that are refused (no token, unknown route) are never read.
+    """
+    st = call.state
+    settings = st.settings
+    if call.principal is None or not request.body_exists:
+        yield
+        return
+    limit = settings.api_max_body_bytes
+    size = min(request.content_length or limit, limit)
+    if not st.budget.take(size):
+        raise ApiError(
+            "the daemon holds too many request bodies at once (api.max_body_bytes_total); "
+            "retry shortly",
+            code="server_busy",
+            status=503,
+            headers={"Retry-After": "1"},
+        )
+    try:
+        await _read_body(request, settings.api_body_timeout_s)
+        yield
+    finally:
+        st.budget.give(size)
+
+
+async def _read_body(request: web.Request, timeout_s: float) -> None:
+    """Read the whole body (aiohttp keeps it for the handler); raise 408 or 400."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await request.read()
+    except TimeoutError as exc:
+        raise ApiError(
+            f"the request body did not arrive within api.body_timeout_s ({timeout_s:g} s)",
+            code="request_timeout",
+            status=408,
+        ) from exc
+    except (web.RequestPayloadError, ConnectionError) as exc:
+        raise ApiError(
+            "the request body could not be read (malformed chunked encoding, or the "
+            "connection broke)",
+            code="invalid_body",
+            status=400,
+        ) from exc
 
 
 def _from_http(request: web.Request, call: Call, exc: web.HTTPException) -> web.Response:
@@ -140,7 +202,9 @@ def _from_error(request: web.Request, call: Call, exc: PluginDError) -> web.Resp
         if exc.reason is not None:
             exc = _denied(request, call, exc)
         headers = exc.headers
-    return error_response(status_for(exc), exc.code, exc.message, headers=headers)
+    # No plugin's configuration value leaves in an answer, whatever error text quoted it.
+    message = call.state.manager.redactor(exc.message)
+    return error_response(status_for(exc), exc.code, message, headers=headers)
 
 
 def _method(request: web.Request) -> str:
@@ -216,7 +280,7 @@ def _rate_limited(st: ApiState, actor: str | None) -> ApiError:
     )
 
 
-def _internal_error(request: web.Request, call: Call, exc: Exception) -> None:
+def _internal_error(request: web.Request, call: Call, exc: BaseException) -> None:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next

@@ -32,7 +32,8 @@ _STATUS_TEXT = {
     422: "The plugin was refused (signature, manifest or code)",
     501: "Not available in this daemon",
     502: "The plugin raised or returned something that is not JSON, or the registry failed",
-    503: "Not ready, or the audit log cannot be written (audit.fail_closed)",
+    503: "Not ready, the audit log cannot be written (audit.fail_closed), or the daemon is "
+    "shutting down (daemon_stopping)",
     504: "The plugin did not return within plugins.run_timeout_s",
 }
 

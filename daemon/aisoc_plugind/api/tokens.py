@@ -2,11 +2,14 @@
 
 A token is `aisoc_pd_` + 43 url-safe characters (256 random bits) + 8 hex characters of
 CRC-32 over the rest, so secret scanners can recognise it and typos are caught without a
-lookup. `TokenStore` checks the file's identity (device, inode, size, mtime) before an
+lookup. `TokenStore` checks the file's identity (device, inode, size, mtime, ctime) before an
 authentication whenever inotify says its directory changed (without inotify: before every
 one), and at least once a second, and re-reads it when it changed; a change made before a
 request is seen by that request. The daemon's SIGHUP hook forces a re-read. A file that
-cannot be read or parsed grants nothing (fail closed).
+cannot be read or parsed grants nothing (fail closed). A file that may not be trusted
+(writable by group or others, owned by another unprivileged user, not a regular file) is
+refused: the tokens read before stay in force and `refused` says why (at start the daemon
+then does not start at all).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from aisoc_plugind.api.filewatch import ChangeFlag
 from aisoc_plugind.api.tokens_file import PERMISSIONS, TokenEntry, read_tokens_file
 from aisoc_plugind.core.clock import parse_rfc3339
+from aisoc_plugind.errors import TokenFileError
 
 __all__ = [
     "ADMIN",
@@ -99,12 +103,16 @@ def denial_reason(header_value: str | None) -> str:
     return "token_unknown" if well_formed(token) else "token_malformed"
 
 
-def _identity(path: str) -> tuple[int, int, int, int] | None:
+# (device, inode, size, mtime, ctime): ctime also moves on chmod and chown.
+Identity = tuple[int, int, int, int, int]
+
+
+def _identity(path: str) -> Identity | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _expiry(expires: str) -> float | None:
@@ -131,7 +139,8 @@ class TokenStore:
         self._entries: dict[str, TokenEntry] = {}
         self._principals: dict[str, Principal] = {}
         self._expires: dict[str, float | None] = {}  # POSIX time, None: never
-        self._identity: tuple[int, int, int, int] | None = None
+        self._identity: Identity | None = None
+        self.refused: TokenFileError | None = None  # why the last re-read was refused
         self._path = os.fspath(path)
         self._checked_at = 0.0
         # Authorization header -> token name, for headers that authenticated (cleared on
@@ -148,9 +157,18 @@ class TokenStore:
         return sorted(self._entries)
 
     def reload(self) -> None:
-        """Re-read the file now (the SIGHUP hook)."""
+        """Re-read the file now (the SIGHUP hook). A file that may not be trusted leaves the
+        tokens as they were and sets `refused`."""
         self._identity = _identity(self._path)  # taken first: a later change is seen again
-        entries, problems = read_tokens_file(self.path)
+        self.generation += 1
+        try:
+            entries, problems = read_tokens_file(self.path)
+        except TokenFileError as exc:
+            self.refused = exc
+            if self.generation == 1:  # nothing was trusted before: nothing is now
+                self.problems = (exc.message,)
+            return
+        self.refused = None
         self._entries, self.problems = entries, tuple(problems)
         self._principals = {
             name: Principal(name=name, permissions=frozenset(entry.permissions))
@@ -158,7 +176,6 @@ class TokenStore:
         }
         self._expires = {name: _expiry(entry.expires) for name, entry in entries.items()}
         self._known = {}
-        self.generation += 1
 
     def refresh(self) -> bool:
         """Re-read the file when its identity changed; return True when it was re-read."""

@@ -7,7 +7,13 @@
     expires = "2027-05-09T07:35:25.000000Z"      # optional
 
 Only SHA-256 hashes of tokens are stored. Updates hold a lock on the file's directory and
-replace the file atomically, so two `token` commands never lose an update.
+replace the file atomically, so two `token` commands never lose an update; the replacement
+keeps the file's mode (never group/other write), owner and group, and a new file is 0600.
+
+The file decides who may do what, so it is read like every file that carries trust
+(`files.read_trusted`): a file that group or others may write, that another unprivileged
+user owns, or that is not a regular file (a FIFO never hangs the read) raises TokenFileError
+`tokens_file_insecure`; links are followed only inside its directory (kubelet's `..data`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from typing import Any
 
 from aisoc_plugind.core.clock import parse_rfc3339
 from aisoc_plugind.errors import TokenFileError
-from aisoc_plugind.files import replace_file
+from aisoc_plugind.files import FileRefused, read_trusted, replace_file
 
 __all__ = [
+    "MAX_TOKENS_FILE_BYTES",
     "NAME_RE",
     "PERMISSIONS",
     "TokenEntry",
@@ -42,6 +49,9 @@ __all__ = [
 ]
 
 PERMISSIONS = ("plugins:read", "plugins:admin", "plugins:execute")
+MAX_TOKENS_FILE_BYTES = 4 * 1024 * 1024
+NEW_FILE_MODE = 0o600
+_KEPT_MODE_BITS = 0o644  # what a rewrite keeps of the old mode: never write or execute for others
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
@@ -151,22 +161,29 @@ def render_tokens(entries: Mapping[str, TokenEntry]) -> str:
 
 
 def read_tokens_file(path: Path) -> tuple[dict[str, TokenEntry], list[str]]:
-    """Read and parse the tokens file; a missing, unsafe or unreadable file gives no tokens."""
+    """Read and parse the tokens file; a missing or unreadable file gives no tokens.
+
+    Raises TokenFileError `tokens_file_insecure` when the file may not be trusted.
+    """
     try:
-        with path.open("rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            if mode & (stat.S_IWGRP | stat.S_IWOTH):
-                return {}, [
-                    f"{path} is writable by group or others "
-                    f"({stat.filemode(mode)}); refusing to trust it"
-                ]
-            data = fh.read()
+        data = _read(path)
     except FileNotFoundError:
         return {}, [f"{path} does not exist; every API request will be refused"]
     except OSError as exc:
         return {}, [f"{path} cannot be read: {exc.strerror}"]
     entries, problems = parse_tokens(data)
     return entries, [f"{path}: {p}" for p in problems]
+
+
+def _read(path: Path) -> bytes:
+    """Return the file's bytes; raise TokenFileError when it may not be trusted."""
+    try:
+        return read_trusted(path, cap=MAX_TOKENS_FILE_BYTES, links_within=path.parent)
+    except FileRefused as exc:
+        code = "tokens_file_unreadable" if exc.reason == "too_large" else "tokens_file_insecure"
+        raise TokenFileError(
+            f"{path} {exc.detail}; refusing to trust it (fix the file, then SIGHUP)", code=code
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -184,8 +201,10 @@ def locked_dir(path: Path) -> Iterator[None]:
 
 
 def load_for_update(path: Path) -> dict[str, TokenEntry]:
+    """Return the entries of an existing file to change (none for a new one); raise
+    TokenFileError when it may not be trusted or has any problem."""
     try:
-        data = path.read_bytes()
+        data = _read(path)
     except FileNotFoundError:
         return {}
     except OSError as exc:
@@ -197,7 +216,12 @@ def load_for_update(path: Path) -> dict[str, TokenEntry]:
 
 
 def write_tokens_file(path: Path, entries: Mapping[str, TokenEntry]) -> None:
-    """Replace the file atomically (temp file + rename), mode 0600, keeping its owner."""
+    """Replace the file atomically (temp file + rename), keeping its mode (minus any write
+    or execute bit for group and others), owner and group; a new file is 0600."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode) & _KEPT_MODE_BITS
+    except FileNotFoundError:
+        mode = NEW_FILE_MODE
     replace_file(
-        path, render_tokens(entries).encode("ascii"), mode=0o600, keep_owner=True, sync_dir=True
+        path, render_tokens(entries).encode("ascii"), mode=mode, keep_owner=True, sync_dir=True
     )

@@ -29,6 +29,7 @@ from aisoc_plugind.audit.stdout import LEVELS, StdoutSink, journald_stream
 from aisoc_plugind.audit.writer import AuditWriter, CheckpointPolicy, Progress, Record
 from aisoc_plugind.config.settings import FsyncPolicy, Settings
 from aisoc_plugind.core.clock import rfc3339_now
+from aisoc_plugind.core.redact import NO_REDACTION, Redactor
 from aisoc_plugind.core.signing import load_private_key
 from aisoc_plugind.errors import AuditUnavailable, ConfigError, KeyFileError
 from aisoc_plugind.files import FileRefused, read_regular
@@ -42,6 +43,9 @@ SECRET_KEYS = frozenset(
 # High-volume events that are written but not fsync'ed under `audit.fsync = "mutations"`.
 _VOLUME_EVENTS = frozenset({"plugin.run.completed", "plugin.run.failed", "log.record"})
 _RESERVED = frozenset({"timestamp", "event", "level", "seq"})
+# Free-text fields, which can quote exception text: plugin configuration values are taken
+# out of them by value (`LogOptions.redactor`).
+_TEXT_FIELDS = frozenset({"error", "reason", "message", "detail"})
 _DROPPED = SECRET_KEYS | _RESERVED  # never copied from the fields into an event
 # How long a change or run waits for a failing writer's retry before it is refused.
 RETRY_WAIT_S = 0.25
@@ -60,6 +64,7 @@ class LogOptions:
     signing_key: nacl.signing.SigningKey | None = None
     checkpoint_lines: int = 1000
     checkpoint_interval_s: float = 60.0
+    redactor: Redactor = NO_REDACTION  # values never written (every plugin's configuration)
 
 
 def log_options(settings: Settings) -> LogOptions:
@@ -74,6 +79,7 @@ def log_options(settings: Settings) -> LogOptions:
         signing_key=_signing_key(settings.audit_signing_key),
         checkpoint_lines=settings.audit_checkpoint_lines,
         checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+        redactor=Redactor.of_configs(settings.plugin_config),
     )
 
 
@@ -104,6 +110,7 @@ class EventLog:
         out = stream if stream is not None else sys.stdout
         self._stderr = stderr if stderr is not None else sys.stderr
         self._min_level = LEVELS.get(options.log_level, 20)
+        self._redact = options.redactor if options.redactor else None
         self._lock = threading.Lock()
         self._seq = 0
         self._listeners: list[tuple[frozenset[str] | None, Listener]] = []
@@ -228,6 +235,16 @@ class EventLog:
         """Queue one event for stdout only (library log records): no `seq`, not chained."""
         self._emit(event, level, False, fields)
 
+    def _copy(self, fields: Mapping[str, Any], doc: dict[str, Any]) -> None:
+        """Copy an event's fields into its document: no secret keys, no None, free text
+        redacted."""
+        redact = self._redact
+        for key, value in fields.items():
+            if value is not None and key not in _DROPPED:
+                if redact is not None and key in _TEXT_FIELDS and isinstance(value, str):
+                    value = redact(value)
+                doc[key] = value
+
     def _emit(self, event: str, level: str, audit: bool, fields: Mapping[str, Any]) -> int:
         if not self._started:
             self.start()
@@ -237,9 +254,7 @@ class EventLog:
             if audit:
                 self._seq = seq = self._seq + 1
                 doc["seq"] = seq
-            for key, value in fields.items():
-                if value is not None and key not in _DROPPED:
-                    doc[key] = value
+            self._copy(fields, doc)
             record = Record(
                 seq=seq or None,
                 event=doc,

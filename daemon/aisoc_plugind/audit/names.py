@@ -7,11 +7,13 @@ from __future__ import annotations
 
 __all__ = [
     "ALL",
+    "API_CONNECTIONS_LIMITED",
     "API_DENIED",
     "API_ERROR",
     "API_LISTENING",
     "API_REQUEST",
     "API_TOKENS_LOADED",
+    "API_TOKENS_REFUSED",
     "AUDIT_CHECKPOINT",
     "AUDIT_GAP",
     "AUDIT_REOPENED",
@@ -40,6 +42,7 @@ __all__ = [
     "PLUGIN_INSTALL_UNPINNED",
     "PLUGIN_LOADED",
     "PLUGIN_LOAD_FAILED",
+    "PLUGIN_LOAD_RETRYING",
     "PLUGIN_PATH_MISSING",
     "PLUGIN_RELOAD_COMPLETED",
     "PLUGIN_RELOAD_FAILED",
@@ -91,6 +94,8 @@ PLUGIN_ENABLED = "plugin.enabled"
 PLUGIN_DISABLED = "plugin.disabled"
 PLUGIN_UNLOADED = "plugin.unloaded"
 PLUGIN_LOAD_FAILED = "plugin.load.failed"
+# A load that failed on a transient resource error (EMFILE, ENOMEM, ...) is tried again.
+PLUGIN_LOAD_RETRYING = "plugin.load.retrying"
 PLUGIN_SIGNATURE_VERIFIED = "plugin.signature.verified"
 PLUGIN_SIGNATURE_INVALID = "plugin.signature.invalid"
 PLUGIN_SIGNATURE_UNSIGNED = "plugin.signature.unsigned"
@@ -124,6 +129,10 @@ API_DENIED = "api.denied"
 API_ERROR = "api.error"
 API_LISTENING = "api.listening"
 API_TOKENS_LOADED = "api.tokens.loaded"
+# The tokens file may not be trusted (mode, owner, type): the tokens before stay in force.
+API_TOKENS_REFUSED = "api.tokens.refused"
+# A connection was closed or refused to keep connections bounded (rate-limited).
+API_CONNECTIONS_LIMITED = "api.connections.limited"
 
 # The plugins-directory watcher.
 WATCHER_STARTED = "watcher.started"

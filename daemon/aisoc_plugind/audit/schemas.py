@@ -107,6 +107,7 @@ _TABLE: Final[dict[str, _Row]] = {
     ev.PLUGIN_DISABLED: (_EVENT, "configuration", "change", _OK, _DISABLE),
     ev.PLUGIN_UNLOADED: (_EVENT, "configuration", "deletion", _OK, _STOP),
     ev.PLUGIN_LOAD_FAILED: (_EVENT, "configuration", "change", _FAIL, _START),
+    ev.PLUGIN_LOAD_RETRYING: (_EVENT, "configuration", "change", _TRYING, _START),
     ev.PLUGIN_DUPLICATE_ID: (_EVENT, "configuration", "change", _FAIL, _START),
     ev.PLUGIN_PATH_MISSING: (_EVENT, "file", "deletion", None, _OTHER),
     ev.PLUGIN_SIGNATURE_VERIFIED: (_EVENT, "package", "info", _OK, _OTHER),
@@ -133,6 +134,8 @@ _TABLE: Final[dict[str, _Row]] = {
     ev.API_ERROR: (_EVENT, "web", "error", _FAIL, _OTHER),
     ev.API_LISTENING: (_EVENT, "network", "start", _OK, _OTHER),
     ev.API_TOKENS_LOADED: (_EVENT, "configuration", "access", _OK, _OTHER),
+    ev.API_TOKENS_REFUSED: (_EVENT, "configuration", "access", _FAIL, _OTHER),
+    ev.API_CONNECTIONS_LIMITED: (_EVENT, "network", "denied", _FAIL, _OTHER),
     ev.WATCHER_STARTED: (_EVENT, "file", "info", None, _OTHER),
     ev.WATCHER_STOPPED: (_EVENT, "file", "info", None, _OTHER),
     ev.WATCHER_ERROR: (_EVENT, "file", "access", _FAIL, _OTHER),
@@ -189,10 +192,16 @@ def _outcome_by_reason(event: Mapping[str, Any]) -> str | None:
     return _OK if reason == "stopped" else _FAIL
 
 
+def _outcome_by_error(event: Mapping[str, Any]) -> str | None:
+    # daemon.stopped: a stop with an error code (a start that failed) is a failure.
+    return _FAIL if event.get("error_code") else _OK
+
+
 _OutcomeRule = Callable[[Mapping[str, Any]], str | None]
 _OUTCOME_RULES: Final[dict[str, _OutcomeRule]] = {
     ev.API_REQUEST: _outcome_by_status,
     ev.PLUGIN_HOST_EXITED: _outcome_by_reason,
+    ev.DAEMON_STOPPED: _outcome_by_error,
 }
 
 
@@ -346,6 +355,7 @@ _ECS_COMMON: Final[dict[str, _Placer]] = {
     "plugins": _at("aisoc.daemon.plugins", _is_int),
     "failed": _at("aisoc.daemon.failed", _is_int),
     "inflight": _at("aisoc.daemon.inflight", _is_int),
+    "grace_s": _at("aisoc.daemon.grace_s", _is_number),
     "step_ms": _at("aisoc.watcher.step_ms", _is_int),
     "debounce_ms": _at("aisoc.watcher.debounce_ms", _is_int),
 }

@@ -15,13 +15,14 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 from aisoc_plugind.authoring import scaffold
 from aisoc_plugind.authoring.keys import read_private_key, write_keypair
 from aisoc_plugind.authoring.layout import write_file
 from aisoc_plugind.authoring.packaging import build_package, source_date_epoch
 from aisoc_plugind.authoring.signer import sign_plugin, verify_plugin
-from aisoc_plugind.authoring.validate import validate_plugin
+from aisoc_plugind.authoring.validate import Finding, Report, validate_plugin
 from aisoc_plugind.cli.tree import Command, CommandFailed, say, warn
 from aisoc_plugind.core import manifest as manifest_mod
 from aisoc_plugind.core.signing import SignatureStatus, TrustMode
@@ -58,6 +59,8 @@ def _cmd_new(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     root = Path(args.path)
     report = validate_plugin(root)
+    if args.json:
+        return _validate_json(root, report)
     for finding in report.findings:
         say(finding.render(root))
     counts = f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)"
@@ -70,6 +73,35 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         f"file(s); {counts}"
     )
     return 0
+
+
+def _validate_json(root: Path, report: Report) -> int:
+    """Print the report as one JSON object; exit 1 when the plugin is not valid."""
+    m = report.manifest
+    ok = not report.errors and m is not None
+    doc = {
+        "path": str(root),
+        "valid": ok,
+        "plugin_id": m.id if m else None,
+        "version": m.version if m else None,
+        "plugin_type": m.plugin_type if m else None,
+        "manifest_file": m.source if m else None,
+        "python_files": list(report.bundle.sources) if report.bundle else [],
+        "errors": [_finding_json(f) for f in report.errors],
+        "warnings": [_finding_json(f) for f in report.warnings],
+    }
+    say(json.dumps(doc, sort_keys=True))
+    return 0 if ok else 1
+
+
+def _finding_json(finding: Finding) -> dict[str, Any]:
+    return {
+        "code": finding.code,
+        "message": finding.message,
+        "path": finding.path,
+        "line": finding.line,
+        "field": finding.field,
+    }
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -112,10 +144,36 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     plugin_dir = Path(args.plugin_dir)
-    result = verify_plugin(plugin_dir, Path(args.keys_dir))
+    try:
+        result = verify_plugin(plugin_dir, Path(args.keys_dir))
+    except PluginDError as exc:
+        if not args.json:
+            raise
+        doc = {"path": str(plugin_dir), "status": "error", "verified": False}
+        say(json.dumps({**doc, "code": exc.code, "reason": exc.message}, sort_keys=True))
+        return 1
     for skipped in result.skipped_keys:
         warn(f"{PROG} verify", f"{skipped.path} skipped: {skipped.message} [{skipped.code}]")
     d, m = result.decision, result.manifest
+    if args.json:
+        say(
+            json.dumps(
+                {
+                    "path": str(plugin_dir),
+                    "status": str(d.status),
+                    "verified": d.status is SignatureStatus.VERIFIED,
+                    "key_id": d.key_id,
+                    "plugin_id": m.id,
+                    "version": m.version,
+                    "digest": d.digest_hex,
+                    "files": list(result.files),
+                    "trusted_keys": list(result.key_ids),
+                    "reason": None if d.status is SignatureStatus.VERIFIED else d.reason,
+                },
+                sort_keys=True,
+            )
+        )
+        return 0 if d.status is SignatureStatus.VERIFIED else 1
     say(f"status: {d.status}")
     say(f"key id: {d.key_id or '-'}")
     say(f"plugin: {m.id} {m.version} ({m.plugin_type})")
@@ -323,6 +381,9 @@ def _args_new(p: argparse.ArgumentParser) -> None:
 
 def _args_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help="plugin directory")
+    p.add_argument(
+        "--json", action="store_true", help="print the findings as one JSON object on stdout"
+    )
 
 
 def _args_keygen(p: argparse.ArgumentParser) -> None:
@@ -352,6 +413,9 @@ def _args_verify(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         required=True,
         help="trusted public keys (*.pem, *.pub); key id = file stem",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the outcome as one JSON object on stdout"
     )
 
 

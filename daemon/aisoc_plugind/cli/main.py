@@ -1,8 +1,10 @@
 """Turn argv into a command of the `aisoc` or `aisoc-plugind` tree; the only place that exits.
 
     aisoc-plugind  run | check-config | token {create,list,revoke} | audit {verify,keygen}
-    aisoc          plugin {new,validate,keygen,sign,verify,package,push}
+                   | completion bash
+    aisoc          plugin {new,validate,keygen,sign,verify,package,push,pull}
                    plugins {list,show,discover,enable,disable,reload,unload,run,install}
+                   | completion bash
 
 Exit codes: 0 success, 1 the operation failed (message on stderr), 2 usage error. Writing to
 a closed pipe (`| head`) ends the command quietly.
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from aisoc_plugind import __version__
 from aisoc_plugind.cli.audit import AUDIT_COMMANDS
 from aisoc_plugind.cli.authoring import PLUGIN_COMMANDS
+from aisoc_plugind.cli.completion import add_completion
 from aisoc_plugind.cli.operator import OPERATOR_COMMANDS, common_options
 from aisoc_plugind.cli.plugind import DAEMON_COMMANDS
 from aisoc_plugind.cli.tokens import TOKEN_COMMANDS
@@ -72,6 +75,7 @@ def plugind_parser() -> Parser:
         "checkpoint key pair.",
     )
     add_commands(audit, AUDIT_COMMANDS, dest="action")
+    add_completion(sub, parser)
     return parser
 
 
@@ -100,6 +104,7 @@ def aisoc_parser() -> Parser:
     )
     common_options(plugins, None)
     add_commands(plugins, OPERATOR_COMMANDS, common=common_options)
+    add_completion(sub, parser)
     return parser
 
 

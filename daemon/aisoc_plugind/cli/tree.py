@@ -122,6 +122,8 @@ def run_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
         return _fail(prog, str(exc), EXIT_FAILED)
     except PluginDError as exc:
         return _fail(prog, exc.message, EXIT_FAILED)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): the entry point ends quietly
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(prog, f"{where}{exc.strerror or exc}", EXIT_FAILED)

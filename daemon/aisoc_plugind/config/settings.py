@@ -7,6 +7,7 @@ or an unknown trust mode is an error, never a silent fallback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from aisoc_plugind.errors import ConfigError
 
 __all__ = [
     "AUDIT_SCHEMAS",
+    "ENV_PREFIX",
     "ISOLATION_GROUPS",
     "ISOLATION_MODES",
     "KEYS",
@@ -30,6 +32,7 @@ __all__ = [
     "FsyncPolicy",
     "OciFollow",
     "Settings",
+    "env_name",
     "load_settings",
 ]
 
@@ -79,6 +82,12 @@ class Settings:
     api_max_body_bytes: int = 1024 * 1024
     api_denied_burst: int = 50
     api_denied_per_second: float = 10.0
+    api_max_body_bytes_total: int = 16 * 1024 * 1024
+    api_max_connections: int = 256
+    api_max_connections_per_host: int = 64
+    api_keepalive_timeout_s: float = 15.0
+    api_header_timeout_s: float = 10.0
+    api_body_timeout_s: float = 30.0
     audit_path: Path = Path("/var/log/aisoc-plugind/audit.jsonl")
     audit_fsync: FsyncPolicy = FsyncPolicy.MUTATIONS
     audit_fail_closed: bool = True
@@ -215,6 +224,21 @@ def _str_list(v: Any) -> tuple[str, ...]:
     return tuple(x.strip() for x in v)
 
 
+def _host_list(v: Any) -> tuple[str, ...]:
+    """Host names, `host:port` values, IP addresses or CIDR networks (`10.0.0.0/8`)."""
+    hosts = tuple(h.lower() for h in _str_list(v))
+    bad = []
+    for host in hosts:
+        if "/" in host:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                bad.append(host)
+    if bad:
+        raise ValueError(f"not a CIDR network: {', '.join(bad)}")
+    return hosts
+
+
 def _path_list(v: Any) -> tuple[Path, ...]:
     paths = tuple(Path(p) for p in _str_list(v))
     relative = [str(p) for p in paths if not p.is_absolute()]
@@ -274,11 +298,17 @@ KEYS: tuple[_Key, ...] = (
     _Key("tokens_file", "api", "tokens_file", "AISOC_PLUGIND_TOKENS_FILE", _as_path),
     _Key("api_tls_cert", "api", "tls_cert", None, _as_opt_path),
     _Key("api_tls_key", "api", "tls_key", None, _as_opt_path),
-    _Key("api_allowed_hosts", "api", "allowed_hosts", None, _str_list),
+    _Key("api_allowed_hosts", "api", "allowed_hosts", None, _host_list),
     _Key("api_allow_insecure_listen", "api", "allow_insecure_listen", None, _as_bool),
     _Key("api_max_body_bytes", "api", "max_body_bytes", None, _positive(int)),
     _Key("api_denied_burst", "api", "denied_burst", None, _positive(int)),
     _Key("api_denied_per_second", "api", "denied_per_second", None, _positive(float)),
+    _Key("api_max_body_bytes_total", "api", "max_body_bytes_total", None, _positive(int)),
+    _Key("api_max_connections", "api", "max_connections", None, _positive(int)),
+    _Key("api_max_connections_per_host", "api", "max_connections_per_host", None, _positive(int)),
+    _Key("api_keepalive_timeout_s", "api", "keepalive_timeout_s", None, _positive(float)),
+    _Key("api_header_timeout_s", "api", "header_timeout_s", None, _positive(float)),
+    _Key("api_body_timeout_s", "api", "body_timeout_s", None, _positive(float)),
     _Key("audit_path", "audit", "path", "AISOC_PLUGIND_AUDIT_LOG", _as_path),
     _Key(
         "audit_fsync",
@@ -324,12 +354,13 @@ def load_settings(config_file: Path | None, environ: Mapping[str, str] | None = 
         if where is None:
             continue
         try:
-            values[key.attr] = key.parse(raw)
+            values[key.attr] = _parse(key, raw)
         except (ValueError, TypeError) as exc:
             problems.append(f"{where}: {exc}")
+    problems += _unknown_env(env)
     plugin_config = _plugin_config(doc, problems)
     if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
+        raise ConfigError("invalid configuration: " + "; ".join(problems), problems=problems)
     return Settings(**values, plugin_config=plugin_config, config_file=config_file)
 
 
@@ -345,14 +376,70 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
+ENV_PREFIX = "AISOC_PLUGIND__"
+
+
+def env_name(key: _Key) -> str:
+    """Return the generic variable of a key: `AISOC_PLUGIND__SECTION__KEY` (upper case)."""
+    parts = (key.section, key.key) if key.section else (key.key,)
+    return ENV_PREFIX + "__".join(p.upper() for p in parts)
+
+
+def _env_value(raw: str) -> Any:
+    """Read a generic variable's value as a TOML value when it is one, else as a string.
+
+    `5`, `2.5`, `true`, `["a", "b"]`, `[{ref = "…", interval_s = 60}]` and `"text"` are TOML;
+    `strict`, `/opt/plugins` or `a,b` are taken as they are (lists split at commas).
+    """
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+@dataclass(frozen=True, slots=True)
+class _EnvText:
+    """The text of a generic variable: read as TOML first, as plain text when that fails."""
+
+    text: str
+
+
+def _parse(key: _Key, raw: Any) -> Any:
+    if not isinstance(raw, _EnvText):
+        return key.parse(raw)
+    value = _env_value(raw.text)
+    if isinstance(value, str):
+        return key.parse(value)
+    try:
+        return key.parse(value)
+    except (ValueError, TypeError) as first:
+        try:  # e.g. a string key whose value happens to read as a number
+            return key.parse(raw.text)
+        except (ValueError, TypeError):
+            raise first from None
+
+
 def _lookup(key: _Key, doc: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Any, str | None]:
+    name = f"{key.section}.{key.key}" if key.section else key.key
     if key.env is not None and key.env in env:
-        return env[key.env], f"environment variable {key.env}"
+        return env[key.env], f"{name} (environment variable {key.env})"
+    generic = env_name(key)
+    if generic in env:
+        return _EnvText(env[generic]), f"{name} (environment variable {generic})"
     table = doc.get(key.section, {}) if key.section else doc
     if isinstance(table, dict) and key.key in table:
-        name = f"{key.section}.{key.key}" if key.section else key.key
         return table[key.key], f"config key {name}"
     return None, None
+
+
+def _unknown_env(env: Mapping[str, str]) -> list[str]:
+    """A generic variable that names no key is a mistake worth stopping for (a typo)."""
+    known = {env_name(k) for k in KEYS}
+    return [
+        f"unknown environment variable {name} (no such config key)"
+        for name in sorted(env)
+        if name.startswith(ENV_PREFIX) and name not in known
+    ]
 
 
 def _unknown_keys(doc: Mapping[str, Any]) -> list[str]:

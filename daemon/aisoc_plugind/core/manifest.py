@@ -100,13 +100,25 @@ def parse(data: bytes, source: str = YAML_MANIFEST) -> Manifest:
             [Problem(field="", code="manifest_bad_syntax", message="not UTF-8 text")], source=source
         ) from exc
     try:
-        loaded = load_document(text, source)
+        return validate(load_document(text, source), source=source)
+    except ManifestError:
+        raise
     except RecursionError as exc:  # e.g. 2000 nested brackets: an error, not a crash
         raise ManifestError(
             [Problem(field="", code="manifest_too_deep", message="nested too deeply to parse")],
             source=source,
         ) from exc
-    return validate(loaded, source=source)
+    except Exception as exc:  # hostile until verified: whatever a parser raises is refused
+        raise ManifestError(
+            [
+                Problem(
+                    field="",
+                    code="manifest_bad_syntax",
+                    message=f"cannot be read ({type(exc).__name__})",
+                )
+            ],
+            source=source,
+        ) from exc
 
 
 def validate(loaded: Any, *, source: str = YAML_MANIFEST, checked: bool = False) -> Manifest:

@@ -95,10 +95,11 @@ class _Entry:
 
 
 def has_manifest(path: Path) -> bool:
-    """Return True when `path` is a real directory (not a link) holding a manifest file."""
+    """Return True when `path` is a real directory (not a link) holding an entry named as a
+    manifest (whatever it is: reading it then refuses a link, a FIFO or a directory)."""
     if path.is_symlink() or not path.is_dir():
         return False
-    return any((path / name).is_file() for name in MANIFEST_NAMES)
+    return any(os.path.lexists(path / name) for name in MANIFEST_NAMES)
 
 
 def read_manifest(path: Path) -> tuple[str, bytes]:
@@ -207,7 +208,12 @@ def _open_root(path: Path) -> int:
 
 def _read_manifest_fd(fd: int, path: Path) -> tuple[str, bytes]:
     for name in MANIFEST_NAMES:
-        data = _read_optional(fd, name, MAX_MANIFEST_BYTES, path)
+        try:
+            data = _read_optional(fd, name, MAX_MANIFEST_BYTES, path)
+        except BundleError as exc:  # an oversized manifest is a manifest problem
+            if exc.code != "bundle_too_large":
+                raise
+            raise BundleError(exc.message, code="manifest_too_large") from exc
         if data is not None:
             return name, data
     raise BundleError(f"{path}: no {' or '.join(MANIFEST_NAMES)}", code="manifest_missing")

@@ -37,8 +37,14 @@ def manifest_id(path: Path) -> str | None:
 
 def find_plugin_dir(plugin_id: str, current: Path, others: Iterable[Path]) -> Path | None:
     """Return where `plugin_id` lives now: `current` if it still holds it, else the first of
-    `others` that does (the seed's upgrade flow: a new directory, the old one removed)."""
-    for path in (current, *others):
+    `others` that does (the seed's upgrade flow: a new directory, the old one removed).
+
+    A manifest at `current` that cannot be read keeps it `current`: loading from it then says
+    what is wrong with it, rather than that the plugin is gone.
+    """
+    if has_manifest(current) and manifest_id(current) in (plugin_id, None):
+        return current
+    for path in others:
         if has_manifest(path) and manifest_id(path) == plugin_id:
             return path
     return None

@@ -8,6 +8,7 @@ from typing import Any
 from aisoc_plugind.audit import names
 from aisoc_plugind.audit.log import EventLog
 from aisoc_plugind.core.records import PluginRecord, State
+from aisoc_plugind.core.redact import NO_REDACTION, Redactor
 from aisoc_plugind.engine.results import Caller
 from aisoc_plugind.errors import AuditUnavailable, PluginDError
 
@@ -17,8 +18,21 @@ __all__ = ["EngineEvents"]
 class EngineEvents:
     """The engine's view of the event log: plain events plus record-shaped helpers."""
 
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, redactor: Redactor = NO_REDACTION) -> None:
         self.log = log
+        self.redactor = redactor
+
+    def redacted(self, exc: PluginDError) -> PluginDError:
+        """Take plugin configuration values out of `exc`'s message (in place) and return it.
+
+        Call this where an error from plugin code, a host or a configuration check enters
+        the engine, before its text reaches a record, an event or the caller.
+        """
+        message = self.redactor(exc.message)
+        if message != exc.message:
+            exc.message = message
+            exc.args = (message,)
+        return exc
 
     def emit(self, event: str, *, level: str = "info", **fields: Any) -> int:
         """Write one event (see `EventLog.emit`); return its `seq`."""

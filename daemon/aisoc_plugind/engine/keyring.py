@@ -1,8 +1,14 @@
 """Load the trusted Ed25519 public keys from `trust.keys_dir`; key id = file stem.
 
 A malformed, non-Ed25519 or unreadable key file is skipped and reported to the caller (which
-emits an event); it never stops the daemon. Key files are read with O_NOFOLLOW: a symlink in
-the keys dir is reported and skipped.
+emits an event); it never stops the daemon. A key decides what code runs, so a key file is
+read like every file that carries trust (`files.read_trusted`): a file that group or others
+may write or that another unprivileged user owns is skipped (`key_file_insecure`), and so is
+anything but a regular file (`key_file_not_regular`: a FIFO never hangs the read). A symlink
+is followed only when every link on the way resolves inside the keys dir (kubelet's `..data`
+layout of a mounted Secret); any other is skipped (`key_symlink`). A keys dir that group or
+others may write (without the sticky bit) or that another user owns gives no key at all
+(`keys_dir_insecure`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import nacl.signing
 
 from aisoc_plugind.core.signing import load_public_key
 from aisoc_plugind.errors import KeyFileError
-from aisoc_plugind.files import FileRefused, read_regular
+from aisoc_plugind.files import FileRefused, read_trusted, trust_problem
 
 __all__ = ["KEY_SUFFIXES", "Keyring", "SkippedKey", "load_keyring"]
 
@@ -49,18 +55,14 @@ class Keyring:
 def load_keyring(directory: Path) -> Keyring:
     """Read every `*.pem` / `*.pub` in `directory`; a missing directory gives no keys."""
     try:
+        refused = trust_problem(directory.stat())
         names = sorted(p.name for p in directory.iterdir() if p.suffix in KEY_SUFFIXES)
     except FileNotFoundError:
         return Keyring(directory=directory)
     except OSError as exc:
-        return Keyring(
-            directory=directory,
-            skipped=(
-                SkippedKey(
-                    path=directory, code="keys_dir_unreadable", message=exc.strerror or str(exc)
-                ),
-            ),
-        )
+        return _no_keys(directory, "keys_dir_unreadable", exc.strerror or str(exc))
+    if refused is not None:
+        return _no_keys(directory, "keys_dir_insecure", f"{refused.detail}; no key is trusted")
     keys: dict[str, nacl.signing.VerifyKey] = {}
     skipped: list[SkippedKey] = []
     for name in names:
@@ -81,11 +83,25 @@ def load_keyring(directory: Path) -> Keyring:
     return Keyring(keys=MappingProxyType(keys), skipped=tuple(skipped), directory=directory)
 
 
+def _no_keys(directory: Path, code: str, message: str) -> Keyring:
+    return Keyring(
+        directory=directory, skipped=(SkippedKey(path=directory, code=code, message=message),)
+    )
+
+
+_REFUSED_CODES = {
+    "symlink": "key_symlink",
+    "not_regular": "key_file_not_regular",
+    "unsafe_mode": "key_file_insecure",
+    "unsafe_owner": "key_file_insecure",
+}
+
+
 def _read_key_file(path: Path) -> bytes:
     try:
-        return read_regular(path, cap=MAX_KEY_FILE_BYTES)
+        return read_trusted(path, cap=MAX_KEY_FILE_BYTES, links_within=path.parent)
     except FileRefused as exc:
-        code = "key_symlink" if exc.reason == "symlink" else "key_unreadable"
+        code = _REFUSED_CODES.get(exc.reason, "key_unreadable")
         raise KeyFileError(f"{path.name} {exc.detail}", code=code) from exc
     except OSError as exc:
         raise KeyFileError(f"cannot open: {exc.strerror}", code="key_unreadable") from exc

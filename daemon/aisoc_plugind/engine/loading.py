@@ -27,7 +27,7 @@ from aisoc_plugind.engine.scanpool import ScanPool, Session, default_workers, sc
 from aisoc_plugind.engine.trust import TrustGate
 from aisoc_plugind.errors import BundleError, PluginDError, PluginLoadError
 
-__all__ = ["Prepared", "Preparer"]
+__all__ = ["Prepared", "Preparer", "read_and_parse"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,14 +53,9 @@ class Preparer:
         self.pool = pool or ScanPool(workers)
 
     async def read(self, path: Path) -> tuple[Bundle, Manifest]:
-        """Snapshot the directory (in a worker thread) and parse its manifest."""
-        try:
-            bundle = await anyio.to_thread.run_sync(read_bundle, path)
-        except OSError as exc:  # e.g. a subdirectory that cannot be listed
-            raise BundleError(
-                f"{path}: cannot read: {exc.strerror or exc}", code="bundle_unreadable"
-            ) from exc
-        return bundle, parse_manifest(bundle.manifest_bytes, bundle.manifest_name)
+        """Snapshot the directory and parse its manifest, both in a worker thread: the
+        manifest is hostile until verified, and parsing is never done on the event loop."""
+        return await anyio.to_thread.run_sync(read_and_parse, path)
 
     async def scan(self, path: Path) -> Scanned:
         """Read, parse, check the signature of (and, in process, compile) one directory."""
@@ -125,6 +120,17 @@ class Preparer:
                 code="plugin_config_invalid",
             )
         return config
+
+
+def read_and_parse(path: Path) -> tuple[Bundle, Manifest]:
+    """Snapshot the directory at `path` and parse its manifest (blocking)."""
+    try:
+        bundle = read_bundle(path)
+    except OSError as exc:  # e.g. a subdirectory that cannot be listed
+        raise BundleError(
+            f"{path}: cannot read: {exc.strerror or exc}", code="bundle_unreadable"
+        ) from exc
+    return bundle, parse_manifest(bundle.manifest_bytes, bundle.manifest_name)
 
 
 def _parts(scanned: Scanned) -> tuple[Bundle, Manifest, TrustDecision]:

@@ -4,6 +4,13 @@ The old version keeps serving until the new one is fully set up. No reload lower
 (semantic-versioning order, `core.versions`) unless the caller passes `allow_downgrade` (the
 operator's explicit word); then `plugin.version.downgraded` says so. Callers hold the manager's
 lifecycle lock; nothing here takes it.
+
+Who owns an id: a serving plugin keeps it against any other directory (the first loaded
+wins); a directory that failed (refused by the trust mode, or any other load error) never
+holds it against a directory that loads. Among the directories of one scan that claim one id,
+a verified one is tried first. A record's `manifest` is the signed manifest part of the
+version the trust mode admitted (no `signature`/`trust` keys), and empty for a directory it
+never admitted.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ from aisoc_plugind.audit import names
 from aisoc_plugind.core.clock import utcnow
 from aisoc_plugind.core.manifest import Manifest
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
-from aisoc_plugind.core.signing import SignatureStatus, parse_signature
+from aisoc_plugind.core.signing import SignatureStatus, manifest_part, parse_signature
 from aisoc_plugind.core.versions import VersionChange, change, needs_operator
 from aisoc_plugind.engine.bundle import has_manifest
 from aisoc_plugind.engine.directories import candidate_dirs, find_plugin_dir
 from aisoc_plugind.engine.emitter import EngineEvents
 from aisoc_plugind.engine.hosts import LoadRequest
+from aisoc_plugind.engine.hosts.faults import cancelled_here, type_name
 from aisoc_plugind.engine.loading import Prepared, Preparer
 from aisoc_plugind.engine.results import Caller, Deferred, Loaded, LoadOutcome, Rejected
 from aisoc_plugind.engine.runs import RunTracker, elapsed_ms
@@ -37,7 +45,7 @@ from aisoc_plugind.errors import (
     VersionDowngrade,
 )
 
-__all__ = ["LoadBatch", "Loads", "installed"]
+__all__ = ["LoadBatch", "Loads", "installed", "verified_first"]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -111,16 +119,31 @@ class Loads:
         Per directory, in order: `plugin.discovered` and the trust decision; then the host
         loads every admitted one together; then `plugin.loaded` and `plugin.enabled` (or
         `plugin.load.failed`). An unexpected error fails that directory, never the others.
+        A directory claiming an id that another one of `items` is being loaded under waits
+        for the outcome: it is a duplicate if that one loaded, and takes the id if it failed.
         """
+        items = verified_first(items)
         outcomes: list[LoadOutcome | None] = [None] * len(items)
+        todo = list(enumerate(items))
+        while todo:
+            todo = await self._load_round(todo, outcomes, caller, batch)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _load_round(
+        self,
+        todo: list[tuple[int, Scanned]],
+        outcomes: list[LoadOutcome | None],
+        caller: Caller,
+        batch: LoadBatch,
+    ) -> list[tuple[int, Scanned]]:
+        """Admit and load what can be decided now; return the directories that must wait."""
         fresh: list[tuple[int, _Fresh]] = []
-        for index, scanned in enumerate(items):
-            try:
-                admitted = self._admit(scanned, caller, batch)
-            except PluginDError:
-                raise
-            except Exception as exc:  # a bug or a parser we do not control: contain it here
-                admitted = self._unexpected(scanned.path, exc, caller)
+        waiting: list[tuple[int, Scanned]] = []
+        for index, scanned in todo:
+            if scanned.manifest is not None and scanned.manifest.id in batch.reserved:
+                waiting.append((index, scanned))
+                continue
+            admitted = self._admit_guarded(scanned, caller, batch)
             if isinstance(admitted, _Fresh):
                 fresh.append((index, admitted))
             else:
@@ -129,13 +152,27 @@ class Loads:
             results = await self.preparer.load_many([(f.scanned, f.request) for _, f in fresh])
         except PluginDError:
             raise
-        except Exception as exc:  # the host failed as a whole: each of these fails
+        except BaseException as exc:  # the host failed as a whole: each of these fails
+            if cancelled_here(exc):
+                raise
             results = [_unexpected_error(exc) for _ in fresh]
         for (index, admitted), result in zip(fresh, results, strict=True):
             outcomes[index] = self._loaded(admitted, result, caller, batch)
-        return [outcome for outcome in outcomes if outcome is not None]
+        return waiting
 
-    def _unexpected(self, path: Path, exc: Exception, caller: Caller) -> Rejected:
+    def _admit_guarded(
+        self, scanned: Scanned, caller: Caller, batch: LoadBatch
+    ) -> LoadOutcome | _Fresh:
+        try:
+            return self._admit(scanned, caller, batch)
+        except PluginDError:
+            raise
+        except BaseException as exc:  # a bug or a parser we do not control: contain it
+            if cancelled_here(exc):
+                raise
+            return self._unexpected(scanned.path, exc, caller)
+
+    def _unexpected(self, path: Path, exc: BaseException, caller: Caller) -> Rejected:
         error = _unexpected_error(exc)
         self.events.load_failed(None, path, error, caller)
         return self.table.reject(path, error)
@@ -144,6 +181,7 @@ class Loads:
         """Sort out errors and duplicates, write `plugin.discovered` and the trust decision."""
         path, manifest = scanned.path, scanned.manifest
         if scanned.error is not None:
+            self.events.redacted(scanned.error)
             self.events.load_failed(None, path, scanned.error, caller)
             return self.table.reject(path, scanned.error)
         assert manifest is not None
@@ -151,7 +189,7 @@ class Loads:
         if owner is not None and Path(owner.record.path) != path:
             if _keeps_id(owner.record):
                 return self._other_owner(owner, path, manifest, caller)
-            del self.table.slots[manifest.id]  # failed/unloaded and its directory is gone
+            self._give_up_id(owner)
         self.table.clear(path)
         record = _new_record(manifest, path)
         self.events.state(names.PLUGIN_DISCOVERED, record, None, caller)
@@ -159,11 +197,22 @@ class Loads:
             request = self.preparer.admit(scanned, caller)
         except PluginDError as exc:
             return self._failed(record, exc, caller)
+        record = record.with_(manifest=manifest_part(manifest.plain))  # admitted: shown
         slot = Slot(record=record)
         batch.reserved[manifest.id] = slot
         return _Fresh(slot=slot, record=record, scanned=scanned, request=request)
 
+    def _give_up_id(self, owner: Slot) -> None:
+        """Take the id from a failed (or unloaded, gone) record: a failed directory that is
+        still there stays listed among the failures."""
+        record = owner.record
+        del self.table.slots[record.id]
+        if record.state is State.FAILED and record.error is not None:
+            error = PluginLoadError(record.error["message"], code=record.error["code"])
+            self.table.reject(Path(record.path), error, record=record)
+
     def _failed(self, record: PluginRecord, exc: PluginDError, caller: Caller) -> Rejected:
+        self.events.redacted(exc)
         path = Path(record.path)
         failed = record.moved_to(State.FAILED).with_(error=exc.as_dict(), **_signature_fields(exc))
         self.table.slots[record.id] = Slot(record=failed)
@@ -176,7 +225,8 @@ class Loads:
         record = fresh.record
         batch.reserved.pop(record.id, None)
         if isinstance(result, PluginDError):
-            return self._failed(record, result, caller)
+            return self._failed(_checked(record, fresh.scanned), result, caller)
+        self.preparer.trust.loaded(result.decision, result.bundle, result.manifest, caller)
         loaded = installed(record, result).moved_to(State.LOADED)
         self.events.state(names.PLUGIN_LOADED, loaded, State.DISCOVERED, caller)
         enabled = loaded.moved_to(State.ENABLED)
@@ -277,20 +327,28 @@ class Loads:
         old_version = slot.record.version
         try:
             prepared = await self._prepare_reload(slot, path, caller, allow_downgrade)
-        except PluginDError as exc:
-            slot.record = slot.record.with_(error=exc.as_dict())
+        except BaseException as exc:
+            if cancelled_here(exc):
+                raise
+            error = self.events.redacted(
+                exc if isinstance(exc, PluginDError) else _unexpected_error(exc)
+            )
+            slot.record = slot.record.with_(error=error.as_dict())
             self.events.emit(
                 names.PLUGIN_RELOAD_FAILED,
                 level="error",
                 plugin_id=slot.record.id,
                 path=str(path or slot.record.path),
                 version=old_version,
-                error_code=exc.code,
-                error=exc.message,
+                error_code=error.code,
+                error=error.message,
                 duration_ms=elapsed_ms(started),
                 **caller.fields(),
             )
-            raise
+            if error is exc:
+                raise
+            raise error from exc
+        self.preparer.trust.loaded(prepared.decision, prepared.bundle, prepared.manifest, caller)
         record = installed(slot.record, prepared)
         self._note_downgrade(record, old_version, caller)
         seq = self.events.emit(
@@ -420,7 +478,7 @@ def installed(record: PluginRecord, prepared: Prepared) -> PluginRecord:
         version=m.version,
         plugin_type=m.plugin_type,
         path=str(prepared.bundle.path),
-        manifest=m.plain,
+        manifest=manifest_part(m.plain),
         loaded_at=utcnow(),
         signature_status=d.status.value,
         signing_key_id=d.key_id,
@@ -458,14 +516,23 @@ def _new_record(manifest: Manifest, path: Path) -> PluginRecord:
         error=None,
         path=str(path),
         loaded_at=None,
-        manifest=manifest.plain,
+        manifest={},  # nothing of a manifest is shown before the trust mode admits it
     )
 
 
-def _unexpected_error(exc: Exception) -> PluginLoadError:
+def _unexpected_error(exc: BaseException) -> PluginLoadError:
     return PluginLoadError(
-        f"loading failed unexpectedly ({type(exc).__name__})", code="plugin_load_error"
+        f"loading failed unexpectedly ({type_name(exc)})", code="plugin_load_error"
     )
+
+
+def _checked(record: PluginRecord, scanned: Scanned) -> PluginRecord:
+    """Return `record` with the signature status its scan found (a load that failed after
+    the trust decision still says what that decision was)."""
+    decision = scanned.decision
+    if decision is None:
+        return record
+    return record.with_(signature_status=decision.status.value, signing_key_id=decision.key_id)
 
 
 def _signature_fields(exc: PluginDError) -> dict[str, str]:
@@ -475,5 +542,30 @@ def _signature_fields(exc: PluginDError) -> dict[str, str]:
 
 
 def _keeps_id(record: PluginRecord) -> bool:
-    """Return True when a plugin's id stays with it against another directory claiming it."""
-    return record.state in SERVING or Path(record.path).is_dir()
+    """Return True when a plugin's id stays with it against another directory claiming it:
+    a serving one, or one being loaded or unloaded whose directory is there; never a failed
+    one (an unsigned directory must not squat the id of a signed plugin)."""
+    if record.state in SERVING:
+        return True
+    return record.state is not State.FAILED and Path(record.path).is_dir()
+
+
+def verified_first(items: list[Scanned]) -> list[Scanned]:
+    """Order the directories that claim one id so that verified ones come first (stable);
+    every other directory keeps its place."""
+    places: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        if item.manifest is not None:
+            places.setdefault(item.manifest.id, []).append(index)
+    ordered = list(items)
+    for indices in places.values():
+        if len(indices) > 1:
+            ranked = sorted((items[i] for i in indices), key=_unverified)
+            for index, item in zip(indices, ranked, strict=True):
+                ordered[index] = item
+    return ordered
+
+
+def _unverified(item: Scanned) -> bool:
+    decision = item.decision
+    return decision is None or decision.status is not SignatureStatus.VERIFIED

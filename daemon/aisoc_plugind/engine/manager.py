@@ -21,8 +21,9 @@ from aisoc_plugind.audit import names
 from aisoc_plugind.audit.log import EventLog
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
+from aisoc_plugind.core.redact import Redactor
 from aisoc_plugind.core.revocation import RevocationList
-from aisoc_plugind.core.signing import plugin_digest
+from aisoc_plugind.core.signing import TrustMode, plugin_digest
 from aisoc_plugind.engine.emitter import EngineEvents
 from aisoc_plugind.engine.hosts import HostInfo, PluginHost
 from aisoc_plugind.engine.hosts.inprocess import InProcessHost
@@ -39,12 +40,14 @@ from aisoc_plugind.engine.results import (
     Rejected,
     RunResult,
 )
+from aisoc_plugind.engine.retries import LoadRetries, transient
 from aisoc_plugind.engine.revocations import RevocationOutcome, Revoker
 from aisoc_plugind.engine.runs import RunTracker, elapsed_ms
 from aisoc_plugind.engine.scan import Scanned
 from aisoc_plugind.engine.scanpool import Session
-from aisoc_plugind.engine.table import PluginTable, Slot
-from aisoc_plugind.engine.trust import TrustGate
+from aisoc_plugind.engine.shutdown import ShutdownPlan
+from aisoc_plugind.engine.table import Live, PluginTable, Slot
+from aisoc_plugind.engine.trust import Recheck, TrustGate, raw_signature
 from aisoc_plugind.errors import OciError, PluginDError
 
 __all__ = ["PluginManager"]
@@ -64,11 +67,15 @@ class PluginManager:
     ) -> None:
         self.settings = settings
         self.events = events
-        self._events = EngineEvents(events)
+        # Every plugin's configuration values, taken out of whatever text leaves the engine.
+        self.redactor = Redactor.of_configs(settings.plugin_config)
+        self._events = EngineEvents(events, self.redactor)
         self._table = PluginTable()
         self._trust = TrustGate(settings, self._events, keyring)
         self._host = host or InProcessHost(
-            timeout_s=settings.run_timeout_s, concurrency=settings.run_concurrency
+            timeout_s=settings.run_timeout_s,
+            concurrency=settings.run_concurrency,
+            max_result_bytes=settings.max_result_bytes,
         )
         self._runs = RunTracker(self._events)
         self._loads = Loads(
@@ -83,6 +90,9 @@ class PluginManager:
         self._lock = anyio.Lock()
         self._lost: set[asyncio.Task[None]] = set()
         self._host.set_on_failed(self._host_lost)
+        # Loads that failed for want of descriptors, memory or processes are tried again.
+        self._retries = LoadRetries(self._events, self.sync_dir)
+        self._plan: ShutdownPlan | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -90,9 +100,16 @@ class PluginManager:
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        """Tear every plugin down (all at once) until the shutdown plan's teardown deadline,
+        then stop the hosts (killed when the plan's end passes); without a plan, the whole
+        close takes at most `daemon.shutdown_grace_s` from now."""
+        plan = self.shutdown_plan()
         with anyio.CancelScope(shield=True):
-            await self.teardown_all()
-            await self._host.aclose()
+            await self._retries.aclose()
+            with plan.scope(plan.teardown_until):
+                await self.teardown_all()
+            with plan.scope(plan.end):
+                await self._host.aclose()
 
     @property
     def keyring(self) -> Keyring:
@@ -160,6 +177,37 @@ class PluginManager:
         """Return once no run is executing."""
         await self._runs.wait_idle()
 
+    def begin_shutdown(self, plan: ShutdownPlan) -> None:
+        """Refuse new runs (`daemon_stopping`); `drain()` and closing follow `plan`."""
+        if self._plan is None:
+            self._plan = plan
+        self._runs.refuse()
+
+    def shutdown_plan(self) -> ShutdownPlan:
+        """Return the plan of the shutdown under way (one starting now if none was begun)."""
+        if self._plan is None:
+            self.begin_shutdown(
+                ShutdownPlan.starting(
+                    grace_s=self.settings.shutdown_grace_s,
+                    run_timeout_s=self.settings.run_timeout_s,
+                )
+            )
+        assert self._plan is not None
+        return self._plan
+
+    async def drain(self) -> int:
+        """Let the runs in flight finish until the plan's drain deadline, then cut the rest
+        (each ends in `daemon_stopping`, answered and audited) and give them until the
+        teardown deadline to unwind; return how many were cut."""
+        plan = self.shutdown_plan()
+        with plan.scope(plan.drain_until):
+            await self._runs.wait_idle()
+        cut = self._runs.cut()
+        if cut:
+            with plan.scope(plan.teardown_until):
+                await self._runs.wait_idle()
+        return cut
+
     async def settled(self) -> None:
         """Return once the lifecycle operation in progress (if any) has finished.
 
@@ -187,17 +235,37 @@ class PluginManager:
                             loaded.append(outcome.plugin_id)
                         elif isinstance(outcome, Rejected):
                             failed.append(outcome)
+                            self._retries.note(outcome.path, outcome.error, outcome.plugin_id)
             await self._loads.settle(batch, caller)
             await self._events.commit()  # the failures' events too, before the answer
             return DiscoverResult(discovered=loaded, failed=failed)
+
+    async def _retry_failed(self, caller: Caller) -> None:
+        """Try again every directory that failed (a trusted key came back or changed)."""
+        async with self._lock:
+            failed = {
+                Path(s.record.path)
+                for s in self._table.slots.values()
+                if s.record.state is State.FAILED
+            }
+            paths = sorted(failed | set(self._table.rejected_dirs()))
+            batch = LoadBatch()
+            async with self._loads.preparer.session(paths) as session:
+                async for items in self._scanned(session):
+                    present = [i for i in items if i.error is None or i.bundle is not None]
+                    await self._loads.load_scanned(present, caller, batch)
+            await self._loads.settle(batch, caller)
 
     async def _scanned(self, session: Session) -> AsyncIterator[list[Scanned]]:
         """Yield a discovery's scan results chunk by chunk, or all at once for a host that
         loads better together (a host process per group, which must know every plugin
         directory of its group when it starts)."""
         together: list[Scanned] = []
+        # In warn mode a verified directory must win its id over an unverified one wherever
+        # the scan found them (`verified_first` orders the directories of one list).
+        at_once = self._host.loads_together or self._trust.mode is TrustMode.WARN
         while (chunk := await session.next_chunk()) is not None:
-            if not self._host.loads_together:
+            if not at_once:
                 yield chunk
             else:
                 together.extend(chunk)
@@ -216,11 +284,26 @@ class PluginManager:
                 return
             if slot is not None and slot.record.state in SERVING:
                 if not await self._unchanged(slot, path):
-                    await self._loads.reload(slot, path, caller)
+                    await self._reload_noted(slot, path, caller)
             else:
                 batch = LoadBatch()
-                await self._loads.load_guarded(path, caller, batch)
+                outcome = await self._loads.load_guarded(path, caller, batch)
                 await self._loads.settle(batch, caller)
+                rejected = outcome if isinstance(outcome, Rejected) else None
+                self._retries.note(
+                    path,
+                    rejected.error if rejected else None,
+                    rejected.plugin_id if rejected else None,
+                )
+
+    async def _reload_noted(self, slot: Slot, path: Path, caller: Caller) -> None:
+        """Reload a serving plugin from `path`; a transient failure is tried again later."""
+        try:
+            await self._loads.reload(slot, path, caller)
+        except PluginDError as exc:
+            self._retries.note(path, exc, slot.record.id)
+            raise
+        self._retries.note(path, None)
 
     async def _unchanged(self, slot: Slot, path: Path) -> bool:
         """Return True when `path` holds exactly the manifest, code and plugin.sig in memory.
@@ -232,7 +315,10 @@ class PluginManager:
             return False
         try:
             bundle, manifest = await self._loads.preparer.read(path)
-        except PluginDError:
+        except PluginDError as exc:
+            if transient(exc):  # cannot tell now (no descriptor, no memory): look again later
+                self._retries.note(path, exc, slot.record.id)
+                return True
             return False
         digest = plugin_digest(manifest.as_json(), bundle.sources).hex()
         return digest == slot.record.digest and bundle.signature == slot.signature_file
@@ -274,6 +360,7 @@ class PluginManager:
                 seq = self._events.state(event, changed, before, caller)
                 await self._events.require(seq, plugin_id=plugin_id, event=event, caller=caller)
                 slot.record = changed
+            slot.trust_disabled = False  # the operator decided: a returning key changes nothing
             return slot.record
 
     async def unload(self, plugin_id: str, caller: Caller = SYSTEM) -> PluginRecord:
@@ -299,18 +386,33 @@ class PluginManager:
         Returns the ids whose trust changed.
         """
         async with self._lock:
+            gained = _gained(self._trust.keyring, keyring)
             self._trust.keyring = keyring
             changed: list[str] = []
             for slot in self._table.slots.values():
-                before = slot.record.state
-                found = self._trust.recheck(slot.record, slot.signature, caller)
-                if found is None:
-                    continue
-                slot.record = found.record
-                changed.append(slot.record.id)
-                if found.disabled:
-                    self._events.state(names.PLUGIN_DISABLED, slot.record, before, caller)
-            return changed + self._revoker.sweep(caller)
+                signature = slot.signature or raw_signature(slot.signature_file)
+                found = self._trust.recheck(slot.record, signature, caller)
+                if found is not None:
+                    self._apply_recheck(slot, found, caller)
+                    changed.append(slot.record.id)
+            changed += self._revoker.sweep(caller)
+        if gained:  # failures for want of this key are worth another try
+            await self._retry_failed(caller)
+        return changed
+
+    def _apply_recheck(self, slot: Slot, found: Recheck, caller: Caller) -> None:
+        """Take a re-checked record; a plugin its key's removal disabled is enabled again
+        when the key is back (one the operator disabled stays disabled)."""
+        before = slot.record.state
+        slot.record = found.record
+        if found.disabled:
+            slot.trust_disabled = True
+            self._events.state(names.PLUGIN_DISABLED, slot.record, before, caller)
+        elif found.restored and slot.trust_disabled:
+            slot.trust_disabled = False
+            if before is State.DISABLED:
+                slot.record = slot.record.moved_to(State.ENABLED)
+                self._events.state(names.PLUGIN_ENABLED, slot.record, before, caller)
 
     @property
     def revoked(self) -> RevocationList:
@@ -343,6 +445,7 @@ class PluginManager:
         try:
             plugin_id, digest = await self._install(oci_ref, caller, replace=replace)
         except PluginDError as exc:
+            self._events.redacted(exc)
             self._events.emit(
                 names.PLUGIN_INSTALL_FAILED,
                 level="error",
@@ -422,8 +525,38 @@ class PluginManager:
         return await self._runs.run(self._table.get(plugin_id), payload, context, caller)
 
     async def teardown_all(self) -> None:
-        """Call `teardown()` on every live plugin and free its modules."""
+        """Call `teardown()` on every live plugin, all at once, and free its modules.
+
+        A teardown still running when this is cancelled (the shutdown's deadline) is reported
+        as `plugin.teardown.failed`; its host is ended by the host layer's close.
+        """
+        lives: list[tuple[str, Live]] = []
         for plugin_id, slot in list(self._table.slots.items()):
             live, slot.live = slot.live, None
             if live is not None:
-                await self._runs.teardown(live, plugin_id)
+                lives.append((plugin_id, live))
+        pending = {plugin_id for plugin_id, _ in lives}
+
+        async def one(plugin_id: str, live: Live) -> None:
+            await self._runs.teardown(live, plugin_id)
+            pending.discard(plugin_id)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for plugin_id, live in lives:
+                    tg.start_soon(one, plugin_id, live)
+        finally:
+            for plugin_id in sorted(pending):
+                self._events.emit(
+                    names.PLUGIN_TEARDOWN_FAILED,
+                    level="warning",
+                    plugin_id=plugin_id,
+                    error_code="plugin_teardown_failed",
+                    error="teardown() had not returned when the shutdown deadline passed",
+                )
+
+
+def _gained(before: Keyring, after: Keyring) -> bool:
+    """Return True when `after` trusts a key (id and key bytes) that `before` did not."""
+    old = before.fingerprints()
+    return any(old.get(key_id) != value for key_id, value in after.fingerprints().items())

@@ -1,7 +1,9 @@
 """Run plugins and account for runs in flight, so replaced versions retire when idle.
 
 A run takes the version that is live when it starts and finishes on it; a replaced or
-unloaded version is torn down by whoever sees its last run end.
+unloaded version is torn down by whoever sees its last run end. Once the daemon stops, new
+runs are refused and the runs still in flight when the drain period ends are cut: both end in
+`daemon_stopping` (answered, and audited as `plugin.run.failed`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ import anyio
 from aisoc_plugind.audit import names
 from aisoc_plugind.core.records import State
 from aisoc_plugind.engine.emitter import EngineEvents
+from aisoc_plugind.engine.hosts import LoadedPlugin, RunOutput
+from aisoc_plugind.engine.hosts.faults import cancelled_here, type_name
 from aisoc_plugind.engine.results import Caller, RunResult
 from aisoc_plugind.engine.table import Live, Slot
-from aisoc_plugind.errors import PluginDError, PluginRunError, PluginStateConflict
+from aisoc_plugind.errors import (
+    DaemonStopping,
+    PluginDError,
+    PluginLoadError,
+    PluginRunError,
+    PluginStateConflict,
+)
 
 __all__ = ["RunTracker", "elapsed_ms"]
 
@@ -29,6 +39,8 @@ class RunTracker:
         self.events = events
         self.inflight = 0
         self._idle: anyio.Event | None = None  # made when someone waits (rarely)
+        self.stopping = False
+        self._cuts: set[anyio.CancelScope] = set()  # one per run in flight
 
     async def wait_idle(self) -> None:
         """Return once no run is executing."""
@@ -47,8 +59,10 @@ class RunTracker:
         """Run the live version of `slot`'s plugin and write the run's event."""
         record = slot.record
         try:
+            if self.stopping:
+                raise DaemonStopping("the daemon is shutting down; the run was not started")
             live = _runnable(slot)
-        except PluginStateConflict as exc:  # a refused run is on the record too
+        except (PluginStateConflict, DaemonStopping) as exc:  # a refused run is on the record
             self.events.emit(
                 names.PLUGIN_RUN_FAILED,
                 level="warning",
@@ -64,19 +78,24 @@ class RunTracker:
         self.inflight += 1
         started = time.perf_counter()
         try:
-            output = await live.plugin.run(dict(payload or {}), dict(context or {}))
-        except PluginDError as exc:
+            output = await self._cuttable(live.plugin, dict(payload or {}), dict(context or {}))
+        except BaseException as exc:
+            if cancelled_here(exc):
+                raise
+            error = self.events.redacted(exc if isinstance(exc, PluginDError) else _fault(exc))
             self.events.emit(
                 names.PLUGIN_RUN_FAILED,
                 level="warning",
                 plugin_id=record.id,
                 version=record.version,
-                error_code=exc.code,
-                error=_audit_text(exc),
+                error_code=error.code,
+                error=_audit_text(error),
                 duration_ms=elapsed_ms(started),
                 **caller.fields(),
             )
-            raise
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             self._finished(live)
             if live.retired and live.inflight == 0:
@@ -93,6 +112,32 @@ class RunTracker:
         return RunResult(
             plugin_id=record.id, result=output.value, duration_ms=duration, result_json=output.text
         )
+
+    async def _cuttable(
+        self, plugin: LoadedPlugin, payload: dict[str, Any], context: dict[str, Any]
+    ) -> RunOutput:
+        """Run `plugin` in a scope that `cut()` cancels; raise DaemonStopping when it did."""
+        with anyio.CancelScope() as scope:
+            self._cuts.add(scope)
+            try:
+                return await plugin.run(payload, context)
+            finally:
+                self._cuts.discard(scope)
+        raise DaemonStopping(
+            "the daemon is shutting down; the run was cut before it finished (its drain "
+            "period, part of daemon.shutdown_grace_s, ended)"
+        )
+
+    def refuse(self) -> None:
+        """Refuse every new run from now on (DaemonStopping): the daemon is stopping."""
+        self.stopping = True
+
+    def cut(self) -> int:
+        """Cancel every run in flight (each ends in DaemonStopping); return how many."""
+        cuts = list(self._cuts)
+        for scope in cuts:
+            scope.cancel()
+        return len(cuts)
 
     def _finished(self, live: Live) -> None:
         live.inflight -= 1
@@ -114,13 +159,22 @@ class RunTracker:
         live.torn_down = True
         try:
             await live.plugin.teardown()
-        except PluginDError as exc:
+        except BaseException as exc:
+            if cancelled_here(exc):
+                raise
+            error = self.events.redacted(
+                exc
+                if isinstance(exc, PluginDError)
+                else PluginLoadError(
+                    f"teardown() failed ({type_name(exc)})", code="plugin_teardown_failed"
+                )
+            )
             self.events.emit(
                 names.PLUGIN_TEARDOWN_FAILED,
                 level="warning",
                 plugin_id=plugin_id,
-                error_code=exc.code,
-                error=exc.message,
+                error_code=error.code,
+                error=error.message,
             )
 
 
@@ -136,14 +190,17 @@ def _runnable(slot: Slot) -> Live:
     return slot.live
 
 
+def _fault(exc: BaseException) -> PluginRunError:
+    """Code what a host let through (it should not): the type only, as for any run."""
+    name = type_name(exc)
+    return PluginRunError(f"plugin raised {name}", fault=name)
+
+
 def _audit_text(exc: PluginDError) -> str:
     """Return what a run failure may say in an event: a plugin's exception text can quote the
-    payload, so only its type is kept there (the caller still gets the full message)."""
-    if isinstance(exc, PluginRunError):
-        if exc.fault is not None:
-            return f"run raised {exc.fault}"
-        if exc.__cause__ is not None:
-            return f"run raised {type(exc.__cause__).__name__}"
+    payload, so only its type is kept there."""
+    if isinstance(exc, PluginRunError) and exc.fault is not None:
+        return f"plugin raised {exc.fault}"
     return exc.message
 
 

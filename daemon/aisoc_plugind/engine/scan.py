@@ -114,7 +114,8 @@ def scan(
         manifest=manifest,
         decision=decision,
         code=code,
-        schema_checked=schema_valid(manifest.plain.get("config_schema")),
+        # A refused version never loads: its (hostile, maybe costly) schema is not checked.
+        schema_checked=decision.allowed and schema_valid(manifest.plain.get("config_schema")),
     )
 
 

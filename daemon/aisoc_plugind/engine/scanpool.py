@@ -155,6 +155,9 @@ class ScanPool:
                 stdout=subprocess.PIPE,
                 stderr=None,
                 env=_worker_environment(),
+                # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process
+                # group) reaches the daemon only, which ends its workers itself.
+                start_new_session=True,
             )
             assert process.stdout is not None
             reader = BufferedByteReceiveStream(process.stdout)

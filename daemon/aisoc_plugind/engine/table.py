@@ -31,6 +31,7 @@ class Slot:
     live: Live | None = None
     signature: bytes | None = None  # the raw signature that verified the live version
     signature_file: bytes | None = None  # plugin.sig as read for the live version
+    trust_disabled: bool = False  # disabled because its key went (enabled again when it returns)
 
 
 class PluginTable:

@@ -1,7 +1,12 @@
 """Decide whether a plugin's signature lets it load, and re-check loaded plugins on key change.
 
 Every decision is one event (`plugin.signature.*`, or `plugin.revoked` for a plugin the
-revocation list refuses), whatever it decides. A plugin that no trusted key verifies any more
+revocation list refuses), whatever it decides, written when it is made, before any plugin code
+runs: `verified`, `invalid` (with `decision: "load"` or `"refuse"`), `skipped`, `revoked`. The
+one exception is `plugin.signature.unsigned`, which means that an unsigned plugin *loaded*
+(INTERFACE §7, warn mode): it is written once the host has loaded it (`loaded`), and an
+unsigned plugin that is refused (strict) or fails to load shows only in `plugin.load.failed`
+(`signature_status: "unsigned"`). A plugin that no trusted key verifies any more
 is disabled in strict mode (marked `invalid` in warn mode), through the lifecycle state
 machine, with events either way: nothing is left running silently. Signatures are checked
 with the trusted keys that are not revoked (`keys`); the revocation list then turns a plugin
@@ -72,6 +77,7 @@ class Recheck:
 
     record: PluginRecord
     disabled: bool
+    restored: bool = False  # a trusted key verifies it again (after `signing_key_removed`)
 
 
 class TrustGate:
@@ -105,13 +111,14 @@ class TrustGate:
         self.keys = revoked.split(self._keyring.keys)[0]
 
     def decide(self, bundle: Bundle, manifest: Manifest, caller: Caller) -> TrustDecision:
-        """Check the signature of a read bundle and emit the decision."""
+        """Check the signature of a read bundle and emit the decision (see the module
+        docstring for when an unsigned one is announced)."""
         digest = plugin_digest(manifest.as_json(), bundle.sources)
         decision = decide(
             digest=digest, signature_file=bundle.signature, keys=self.keys, mode=self.mode
         )
         decision = self.revise(decision, bundle)
-        self.announce(decision, bundle, manifest, caller)
+        self._announce_decision(decision, bundle, manifest, caller)
         return decision
 
     def revise(self, decision: TrustDecision, bundle: Bundle) -> TrustDecision:
@@ -149,6 +156,21 @@ class TrustGate:
             **caller.fields(),
         )
 
+    def _announce_decision(
+        self, decision: TrustDecision, bundle: Bundle, manifest: Manifest, caller: Caller
+    ) -> None:
+        """Emit a decision as it is made, unless its event means "it loaded" (unsigned)."""
+        if decision.status is not SignatureStatus.UNSIGNED:
+            self.announce(decision, bundle, manifest, caller)
+
+    def loaded(
+        self, decision: TrustDecision, bundle: Bundle, manifest: Manifest, caller: Caller
+    ) -> None:
+        """Emit what a decision says once its plugin has loaded: `plugin.signature.unsigned`
+        for an unsigned plugin (warn mode); nothing for the others (announced already)."""
+        if decision.status is SignatureStatus.UNSIGNED and decision.allowed:
+            self.announce(decision, bundle, manifest, caller)
+
     def _revoked_why(self, decision: TrustDecision) -> RevokedBy:
         return RevokedBy.DIGEST if decision.digest_hex in self._revoked.digests else RevokedBy.KEY
 
@@ -159,9 +181,10 @@ class TrustGate:
     def admit(
         self, decision: TrustDecision, bundle: Bundle, manifest: Manifest, caller: Caller
     ) -> TrustDecision:
-        """Emit a scan's decision; raise SignatureRefused when the trust mode refuses."""
+        """Emit a scan's decision (an unsigned one waits for `loaded`); raise
+        SignatureRefused when the trust mode refuses."""
         decision = self.revise(decision, bundle)
-        self.announce(decision, bundle, manifest, caller)
+        self._announce_decision(decision, bundle, manifest, caller)
         return self.refuse_unless_allowed(decision)
 
     def refuse_unless_allowed(self, decision: TrustDecision) -> TrustDecision:
@@ -216,20 +239,23 @@ class TrustGate:
     ) -> Recheck | None:
         """Re-verify a loaded plugin's signature with the current keyring.
 
-        Returns None when nothing changed; otherwise the new record (another key verifies
-        it now, or none does), having emitted `plugin.signature.invalid` for the latter.
+        Returns None when nothing changed; otherwise the new record: another key verifies
+        it now, a trusted key verifies it again (`restored`, with `plugin.signature.verified`
+        `decision: "restore"`), or none does any more (with `plugin.signature.invalid`).
         """
         if record.state not in SERVING or signature is None or record.digest is None:
             return None
+        if self.mode is TrustMode.DISABLED:
+            return None  # signatures are not looked at
         if record.signature_status == SignatureStatus.REVOKED.value:
             return None  # the revocation list decides about it (see `revocation_of`)
         key_id = find_signer(bytes.fromhex(record.digest), signature, self.keys)
         if key_id is None and self.revocation_of(record, signature) is not None:
             return None  # revoked, not removed: the manager's revocation sweep disables it
         if key_id is not None:
-            if key_id == record.signing_key_id:
-                return None
-            return Recheck(record=record.with_(signing_key_id=key_id), disabled=False)
+            return self._verified_again(record, key_id, caller)
+        if record.signature_status != SignatureStatus.VERIFIED.value:
+            return None  # no trusted key verified it before either: nothing changed
         strict = self.mode is TrustMode.STRICT
         error = {
             "code": "signing_key_removed",
@@ -255,3 +281,28 @@ class TrustGate:
             **caller.fields(),
         )
         return Recheck(record=changed, disabled=disable)
+
+    def _verified_again(self, record: PluginRecord, key_id: str, caller: Caller) -> Recheck | None:
+        if record.signature_status == SignatureStatus.VERIFIED.value:
+            if key_id == record.signing_key_id:
+                return None
+            return Recheck(record=record.with_(signing_key_id=key_id), disabled=False)
+        error = record.error
+        if error is not None and error.get("code") == "signing_key_removed":
+            error = None
+        restored = record.with_(
+            signature_status=SignatureStatus.VERIFIED.value, signing_key_id=key_id, error=error
+        )
+        self.events.emit(
+            names.PLUGIN_SIGNATURE_VERIFIED,
+            plugin_id=record.id,
+            path=record.path,
+            version=record.version,
+            signature_status=SignatureStatus.VERIFIED.value,
+            signing_key_id=key_id,
+            digest=record.digest,
+            trust_mode=self.mode.value,
+            decision="restore",
+            **caller.fields(),
+        )
+        return Recheck(record=restored, disabled=False, restored=True)

@@ -19,12 +19,17 @@ __all__ = ["api_component", "default_components"]
 async def api_component(
     service: Service, manager: PluginManager
 ) -> AsyncIterator[HangupHook | None]:
-    """Service component: serve the control API; its SIGHUP hook re-reads the tokens file."""
+    """Service component: serve the control API; its SIGHUP hook re-reads the tokens file.
+
+    At shutdown it stops accepting, then waits for the service's drain (runs in flight
+    finish, or are cut and answered) before it closes the connections.
+    """
     async with serve(
         settings=service.settings,
         events=service.events,
         manager=manager,
         ready=service.ready.is_set,
+        drained=service.drained,
     ) as hangup:
         yield hangup
 

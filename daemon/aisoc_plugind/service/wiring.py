@@ -33,7 +33,11 @@ def make_manager(settings: Settings, events: EventLog, keyring: Keyring) -> Plug
 def make_host(settings: Settings, events: EventLog) -> PluginHost:
     """Return the plugin host of `isolation.mode`."""
     if settings.isolation_mode == "none":
-        return InProcessHost(timeout_s=settings.run_timeout_s, concurrency=settings.run_concurrency)
+        return InProcessHost(
+            timeout_s=settings.run_timeout_s,
+            concurrency=settings.run_concurrency,
+            max_result_bytes=settings.max_result_bytes,
+        )
     protected = [
         settings.tokens_file,
         settings.audit_path,

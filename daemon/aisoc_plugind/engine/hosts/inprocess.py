@@ -8,7 +8,6 @@ That is why this mode is for development and benchmarks only.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import json
@@ -16,13 +15,23 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
 
 from aisoc_plugind.core.contract import Plugin
+from aisoc_plugind.core.redact import NO_REDACTION, Redactor
 from aisoc_plugind.engine.hosts import HostInfo, LoadedPlugin, LoadRequest, RunOutput
 from aisoc_plugind.engine.hosts.deadlines import Deadlines
+from aisoc_plugind.engine.hosts.faults import (
+    Raised,
+    cancelled_here,
+    captured,
+    describe,
+    type_name,
+)
+from aisoc_plugind.engine.hosts.jsondepth import MAX_RESULT_DEPTH, deeper_than
 from aisoc_plugind.engine.hosts.loader import (
     ImportedBundle,
     entry_module_name,
@@ -37,14 +46,12 @@ from aisoc_plugind.errors import (
     PluginTimeout,
 )
 
-__all__ = ["InProcessHost", "InProcessPlugin", "call_hook", "describe", "normalise_result"]
+__all__ = ["InProcessHost", "InProcessPlugin", "call_hook", "normalise_result"]
 
-# Exceptions a plugin may raise that must not end the daemon (sys.exit() in a plugin, ...).
-PLUGIN_FAULTS = (Exception, SystemExit, KeyboardInterrupt)
-MAX_ERROR_TEXT = 500
 # A run's result as compact JSON, ASCII escapes (a lone surrogate cannot break the UTF-8
 # response), NaN refused; one encoder (json.dumps with options builds one per call).
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+MAX_RESULT_BYTES = 8 * 1024 * 1024  # `plugins.max_result_bytes` unless the host is told
 
 
 class InProcessPlugin:
@@ -52,19 +59,21 @@ class InProcessPlugin:
 
     def __init__(
         self,
-        instance: Plugin,
-        imported: ImportedBundle,
+        built: _Built,
         host: HostInfo,
         timeout_s: float,
         limiter: anyio.CapacityLimiter,
         deadlines: Deadlines,
+        max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
-        self.instance = instance
-        self._imported = imported
+        self.instance = built.instance
+        self._max_result = max_result_bytes
+        self._imported = built.imported
+        self._redactor = built.redactor
         self._host = host
         self._timeout_s = timeout_s
         self._limiter = limiter
-        self._coroutine = inspect.iscoroutinefunction(instance.run)
+        self._coroutine = built.is_async
         self._deadlines = deadlines
 
     @property
@@ -73,38 +82,36 @@ class InProcessPlugin:
         return self._host
 
     async def run(self, payload: dict[str, Any], context: dict[str, Any]) -> RunOutput:
-        """Call `run(payload, context)` under the time limit; translate what it raises."""
+        """Call `run(payload, context)` under the time limit; translate what it raises
+        (anything: only a cancellation of the calling task passes, as itself)."""
         if self._coroutine:
-            return normalise_result(await self._run_on_loop(payload, context))
-        run: Callable[..., Any] = self.instance.run
-        try:
-            with anyio.fail_after(self._timeout_s):
-                value = await anyio.to_thread.run_sync(
-                    functools.partial(run, payload, context),
-                    abandon_on_cancel=True,
-                    limiter=self._limiter,
-                )
-                if inspect.isawaitable(value):
-                    value = await value
-        except TimeoutError as exc:
-            raise PluginTimeout(f"run did not return within {self._timeout_s}s") from exc
-        except PLUGIN_FAULTS as exc:
-            raise PluginRunError(f"run raised {describe(exc)}") from exc
-        return normalise_result(value)
+            return _capped(_result(await self._run_on_loop(payload, context)), self._max_result)
+        call = captured(functools.partial(_call_run, self.instance, payload, context))
+        with anyio.move_on_after(self._timeout_s) as scope:
+            value = await anyio.to_thread.run_sync(
+                call, abandon_on_cancel=True, limiter=self._limiter
+            )
+            if isinstance(value, Raised):
+                raise _run_error(value.exc) from value.exc
+            value, awaitable = value
+            if awaitable:
+                value = await _awaited(value)
+        if scope.cancel_called:  # overran (also when an awaitable swallowed the cancellation)
+            raise PluginTimeout(f"run did not return within {self._timeout_s}s")
+        return _capped(_result(value), self._max_result)
 
     async def _run_on_loop(self, payload: dict[str, Any], context: dict[str, Any]) -> Any:
         """An async `run`, on the event loop, under a shared-timer limit (`Deadlines`)."""
         watch = self._deadlines.start(self._timeout_s)
         try:
             value = await self.instance.run(payload, context)
-        except asyncio.CancelledError:
-            if not self._deadlines.finish(watch) or watch.task.cancelling():
+        except BaseException as exc:  # whatever the plugin raises is coded
+            expired = self._deadlines.finish(watch)  # withdraws the limit's own cancellation
+            if cancelled_here(exc):
                 raise  # cancelled from outside (shutdown): not this call's time limit
-            raise PluginTimeout(f"run did not return within {self._timeout_s}s") from None
-        except PLUGIN_FAULTS as exc:
-            if self._deadlines.finish(watch):
-                raise PluginTimeout(f"run did not return within {self._timeout_s}s") from exc
-            raise PluginRunError(f"run raised {describe(exc)}") from exc
+            if expired:
+                raise PluginTimeout(f"run did not return within {self._timeout_s}s") from None
+            raise _run_error(exc) from exc
         if self._deadlines.finish(watch):  # it swallowed the cancellation: still too late
             raise PluginTimeout(f"run did not return within {self._timeout_s}s")
         return value
@@ -112,15 +119,73 @@ class InProcessPlugin:
     async def teardown(self) -> None:
         """Call `teardown()` (if any) under the time limit, then free the modules."""
         try:
-            await call_hook(self.instance, "teardown", "plugin_teardown_failed", self._timeout_s)
+            await call_hook(
+                self.instance,
+                "teardown",
+                "plugin_teardown_failed",
+                self._timeout_s,
+                self._redactor,
+            )
         finally:
             self._imported.release()
+
+
+def _call_run(
+    instance: Plugin, payload: dict[str, Any], context: dict[str, Any]
+) -> tuple[Any, bool]:
+    """Call a sync `run`; return its value and whether it is awaitable (in a worker thread:
+    looking `run` up, and looking at what it returned, can run plugin code)."""
+    value = instance.run(payload, context)
+    return value, inspect.isawaitable(value)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    """Await what a sync `run` returned (an awaitable); code what it raises."""
+    try:
+        return await awaitable
+    except BaseException as exc:  # whatever the plugin raises is coded
+        if cancelled_here(exc):
+            raise
+        raise _run_error(exc) from exc
+
+
+def _run_error(exc: BaseException) -> PluginRunError:
+    """A run's failure names the type of what the plugin raised, never its text (which can
+    quote the payload or the plugin's configuration)."""
+    name = type_name(exc)
+    return PluginRunError(f"plugin raised {name}", fault=name)
+
+
+def _result(value: Any) -> RunOutput:
+    """Encode a result; code whatever encoding it raises (a dict subclass's `items()`, a
+    `__class__` property: plugin code runs here too)."""
+    try:
+        return normalise_result(value)
+    except PluginResultInvalid:
+        raise
+    except BaseException as exc:  # whatever the plugin's objects raise (nothing is awaited)
+        raise PluginResultInvalid(f"the result could not be encoded ({type_name(exc)})") from exc
+
+
+def _capped(output: RunOutput, cap: int) -> RunOutput:
+    """Refuse a result over `plugins.max_result_bytes` (its encoding is ASCII: one byte a
+    character), as a host process does."""
+    size = len(output.text)
+    if size > cap:
+        raise PluginResultInvalid(
+            f"the result is {size} bytes, over plugins.max_result_bytes ({cap})",
+            code="plugin_result_too_large",
+        )
+    return output
 
 
 class InProcessHost:
     """Load plugins into the daemon's own interpreter."""
 
-    def __init__(self, *, timeout_s: float, concurrency: int) -> None:
+    def __init__(
+        self, *, timeout_s: float, concurrency: int, max_result_bytes: int = MAX_RESULT_BYTES
+    ) -> None:
+        self._max_result = max_result_bytes
         self._timeout_s = timeout_s
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._deadlines = Deadlines()
@@ -131,18 +196,24 @@ class InProcessHost:
         build = functools.partial(_import_and_construct, request)
         try:
             with anyio.fail_after(self._timeout_s):
-                instance, imported = await anyio.to_thread.run_sync(
+                built = await anyio.to_thread.run_sync(
                     build, abandon_on_cancel=True, limiter=self._limiter
                 )
         except TimeoutError as exc:
             raise _load_timeout(self._timeout_s) from exc
+        return await self._set_up(built)
+
+    async def _set_up(self, built: _Built) -> InProcessPlugin:
+        """Call `setup()` of a constructed plugin; raise PluginLoadError (modules freed)."""
         try:
-            await call_hook(instance, "setup", "plugin_setup_failed", self._timeout_s)
-        except PluginLoadError:
-            imported.release()
+            await call_hook(
+                built.instance, "setup", "plugin_setup_failed", self._timeout_s, built.redactor
+            )
+        except BaseException:
+            built.imported.release()
             raise
         return InProcessPlugin(
-            instance, imported, self._info, self._timeout_s, self._limiter, self._deadlines
+            built, self._info, self._timeout_s, self._limiter, self._deadlines, self._max_result
         )
 
     @property
@@ -178,18 +249,10 @@ class InProcessHost:
             if item is None or isinstance(item, PluginDError):
                 out.append(item or PluginLoadError("not loaded", code="plugin_load_error"))
                 continue
-            instance, imported = item
             try:
-                await call_hook(instance, "setup", "plugin_setup_failed", self._timeout_s)
+                out.append(await self._set_up(item))
             except PluginLoadError as exc:
-                imported.release()
                 out.append(exc)
-                continue
-            out.append(
-                InProcessPlugin(
-                    instance, imported, self._info, self._timeout_s, self._limiter, self._deadlines
-                )
-            )
         return out
 
     async def _build(
@@ -230,7 +293,15 @@ class InProcessHost:
         """Nothing to release: plugins free their own modules at teardown."""
 
 
-_Built = tuple[Plugin, ImportedBundle]
+@dataclass(frozen=True, slots=True)
+class _Built:
+    """A constructed plugin: its instance, modules, kind of `run`, and configuration's
+    redactor (for what its hooks raise)."""
+
+    instance: Plugin
+    imported: ImportedBundle
+    is_async: bool
+    redactor: Redactor
 
 
 class _Batch:
@@ -268,14 +339,14 @@ def _build_batch(
             result = _import_and_construct(requests[index])
         except PluginDError as exc:
             result = exc
-        except Exception as exc:  # a bug here fails that plugin, never the batch
+        except BaseException as exc:  # a bug here fails that plugin only
             result = PluginLoadError(
-                f"loading failed unexpectedly ({type(exc).__name__})", code="plugin_load_error"
+                f"loading failed unexpectedly ({type_name(exc)})", code="plugin_load_error"
             )
         with batch.lock:
             if batch.gave_up():  # too late: the loop reported a timeout for this one
                 if not isinstance(result, PluginDError):
-                    result[1].release()
+                    result.imported.release()
                 return
             built[index] = result
 
@@ -287,41 +358,68 @@ def _load_timeout(timeout_s: float) -> PluginLoadError:
     )
 
 
-async def call_hook(instance: object, name: str, code: str, timeout_s: float) -> None:
-    """Call an optional sync or async hook (`setup`, `teardown`) under the time limit."""
-    hook = getattr(instance, name, None)
-    if hook is None:
-        return
-    try:
-        with anyio.fail_after(timeout_s):
-            outcome = hook()
+async def call_hook(
+    instance: object,
+    name: str,
+    code: str,
+    timeout_s: float,
+    redactor: Redactor = NO_REDACTION,
+) -> None:
+    """Call an optional sync or async hook (`setup`, `teardown`) under the time limit.
+
+    Whatever it raises (a CancelledError of its own too) is a PluginLoadError with `code`
+    and the redacted text; only a cancellation of the calling task passes, as itself.
+    """
+    with anyio.move_on_after(timeout_s) as scope:
+        try:
+            hook = getattr(instance, name, None)
+            if hook is None:
+                return
+            if inspect.iscoroutinefunction(hook):
+                outcome = hook()
+            else:  # in a worker thread: a time limit or shutdown can abandon a hook that hangs
+                # (`captured`: what it raises comes back as a value, never as if this task's)
+                outcome = await anyio.to_thread.run_sync(captured(hook), abandon_on_cancel=True)
+                if isinstance(outcome, Raised):
+                    raise outcome.exc
             if inspect.isawaitable(outcome):
                 await outcome
-    except TimeoutError as exc:
-        raise PluginLoadError(f"{name}() did not return within {timeout_s}s", code=code) from exc
-    except PLUGIN_FAULTS as exc:
-        raise PluginLoadError(f"{name}() raised {describe(exc)}", code=code) from exc
+        except BaseException as exc:  # whatever the plugin raises is coded
+            if cancelled_here(exc):
+                raise  # the time limit (caught by the scope) or a cancellation from outside
+            raise PluginLoadError(f"{name}() raised {describe(exc, redactor)}", code=code) from exc
+    if scope.cancel_called:  # overran (also when the hook swallowed the cancellation)
+        raise PluginLoadError(f"{name}() did not return within {timeout_s}s", code=code)
 
 
-def _import_and_construct(request: LoadRequest) -> tuple[Plugin, ImportedBundle]:
-    """Import the verified bytes and build the Plugin instance (runs in a worker thread)."""
+def _import_and_construct(request: LoadRequest) -> _Built:
+    """Import the verified bytes and build the Plugin instance (runs in a worker thread).
+
+    Raises PluginLoadError only: whatever the plugin's code raises is coded here.
+    """
+    redactor = Redactor(request.config.values())
     try:
         imported = import_bundle(request.root, request.sources, request.entry_point, request.code)
-    except PLUGIN_FAULTS as exc:
+    except BaseException as exc:  # whatever the module code raises is coded
+        text = describe(exc, redactor)
         leaf = entry_module_name(request.entry_point).rsplit(".", 1)[-1]
-        missing = isinstance(exc, ModuleNotFoundError) and leaf in str(exc)
+        missing = isinstance(exc, ModuleNotFoundError) and leaf in text
         raise PluginLoadError(
-            f"importing {request.entry_point} raised {describe(exc)}",
+            f"importing {request.entry_point} raised {text}",
             code="plugin_entry_missing" if missing else "plugin_import_failed",
         ) from exc
     try:
-        return _construct(imported, request), imported
-    except BaseException:
+        return _construct(imported, request, redactor)
+    except BaseException as exc:
         imported.release()
-        raise
+        if isinstance(exc, PluginLoadError):
+            raise
+        raise PluginLoadError(
+            f"Plugin() raised {describe(exc, redactor)}", code="plugin_init_failed"
+        ) from exc
 
 
-def _construct(imported: ImportedBundle, request: LoadRequest) -> Plugin:
+def _construct(imported: ImportedBundle, request: LoadRequest, redactor: Redactor) -> _Built:
     cls: Any = getattr(imported.module, "Plugin", None)
     if not inspect.isclass(cls):
         raise PluginLoadError(
@@ -332,13 +430,9 @@ def _construct(imported: ImportedBundle, request: LoadRequest) -> Plugin:
             "class Plugin has no run(payload, context) method", code="plugin_class_missing"
         )
     factory = cast(Callable[..., Plugin], cls)
-    try:
-        instance = factory(dict(request.config)) if takes_config(cls) else factory()
-    except PLUGIN_FAULTS as exc:
-        raise PluginLoadError(
-            f"Plugin() raised {describe(exc)}", code="plugin_init_failed"
-        ) from exc
-    return instance
+    instance = factory(dict(request.config)) if takes_config(cls) else factory()
+    is_async = inspect.iscoroutinefunction(instance.run)
+    return _Built(instance, imported, is_async, redactor)
 
 
 def normalise_result(value: Any) -> RunOutput:
@@ -348,10 +442,6 @@ def normalise_result(value: Any) -> RunOutput:
         text = _ENCODE(result)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PluginResultInvalid(f"the result is not JSON-serialisable: {exc}") from exc
+    if deeper_than(result, text):
+        raise PluginResultInvalid(f"the result is nested deeper than {MAX_RESULT_DEPTH} levels")
     return RunOutput(result, text)
-
-
-def describe(exc: BaseException) -> str:
-    """Return `Type: text` of a plugin's exception, cut at 500 characters."""
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "…"

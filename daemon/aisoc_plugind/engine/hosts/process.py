@@ -44,7 +44,15 @@ from aisoc_plugind.audit import names
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.engine.hosts import HostInfo, LoadedPlugin, LoadRequest, RunOutput
 from aisoc_plugind.engine.hosts.deadlines import Deadlines
-from aisoc_plugind.engine.hosts.protocol import Frame, Kind, ProtocolError, encode, read_frame
+from aisoc_plugind.engine.hosts.protocol import (
+    HEADER_CAP,
+    Frame,
+    FrameTooLarge,
+    Kind,
+    ProtocolError,
+    encode,
+    read_frame,
+)
 from aisoc_plugind.engine.hosts.runtime import MEMORY_EXIT, HostOptions
 from aisoc_plugind.engine.hosts.zygote import receive, send
 from aisoc_plugind.errors import (
@@ -144,6 +152,9 @@ class _Zygote:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL,
                     env=_zygote_environment(),
+                    # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process
+                    # group) reaches the daemon only, which stops the zygote itself.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 ours.close()
@@ -222,20 +233,35 @@ class _Zygote:
                 ended.set_result({"signal": int(signal.SIGKILL)})
 
     async def aclose(self) -> None:
+        """End the zygote: close its socket (it exits on its own); SIGKILL it after a grace,
+        or at once when this is cancelled (a shutdown's deadline)."""
+        process = self._process
+        self._close_control()
+        if process is None:
+            return
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await process.wait()
+        except TimeoutError:
+            self.kill()
+            await process.wait()
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """Close the zygote's socket and SIGKILL it if it still runs (never blocks)."""
+        self._close_control()
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
+    def _close_control(self) -> None:
         control, self._control = self._control, None
         if control is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(control.fileno())
             control.close()  # the zygote reads the end and exits
-        process, self._process = self._process, None
-        if process is not None:
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await process.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
 
 
 async def _send(sock: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
@@ -641,7 +667,14 @@ class _HostGroup:
             "code": [[rel, len(data)] for rel, data in compiled],
         }
         blob = b"".join(d for _, d in files) + b"".join(d for _, d in compiled)
-        call_id, future = await self._call(process, Kind.LOAD, header, blob)
+        try:
+            call_id, future = await self._call(process, Kind.LOAD, header, blob)
+        except FrameTooLarge as exc:  # the host would drop the connection (a crash)
+            raise PluginLoadError(
+                f"the plugin's configuration takes {exc.size} bytes once encoded; a plugin "
+                f"host accepts at most {HEADER_CAP}",
+                code="plugin_config_invalid",
+            ) from exc
         try:
             async with asyncio.timeout(timeout):
                 frame = await future
@@ -676,6 +709,12 @@ class _HostGroup:
                 call_id, future = await self._call(
                     process, Kind.RUN, {"key": key, "payload": payload, "context": context}
                 )
+            except FrameTooLarge as exc:  # the host would drop the connection (a crash)
+                raise PluginRunError(
+                    f"the payload and context take {exc.size} bytes once encoded; a plugin "
+                    f"host accepts at most {HEADER_CAP}",
+                    code="payload_too_large",
+                ) from exc
             except ValueError as exc:  # NaN or the like in the payload
                 raise PluginRunError(
                     f"the payload cannot be sent: {exc}", code="invalid_body"
@@ -707,13 +746,21 @@ class _HostGroup:
             if code not in _RUN_CODES:
                 code = "plugin_error"
             fault = frame.header.get("fault")
-            if code == "plugin_error":  # the message quotes the plugin: events get the type
-                fault = fault if isinstance(fault, str) and fault.isidentifier() else "Exception"
+            if code == "plugin_error":  # the type only: the text can quote payload or config
+                named = isinstance(fault, str) and fault.isidentifier() and len(fault) <= 64
+                fault = fault if named else "Exception"
+                message = f"plugin raised {fault}"
             else:
                 fault = None
             raise PluginRunError(message, code=code, fault=fault)
         if frame.kind is not Kind.RESULT:
             raise PluginRunError("the plugin host answered out of turn", code="plugin_crashed")
+        cap = self.owner.settings.max_result_bytes
+        if len(frame.blob) > cap:  # refused before decoding: decoding costs the loop's time
+            raise PluginResultInvalid(
+                f"the result is {len(frame.blob)} bytes, over plugins.max_result_bytes ({cap})",
+                code="plugin_result_too_large",
+            )
         try:
             text = frame.blob.decode("utf-8")
             value = json.loads(text)
@@ -979,19 +1026,40 @@ class ProcessHost:
         return placed, fresh
 
     async def aclose(self) -> None:
-        """Stop every host (teardowns within the grace), then the zygote."""
+        """Stop every host (teardowns of what is left), then the zygote, within the grace.
+
+        When this is cancelled (the shutdown's deadline passed), every host is killed through
+        its pidfd and the zygote by its PID at once, before the cancellation goes on.
+        """
         groups = list(self._all)
         self._all.clear()
         self._groups.clear()
-        with contextlib.suppress(BaseException):
-            async with asyncio.timeout(self.settings.shutdown_grace_s):
-                await asyncio.gather(*(g.stop() for g in groups), return_exceptions=True)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.shutdown_grace_s):
+                    await asyncio.gather(*(g.stop() for g in groups), return_exceptions=True)
+            self._kill(groups)
+            await self._ended(groups)
+            if self._warming is not None:  # let a starting zygote finish, to stop it cleanly
+                with contextlib.suppress(Exception):
+                    await self._warming
+            await self.zygote.aclose()
+        finally:
+            self._kill(groups)
+            if self._warming is not None:
+                self._warming.cancel()
+            self.zygote.kill()
+
+    async def _ended(self, groups: Iterable[_HostGroup]) -> None:
+        """Wait (briefly) until the zygote reported each host's end, so that every
+        `plugin.host.exited` is written before the audit file closes."""
+        watchers = [g.watcher for g in groups if g.watcher is not None and not g.watcher.done()]
+        if watchers:
+            await asyncio.wait(watchers, timeout=STOP_TIMEOUT_S)
+
+    def _kill(self, groups: Iterable[_HostGroup]) -> None:
         for group in groups:
             if group.process is not None:
                 group.process.kill("stopped")
         for task in list(self._tasks):
             task.cancel()
-        if self._warming is not None:  # let a starting zygote finish, to stop it cleanly
-            with contextlib.suppress(BaseException):
-                await self._warming
-        await self.zygote.aclose()

@@ -60,7 +60,11 @@ class ProtocolError(ValueError):
 
 
 class FrameTooLarge(ProtocolError):
-    """A frame over the reader's cap."""
+    """A frame (or a frame's header) over the cap; `size` says how large it was."""
+
+    def __init__(self, message: str, *, size: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +77,13 @@ class Frame:
 
 
 def encode(kind: Kind, header: dict[str, Any], blob: bytes = b"") -> bytes:
-    """Return one frame's bytes (raises ValueError for a header JSON cannot encode)."""
+    """Return one frame's bytes (raises ValueError for a header JSON cannot encode, and
+    FrameTooLarge for a header over `HEADER_CAP`, which the peer would refuse)."""
     head = _ENCODE(header).encode("utf-8")
+    if len(head) > HEADER_CAP:
+        raise FrameTooLarge(
+            f"a frame header of {len(head)} bytes, over the cap of {HEADER_CAP}", size=len(head)
+        )
     return _PREFIX.pack(1 + 4 + len(head) + len(blob), kind, len(head)) + head + blob
 
 
@@ -88,7 +97,7 @@ async def read_frame(reader: asyncio.StreamReader, cap: int) -> Frame:
         raise ProtocolError("truncated frame") from exc
     length, kind, head_length = _PREFIX.unpack(prefix)
     if length > cap:
-        raise FrameTooLarge(f"frame of {length} bytes, over the cap of {cap}")
+        raise FrameTooLarge(f"frame of {length} bytes, over the cap of {cap}", size=length)
     if head_length > HEADER_CAP or head_length > length - 5:
         raise ProtocolError("bad header length")
     try:

@@ -26,6 +26,15 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Any, cast
 
+from aisoc_plugind.core.redact import NO_REDACTION, Redactor
+from aisoc_plugind.engine.hosts.faults import (
+    Raised,
+    cancelled_here,
+    captured,
+    describe,
+    type_name,
+)
+from aisoc_plugind.engine.hosts.jsondepth import MAX_RESULT_DEPTH, deeper_than
 from aisoc_plugind.engine.hosts.loader import (
     ImportedBundle,
     entry_module_name,
@@ -37,7 +46,6 @@ from aisoc_plugind.engine.hosts.protocol import MAX_TO_HOST, Frame, Kind, encode
 __all__ = ["MEMORY_EXIT", "HostOptions", "serve"]
 
 MEMORY_EXIT = 86  # the host ran out of memory (RLIMIT_AS): restart it, reason "memory"
-_MAX_ERROR_TEXT = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +84,7 @@ class _Loaded:
     instance: Any
     imported: ImportedBundle
     is_async: bool
+    redactor: Redactor  # the plugin's configuration values, out of what its hooks raise
 
 
 class _Host:
@@ -153,7 +162,7 @@ class _Host:
                 await self.writer.drain()
             os._exit(MEMORY_EXIT)
         except BaseException as exc:
-            self.fail(call_id, "plugin_error", f"host error ({type(exc).__name__})")
+            self.fail(call_id, "plugin_error", f"host error ({type_name(exc)})")
 
     # -- requests ---------------------------------------------------------------------
 
@@ -173,19 +182,17 @@ class _Host:
 
         root = Path(str(header["root"]))
         config = header.get("config") or {}
-        imported, instance = await asyncio.get_running_loop().run_in_executor(
-            self.pool,
-            functools.partial(_import_and_construct, root, sources, compiled, entry_point, config),
+        redactor = Redactor(config.values()) if isinstance(config, dict) else NO_REDACTION
+        build = functools.partial(
+            _import_and_construct, root, sources, compiled, entry_point, config, redactor
         )
+        loaded = await asyncio.get_running_loop().run_in_executor(self.pool, build)
         try:
-            await _call_hook(instance, "setup", "plugin_setup_failed", self.pool)
+            await _call_hook(loaded.instance, "setup", "plugin_setup_failed", self.pool, redactor)
         except BaseException:
-            imported.release()
+            loaded.imported.release()
             raise
-        run = getattr(instance, "run", None)
-        self.plugins[key] = _Loaded(
-            instance=instance, imported=imported, is_async=inspect.iscoroutinefunction(run)
-        )
+        self.plugins[key] = loaded
         self.send(Kind.LOADED, {"id": call_id, "key": key})
 
     async def run(self, call_id: int, frame: Frame) -> None:
@@ -194,37 +201,51 @@ class _Host:
         if loaded is None:
             raise _Failure("plugin_not_loaded", "this host holds no such plugin")
         payload, context = header.get("payload") or {}, header.get("context") or {}
-        run: Callable[..., Any] = loaded.instance.run
         try:
             if loaded.is_async:
-                value = await run(payload, context)
+                value = await loaded.instance.run(payload, context)
             else:
+                call = captured(functools.partial(_call_run, loaded.instance, payload, context))
                 try:
-                    value = await asyncio.get_running_loop().run_in_executor(
-                        self.pool, functools.partial(run, payload, context)
-                    )
+                    value = await asyncio.get_running_loop().run_in_executor(self.pool, call)
                 except asyncio.CancelledError:
-                    # A thread cannot be stopped: saying "cancelled" would leave it running
-                    # in a host that looks healthy.
+                    # Ours (the thread's own exceptions come back as values). A thread cannot
+                    # be stopped: saying "cancelled" would leave it running in a host that
+                    # looks healthy.
                     raise _StillRunning from None
+                if isinstance(value, Raised):
+                    raise value.exc
                 if inspect.isawaitable(value):
                     value = await value
-        except (asyncio.CancelledError, MemoryError, _StillRunning):
+        except (MemoryError, _StillRunning):
             raise
         except BaseException as exc:
-            raise _Failure(
-                "plugin_error", f"run raised {_describe(exc)}", type(exc).__name__
-            ) from exc
+            if cancelled_here(exc):
+                raise  # the supervisor's CANCEL: answered `plugin_cancelled`
+            # The type only: the text can quote the payload or the configuration.
+            name = type_name(exc)
+            raise _Failure("plugin_error", f"plugin raised {name}", name) from exc
         self.send(Kind.RESULT, {"id": call_id}, self.result_bytes(value))
 
     def result_bytes(self, value: Any) -> bytes:
-        result = value if isinstance(value, dict) else {"result": value}
         try:
+            result = value if isinstance(value, dict) else {"result": value}
             text = self.encode(result)
         except (TypeError, ValueError, RecursionError) as exc:
             raise _Failure(
                 "plugin_result_invalid", f"the result is not JSON-serialisable: {exc}"
             ) from exc
+        except MemoryError:
+            raise
+        except BaseException as exc:  # the plugin's own objects ran code (nothing is awaited)
+            raise _Failure(
+                "plugin_result_invalid", f"the result could not be encoded ({type_name(exc)})"
+            ) from exc
+        if deeper_than(result, text):
+            raise _Failure(
+                "plugin_result_invalid",
+                f"the result is nested deeper than {MAX_RESULT_DEPTH} levels",
+            )
         data = text.encode("utf-8")
         if len(data) > self.options.max_result_bytes:
             raise _Failure(
@@ -238,7 +259,13 @@ class _Host:
         loaded = self.plugins.pop(str(frame.header.get("key")), None)
         if loaded is not None:
             try:
-                await _call_hook(loaded.instance, "teardown", "plugin_teardown_failed", self.pool)
+                await _call_hook(
+                    loaded.instance,
+                    "teardown",
+                    "plugin_teardown_failed",
+                    self.pool,
+                    loaded.redactor,
+                )
             finally:
                 loaded.imported.release()
         self.send(Kind.DONE, {"id": call_id})
@@ -247,7 +274,13 @@ class _Host:
         for key in list(self.plugins):
             loaded = self.plugins.pop(key)
             with contextlib.suppress(BaseException):
-                await _call_hook(loaded.instance, "teardown", "plugin_teardown_failed", self.pool)
+                await _call_hook(
+                    loaded.instance,
+                    "teardown",
+                    "plugin_teardown_failed",
+                    self.pool,
+                    loaded.redactor,
+                )
         with contextlib.suppress(Exception):
             await self.writer.drain()
 
@@ -258,15 +291,22 @@ def _import_and_construct(
     compiled: dict[str, bytes],
     entry_point: str,
     config: dict[str, Any],
-) -> tuple[ImportedBundle, Any]:
+    redactor: Redactor,
+) -> _Loaded:
     """Import the bytes (with the code the supervisor's scan compiled from them, when sent)
-    and build `Plugin`: one worker-thread hop for both."""
-    imported = _import(root, sources, _code_objects(compiled), entry_point)
+    and build `Plugin`: one worker-thread hop for both. Raises _Failure (or MemoryError)."""
+    imported = _import(root, sources, _code_objects(compiled), entry_point, redactor)
     try:
-        return imported, _construct(imported, entry_point, config)
+        instance, is_async = _construct(imported, entry_point, config, redactor)
     except BaseException:
         imported.release()
         raise
+    return _Loaded(instance=instance, imported=imported, is_async=is_async, redactor=redactor)
+
+
+def _call_run(instance: Any, payload: dict[str, Any], context: dict[str, Any]) -> Any:
+    """Call a sync `run` (in a worker thread: even looking `run` up can run plugin code)."""
+    return instance.run(payload, context)
 
 
 def _code_objects(compiled: dict[str, bytes]) -> dict[str, CodeType]:
@@ -283,58 +323,75 @@ def _code_objects(compiled: dict[str, bytes]) -> dict[str, CodeType]:
 
 
 def _import(
-    root: Any, sources: dict[str, bytes], code: dict[str, CodeType], entry_point: str
+    root: Any,
+    sources: dict[str, bytes],
+    code: dict[str, CodeType],
+    entry_point: str,
+    redactor: Redactor,
 ) -> ImportedBundle:
     try:
         return import_bundle(root, sources, entry_point, code)
     except MemoryError:
         raise
-    except BaseException as exc:
+    except BaseException as exc:  # whatever the module code raises (in a worker thread)
+        text = describe(exc, redactor)
         leaf = entry_module_name(entry_point).rsplit(".", 1)[-1]
-        missing = isinstance(exc, ModuleNotFoundError) and leaf in str(exc)
+        missing = isinstance(exc, ModuleNotFoundError) and leaf in text
         raise _Failure(
             "plugin_entry_missing" if missing else "plugin_import_failed",
-            f"importing {entry_point} raised {_describe(exc)}",
+            f"importing {entry_point} raised {text}",
         ) from exc
 
 
-def _construct(imported: ImportedBundle, entry_point: str, config: dict[str, Any]) -> Any:
-    cls: Any = getattr(imported.module, "Plugin", None)
-    if not inspect.isclass(cls):
-        raise _Failure("plugin_class_missing", f"{entry_point} defines no class Plugin")
-    if not callable(getattr(cls, "run", None)):
-        raise _Failure("plugin_class_missing", "class Plugin has no run(payload, context) method")
-    factory = cast(Callable[..., Any], cls)
+def _construct(
+    imported: ImportedBundle, entry_point: str, config: dict[str, Any], redactor: Redactor
+) -> tuple[Any, bool]:
+    """Build `Plugin`; return it and whether its `run` is a coroutine function."""
     try:
-        return factory(dict(config)) if takes_config(cls) else factory()
-    except MemoryError:
+        cls: Any = getattr(imported.module, "Plugin", None)
+        if not inspect.isclass(cls):
+            raise _Failure("plugin_class_missing", f"{entry_point} defines no class Plugin")
+        if not callable(getattr(cls, "run", None)):
+            raise _Failure(
+                "plugin_class_missing", "class Plugin has no run(payload, context) method"
+            )
+        factory = cast(Callable[..., Any], cls)
+        instance = factory(dict(config)) if takes_config(cls) else factory()
+        return instance, inspect.iscoroutinefunction(instance.run)
+    except (_Failure, MemoryError):
         raise
-    except BaseException as exc:
-        raise _Failure("plugin_init_failed", f"Plugin() raised {_describe(exc)}") from exc
+    except BaseException as exc:  # whatever the plugin's class raises (in a worker thread)
+        raise _Failure("plugin_init_failed", f"Plugin() raised {describe(exc, redactor)}") from exc
 
 
 async def _call_hook(
-    instance: object, name: str, code: str, pool: concurrent.futures.Executor
+    instance: object,
+    name: str,
+    code: str,
+    pool: concurrent.futures.Executor,
+    redactor: Redactor,
 ) -> None:
-    hook = getattr(instance, name, None)
-    if hook is None:
-        return
+    """Call an optional hook: a sync one in the pool, an async one on the loop. Whatever
+    it raises (its own CancelledError too) is a _Failure with `code`; only the supervisor's
+    cancellation and MemoryError pass."""
     try:
+        hook = getattr(instance, name, None)
+        if hook is None:
+            return
         if inspect.iscoroutinefunction(hook):
             await hook()
         else:
-            outcome = await asyncio.get_running_loop().run_in_executor(pool, hook)
+            outcome = await asyncio.get_running_loop().run_in_executor(pool, captured(hook))
+            if isinstance(outcome, Raised):
+                raise outcome.exc
             if inspect.isawaitable(outcome):
                 await outcome
-    except (asyncio.CancelledError, MemoryError):
+    except MemoryError:
         raise
     except BaseException as exc:
-        raise _Failure(code, f"{name}() raised {_describe(exc)}") from exc
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "…"
+        if cancelled_here(exc):
+            raise
+        raise _Failure(code, f"{name}() raised {describe(exc, redactor)}") from exc
 
 
 async def _main(sock: socket.socket, options: HostOptions, hello: dict[str, Any]) -> None:

@@ -1,0 +1,37 @@
+"""Refuse plugin results nested deeper than a fixed limit, on every Python version.
+
+Up to CPython 3.12 `json.dumps` raises `RecursionError` on a result nested about a thousand
+levels deep; from 3.13 on it encodes much deeper values, which a client's parser may then
+refuse or choke on. The limit is therefore checked explicitly, the same everywhere. The
+check costs two `str.count` passes over the encoded text; the values are walked (without
+recursion) only when the text holds more brackets than the limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["MAX_RESULT_DEPTH", "deeper_than"]
+
+MAX_RESULT_DEPTH = 512
+
+
+def deeper_than(value: Any, text: str, limit: int = MAX_RESULT_DEPTH) -> bool:
+    """Return whether `value` (encoded as `text`) nests lists and dicts over `limit` deep."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend(
+            (child, depth + 1) for child in children if isinstance(child, dict | list | tuple)
+        )
+    return False
