@@ -52,8 +52,11 @@ run_pytest() {
 }
 
 echo "== pytest (Python $(.venv/bin/python -c 'import sys; print(sys.version.split()[0])'), newest dependencies, coverage)"
-run_pytest .venv/bin/python -m pytest --cov=aisoc_plugind --cov-report=term:skip-covered \
-    --cov-fail-under=90 -p no:cacheprovider "$@"
+# Three workers: most tests wait on real daemons, sockets and subprocesses, not the CPU.
+# AISOC_TEST_WORKERS=0 runs in this process (e.g. to debug one test).
+WORKERS=${AISOC_TEST_WORKERS:-3}
+run_pytest .venv/bin/python -m pytest -n "$WORKERS" --cov=aisoc_plugind \
+    --cov-report=term:skip-covered --cov-fail-under=90 -p no:cacheprovider "$@"
 
 # The same suite on every other CPython >= 3.11 on this machine, and once more with every
 # runtime dependency at its declared floor (scripts/floors.py): a floor is a tested version.
@@ -74,16 +77,16 @@ declare -A seen=(["$main_version"]=1)
 for candidate in python3.11 python3.12 python3.13 python3.14 python3.15 \
     "$HOME"/.pyenv/versions/3.*/bin/python3; do
     python=$(command -v "$candidate" 2>/dev/null) || continue
-    version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2]) if sys.version_info >= (3, 11) and sys.implementation.name == "cpython" else None' 2>/dev/null) || continue
-    [ "$version" != None ] && [ -z "${seen[$version]:-}" ] || continue
+    version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2] if sys.version_info >= (3, 11) and sys.implementation.name == "cpython" else "")' 2>/dev/null) || continue
+    [ -n "$version" ] && [ -z "${seen[$version]:-}" ] || continue
     seen[$version]=1
     echo "== pytest (Python $version: $python)"
     matrix_venv ".venv-py$version" "$python"
-    run_pytest ".venv-py$version/bin/python" -m pytest -q -n 3 -p no:cacheprovider "$@"
+    run_pytest ".venv-py$version/bin/python" -m pytest -q -n "$WORKERS" -p no:cacheprovider "$@"
 done
 echo "== pytest (Python $main_version, runtime dependencies at their floors)"
 .venv/bin/python scripts/floors.py > .venv/floors.txt
 matrix_venv .venv-floors "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" \
     -c .venv/floors.txt
 .venv-floors/bin/python -m pip list --format=freeze | grep -i -F -f <(cut -d= -f1 .venv/floors.txt)
-run_pytest .venv-floors/bin/python -m pytest -q -n 3 -p no:cacheprovider "$@"
+run_pytest .venv-floors/bin/python -m pytest -q -n "$WORKERS" -p no:cacheprovider "$@"
