@@ -198,6 +198,25 @@ def live_daemon(
         trust_extra=trust_extra,
         isolation_extra=isolation_extra,
     )
+    with run_daemon(
+        root, config, port=port, token=tokens["root"], audit=audit, env=env, wait_ready=wait_ready
+    ) as daemon:
+        yield daemon
+
+
+@contextmanager
+def run_daemon(
+    root: Path,
+    config: Path,
+    *,
+    port: int,
+    token: str,
+    audit: Path,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> Iterator[LiveDaemon]:
+    """Run `aisoc-plugind run --config config` (stdout, stderr in files under `root`); on
+    exit stop it (SIGTERM, then SIGKILL) by its PID."""
     stdout, stderr = root / "stdout.jsonl", root / "stderr.txt"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         proc = subprocess.Popen(
@@ -210,7 +229,7 @@ def live_daemon(
     daemon = LiveDaemon(
         proc=proc,
         port=port,
-        token=tokens["root"],
+        token=token,
         root=root,
         audit=audit,
         stdout=stdout,

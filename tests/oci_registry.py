@@ -34,6 +34,16 @@ REGISTRY_BIN = Path("/usr/bin/docker-registry")
 READY_TIMEOUT_S = 15.0
 
 
+@pytest.fixture(autouse=True)
+def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No proxy (loopback only), no DOCKER_CONFIG and a HOME without a developer's
+    ~/.docker/config.json. Autouse in every module that imports it."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

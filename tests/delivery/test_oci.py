@@ -32,25 +32,14 @@ from tests.delivery.fake_registry import (  # noqa: F401 - the fixture
     serve_package,
     sha,
 )
-from tests.oci_registry import free_port, oci_registry_fixture  # noqa: F401 - the fixture
+from tests.oci_registry import (  # noqa: F401 - the fixture
+    free_port,
+    hermetic,  # autouse: no proxy, no Docker config
+    oci_registry_fixture,
+)
 
 PLUGIN_ID = "test.oci-demo"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@pytest.fixture(autouse=True)
-def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No proxy (loopback only) and no developer's ~/.docker/config.json."""
-    for name in (
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 def build_package(

@@ -10,18 +10,13 @@ from aisoc_plugind.delivery.oci import pull_package, resolve_digest
 from aisoc_plugind.delivery.reference import check_policy, parse_reference, pinned
 from aisoc_plugind.errors import OciError, OciPolicyError
 from tests.delivery.pushes import push_plugin
-from tests.oci_registry import free_port, oci_registry_fixture  # noqa: F401 - the fixture
+from tests.oci_registry import (  # noqa: F401 - the fixture
+    free_port,
+    hermetic,  # autouse: no proxy, no Docker config
+    oci_registry_fixture,
+)
 
 DIGEST = "sha256:" + "ab" * 32
-
-
-@pytest.fixture(autouse=True)
-def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No proxy (loopback only) and no developer's ~/.docker/config.json."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 @pytest.mark.parametrize(

@@ -14,21 +14,13 @@ from tests.delivery.pushes import PLUGIN_ID, push_plugin
 from tests.oci_registry import (  # noqa: F401 - the fixtures
     RunningRegistry,
     free_port,
+    hermetic,  # autouse: no proxy, no Docker config
     oci_auth_registry_fixture,
     oci_registry_fixture,
     oci_tls_registry_fixture,
 )
 
 pytestmark = pytest.mark.oci
-
-
-@pytest.fixture(autouse=True)
-def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No proxy (loopback only) and no developer's ~/.docker/config.json."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture

@@ -31,21 +31,13 @@ from tests.delivery.fake_registry import (  # noqa: F401 - the fixture
 from tests.oci_registry import (  # noqa: F401 - the fixtures
     RunningRegistry,
     auth_entry,
+    hermetic,  # autouse: no proxy, no Docker config
     oci_auth_registry_fixture,
     oci_tls_registry_fixture,
     write_docker_config,
 )
 
 SECRET = "s3cret-Pa55word"
-
-
-@pytest.fixture(autouse=True)
-def hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No proxy variables, no DOCKER_CONFIG, and a HOME without a Docker config."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 _COUNTER = iter(range(1_000_000))

@@ -9,7 +9,8 @@ while a real cancellation of the caller still passes as itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,13 @@ LEAKS: dict[str, Callable[[], BaseException]] = {
 }
 
 
-async def _manager(env: Env, host: LeakyHost) -> PluginManager:
+@asynccontextmanager
+async def _manager(env: Env, host: LeakyHost) -> AsyncIterator[PluginManager]:
     settings = env.settings(trust_mode=TrustMode.STRICT)
-    manager = PluginManager(settings, env.events(), load_keyring(settings.keys_dir), host=host)
-    await manager.__aenter__()
-    return manager
+    async with PluginManager(
+        settings, env.events(), load_keyring(settings.keys_dir), host=host
+    ) as manager:
+        yield manager
 
 
 @pytest.mark.parametrize("leak", list(LEAKS))
@@ -102,14 +105,11 @@ async def test_a_host_that_leaks_at_load_fails_each_plugin_with_a_code(
     plugins.write("b")
     host = LeakyHost()
     host.leaks["load"] = LEAKS[leak]()
-    manager = await _manager(env, host)
-    try:
+    async with _manager(env, host) as manager:
         result = await manager.discover()
         assert sorted(r.error.code for r in result.failed) == ["plugin_load_error"] * 2
         assert {manager.get(i).state.value for i in ("test.a", "test.b")} == {"failed"}
         assert env.names().count("plugin.load.failed") == 2
-    finally:
-        await manager.__aexit__(None, None, None)
 
 
 @pytest.mark.parametrize("leak", list(LEAKS))
@@ -119,8 +119,7 @@ async def test_a_host_that_leaks_at_reload_keeps_the_old_version(
     """The reload fails with a code and `plugin.reload.failed`; the old version serves."""
     plugins.write("a")
     host = LeakyHost()
-    manager = await _manager(env, host)
-    try:
+    async with _manager(env, host) as manager:
         await manager.discover()
         host.leaks["load"] = LEAKS[leak]()
         with pytest.raises(PluginLoadError) as caught:
@@ -129,8 +128,6 @@ async def test_a_host_that_leaks_at_reload_keeps_the_old_version(
         assert "plugin.reload.failed" in env.names()
         del host.leaks["load"]
         assert (await manager.run("test.a", {})).result["version"] == "1.0.0"
-    finally:
-        await manager.__aexit__(None, None, None)
 
 
 @pytest.mark.parametrize("leak", list(LEAKS))
@@ -140,8 +137,7 @@ async def test_a_host_that_leaks_at_run_gives_a_coded_failure_and_an_event(
     """The run is a PluginRunError naming the type, with `plugin.run.failed`."""
     plugins.write("a")
     host = LeakyHost()
-    manager = await _manager(env, host)
-    try:
+    async with _manager(env, host) as manager:
         await manager.discover()
         host.leaks["run"] = exc = LEAKS[leak]()
         with pytest.raises(PluginRunError) as caught:
@@ -149,8 +145,6 @@ async def test_a_host_that_leaks_at_run_gives_a_coded_failure_and_an_event(
         assert caught.value.message == f"plugin raised {type(exc).__name__}"
         failed = [e for e in env.audit_events() if e["event"] == "plugin.run.failed"]
         assert failed[-1]["error"] == f"plugin raised {type(exc).__name__}"
-    finally:
-        await manager.__aexit__(None, None, None)
 
 
 @pytest.mark.parametrize("leak", list(LEAKS))
@@ -160,32 +154,28 @@ async def test_a_host_that_leaks_at_teardown_still_unloads(
     """The unload completes; `plugin.teardown.failed` says why."""
     plugins.write("a")
     host = LeakyHost()
-    manager = await _manager(env, host)
-    try:
+    async with _manager(env, host) as manager:
         await manager.discover()
         host.leaks["teardown"] = LEAKS[leak]()
         assert (await manager.unload("test.a")).state.value == "unloaded"
         torn = [e for e in env.audit_events() if e["event"] == "plugin.teardown.failed"]
         assert torn[-1]["error_code"] == "plugin_teardown_failed"
-    finally:
-        await manager.__aexit__(None, None, None)
 
 
 async def test_a_real_cancellation_of_a_run_still_passes(env: Env, plugins: PluginFactory) -> None:
     """A caller's cancel scope ends a run as a cancellation, never as a plugin error."""
     plugins.write("a")
     host = LeakyHost()
-    manager = await _manager(env, host)
-    try:
+    async with _manager(env, host) as manager:
         await manager.discover()
         host.hang = True
-        with anyio.move_on_after(0.1) as scope:
-            await manager.run("test.a", {})
-        assert scope.cancelled_caught
-        assert "plugin.run.failed" not in env.names()
-    finally:
-        host.hang = False
-        await manager.__aexit__(None, None, None)
+        try:
+            with anyio.move_on_after(0.1) as scope:
+                await manager.run("test.a", {})
+            assert scope.cancelled_caught
+            assert "plugin.run.failed" not in env.names()
+        finally:
+            host.hang = False
 
 
 @pytest.mark.parametrize("leak", ["exit", "keyboard", "cancelled", "custom"])

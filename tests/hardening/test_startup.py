@@ -9,11 +9,7 @@ and the audit file keep their bytes and their mtime.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +20,7 @@ import pytest
 from tests.api_fixtures import write_tokens
 from tests.conftest import Env
 from tests.hardening.live import wait_exit, wait_ready
-from tests.live import LiveDaemon, free_port, live_daemon, wait_until
+from tests.live import LiveDaemon, free_port, live_daemon, run_daemon, wait_until
 
 EXIT_S = 20.0
 
@@ -47,35 +43,8 @@ def _config(root: Path, env: Env, listen: str, audit: Path) -> Path:
 def _daemon(root: Path, config: Path, audit: Path, port: int = 0) -> Iterator[LiveDaemon]:
     """Start `aisoc-plugind run --config config` (stdout, stderr in files under `root`);
     stop it by its PID on the way out."""
-    stdout, stderr = root / "stdout.jsonl", root / "stderr.txt"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aisoc_plugind", "run", "--config", str(config)],
-            stdout=out,
-            stderr=err,
-            cwd=root,
-            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-        )
-    daemon = LiveDaemon(
-        proc=proc,
-        port=port,
-        token="",
-        root=root,
-        audit=audit,
-        stdout=stdout,
-        stderr=stderr,
-        config=config,
-    )
-    try:
+    with run_daemon(root, config, port=port, token="", audit=audit, wait_ready=False) as daemon:
         yield daemon
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 def _one_error_line(daemon: LiveDaemon) -> str:

@@ -258,29 +258,22 @@ class _Host:
     async def teardown(self, call_id: int, frame: Frame) -> None:
         loaded = self.plugins.pop(str(frame.header.get("key")), None)
         if loaded is not None:
-            try:
-                await _call_hook(
-                    loaded.instance,
-                    "teardown",
-                    "plugin_teardown_failed",
-                    self.pool,
-                    loaded.redactor,
-                )
-            finally:
-                loaded.imported.release()
+            await self._tear_down(loaded)
         self.send(Kind.DONE, {"id": call_id})
+
+    async def _tear_down(self, loaded: _Loaded) -> None:
+        """Call the plugin's teardown (a coded error if it fails), then drop its modules."""
+        try:
+            await _call_hook(
+                loaded.instance, "teardown", "plugin_teardown_failed", self.pool, loaded.redactor
+            )
+        finally:
+            loaded.imported.release()
 
     async def stop(self) -> None:
         for key in list(self.plugins):
-            loaded = self.plugins.pop(key)
             with contextlib.suppress(BaseException):
-                await _call_hook(
-                    loaded.instance,
-                    "teardown",
-                    "plugin_teardown_failed",
-                    self.pool,
-                    loaded.redactor,
-                )
+                await self._tear_down(self.plugins.pop(key))
         with contextlib.suppress(Exception):
             await self.writer.drain()
 
