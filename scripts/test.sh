@@ -52,11 +52,10 @@ run_pytest() {
 }
 
 echo "== pytest (Python $(.venv/bin/python -c 'import sys; print(sys.version.split()[0])'), newest dependencies, coverage)"
-# The main run is sequential (timing-sensitive audit tests stay undisturbed); the extra
-# runs below use AISOC_TEST_WORKERS (default 3) pytest-xdist workers, as most tests wait on
+# Every run uses AISOC_TEST_WORKERS (default 3) pytest-xdist workers, as most tests wait on
 # real daemons, sockets and subprocesses rather than the CPU.
 WORKERS=${AISOC_TEST_WORKERS:-3}
-run_pytest .venv/bin/python -m pytest --cov=aisoc_plugind \
+run_pytest .venv/bin/python -m pytest -n "$WORKERS" --cov=aisoc_plugind \
     --cov-report=term:skip-covered --cov-fail-under=90 -p no:cacheprovider "$@"
 
 # The same suite on every other CPython >= 3.11 on this machine, and once more with every

@@ -251,6 +251,7 @@ class EventLog:
         doc: dict[str, Any] = {"timestamp": rfc3339_now(), "event": event, "level": level}
         with self._lock:
             seq = 0
+            refused = self._progress.failure is not None
             if audit:
                 self._seq = seq = self._seq + 1
                 doc["seq"] = seq
@@ -262,11 +263,12 @@ class EventLog:
                 audit=audit,
                 durable=event not in _VOLUME_EVENTS,
                 stdout=LEVELS.get(level, 20) >= self._min_level,
+                refused=refused,
             )
             loop = self._loop
             if (
                 loop is not None
-                and self._progress.failure is None  # failing: kept by the writer at once
+                and not refused  # failing: kept by the writer at once
                 and self._loop_thread == threading.get_ident()
                 and loop.is_running()
             ):

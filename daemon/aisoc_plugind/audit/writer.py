@@ -55,6 +55,7 @@ class Record:
     durable: bool = True
     stdout: bool = True
     printed: bool = False  # already on stdout (a kept record is printed once)
+    refused: bool = False  # emitted while the file was failing: its caller was refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +250,12 @@ class AuditWriter:
         """Handle one wake-up's items in queue order: controls act where they were queued."""
         # A queued SIGHUP reopens here, before the records queued ahead of it; a failing file
         # is retried when due. A moved file is noticed right before each write (`_write`).
+        if self._state.failure is not None:
+            # Records that reach a failing writer were refused to their callers: they are
+            # kept (and printed on stdout now) before any recovery below, so that the
+            # `audit.gap` written on recovery counts them, whatever the batch boundaries.
+            self._write([item for item in batch if isinstance(item, Record)], sync=False)
+            batch = [item for item in batch if not isinstance(item, Record)]
         reopen = any(item is _Control.REOPEN for item in batch)
         switched = (reopen or self._state.failure is not None) and self._keep_file(
             reopen=reopen, force=False
@@ -369,6 +376,17 @@ class AuditWriter:
             }
         return doc
 
+    def _late_gap_record(self, records: list[Record]) -> dict[str, Any]:
+        seqs = [r.seq for r in records if r.refused and r.audit and r.seq is not None]
+        return {
+            "timestamp": _now(),
+            "event": names.AUDIT_GAP,
+            "level": "error",
+            "count": len(seqs),
+            "first_seq": min(seqs, default=None),
+            "last_seq": max(seqs, default=None),
+        }
+
     def _write(self, records: list[Record], *, sync: bool) -> None:
         st = self._state
         if (records or st.pending) and st.failure is None and self._file.is_open:
@@ -397,8 +415,14 @@ class AuditWriter:
             docs += [(self._renderer.shape(r.event), r) for r in st.backlog]
             st.pending, st.dropped = [], []
             st.backlog.clear()
+        late_gap = self._file.is_open
         for record in records:
             if record.audit:
+                if record.refused and late_gap:
+                    # Refused while failing but queued after the file worked again: the
+                    # `audit.gap` of the recovery did not count it, so one goes before it.
+                    late_gap = False
+                    docs.append((self._late_gap_record(records), None))
                 docs.append((self._renderer.shape(record.event), record))
             elif record.stdout:
                 self._stdout.add(record.level, self._renderer.plain(record.event), record.event)
