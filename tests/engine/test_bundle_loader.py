@@ -55,6 +55,66 @@ def test_release_frees_the_modules(tmp_path: Path) -> None:
     assert not [n for n in sys.modules if n.startswith(imported.package)]
 
 
+@pytest.mark.parametrize(
+    "sources",
+    [
+        {"plugin.py": b"class Plugin:\n    def run(self, p, c):\n        return {}\n"},
+        {
+            "plugin.py": b"from .lib import helper\nfrom .pkg import deep\nclass Plugin:\n"
+            b"    def run(self, p, c):\n        return {}\n",
+            "lib.py": b"def helper():\n    return 1\n",
+            "pkg/__init__.py": b"",
+            "pkg/deep.py": b"X = 1\n",
+        },
+        {
+            "__init__.py": b"",
+            "plugin.py": b"import importlib\nclass Plugin:\n    def run(self, p, c):\n"
+            b"        return {}\n",
+            "sub/mod.py": b"Y = 2\n",
+        },
+    ],
+    ids=["flat", "relative-imports", "package"],
+)
+def test_release_frees_every_module_the_load_made(
+    tmp_path: Path, sources: dict[str, bytes]
+) -> None:
+    """Flat, relative imports, a package: release leaves none of them in sys.modules,
+    whatever else sys.modules holds (it is not walked)."""
+    imported = loader.import_bundle(tmp_path, sources, "plugin.py")
+    if "sub/mod.py" in sources:
+        importlib.import_module(f"{imported.package}.sub.mod")  # imported later, at run time
+    made = [n for n in sys.modules if n.startswith(imported.package + ".") or n == imported.package]
+    assert len(made) >= 2
+    imported.release()
+    assert not [n for n in made if n in sys.modules]
+
+
+def test_load_names_cannot_be_predicted_or_pre_seeded(tmp_path: Path) -> None:
+    """Two loads in a row differ in more than a counter: a module planted under the
+    counter's next names never stands in for the next load."""
+    code = {"plugin.py": b"class Plugin:\n    def run(self, p, c):\n        return {'real': 1}\n"}
+    first = loader.import_bundle(tmp_path, code, "plugin.py")
+    counter = int(first.package.split(".")[1][1:].split("_")[0])
+    evil = type(sys)("evil")
+    exec("class Plugin:\n    def run(self, p, c):\n        return {'owned': 1}\n", vars(evil))
+    planted = []
+    for n in range(counter + 1, counter + 20):
+        for name in (f"g{n}", f"g{n}_{first.package.rsplit('_', 1)[1]}"):
+            for full in (f"{loader.NAMESPACE}.{name}", f"{loader.NAMESPACE}.{name}.plugin"):
+                sys.modules[full] = evil
+                planted.append(full)
+    try:
+        second = loader.import_bundle(tmp_path, code, "plugin.py")
+        assert second.package not in planted
+        assert second.package.rsplit("_", 1)[1] != first.package.rsplit("_", 1)[1]
+        assert _run(second, {}) == {"real": 1}
+        second.release()
+    finally:
+        first.release()
+        for full in planted:
+            sys.modules.pop(full, None)
+
+
 def _plant_pyc(source: Path, code: str) -> Path:
     """Write a __pycache__ entry whose header matches `source` but whose code differs."""
     cache = Path(importlib.util.cache_from_source(str(source)))

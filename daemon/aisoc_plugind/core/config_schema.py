@@ -27,9 +27,30 @@ def config_validator(
     `checked` (the schema passed `schema_valid` already; checking it against the metaschema
     is most of the cost).
     """
+    if checked:
+        text = _text_of(schema)
+        if text is not None:
+            return _validator_of_text(text)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     if not checked:
         cls.check_schema(schema)
+    return cls(schema, registry=referencing.Registry())
+
+
+def _text_of(schema: Any) -> str | None:
+    try:
+        return json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+# Many plugins share a schema, and building a validator costs more than using it: one
+# validator per distinct (checked) schema text. Validators keep no state between calls that
+# depends on the instance validated.
+@functools.lru_cache(maxsize=1024)
+def _validator_of_text(text: str) -> jsonschema.protocols.Validator:
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     return cls(schema, registry=referencing.Registry())
 
 
@@ -38,11 +59,8 @@ def schema_valid(schema: Any) -> bool:
     the scan of a plugin directory answers this, off the event loop)."""
     if not isinstance(schema, dict):
         return False
-    try:
-        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        return False
-    return _schema_text_valid(text)
+    text = _text_of(schema)
+    return text is not None and _schema_text_valid(text)
 
 
 @functools.lru_cache(maxsize=1024)  # many plugins share a schema; checking one costs ~0.5 ms

@@ -172,10 +172,12 @@ PATCHER = textwrap.dedent(
     import types
     evil = types.ModuleType("evil")
     exec("class Plugin:\\n    def run(self, p, c):\\n        return {'owned': 1}\\n", vars(evil))
-    mine = int(__name__.split(".")[1][1:])
+    # Its own name shows the counter, not the random part of the next ones: guess both.
+    mine = int(__name__.split(".")[1][1:].split("_")[0])
     for n in range(mine + 1, mine + 200):
-        sys.modules[f"_aisoc_plugins.g{n}"] = evil
-        sys.modules[f"_aisoc_plugins.g{n}.plugin"] = evil
+        for guess in (f"g{n}", f"g{n}_" + "0" * 16, f"g{n}_" + __name__.split("_")[-1]):
+            sys.modules[f"_aisoc_plugins.{guess}"] = evil
+            sys.modules[f"_aisoc_plugins.{guess}.plugin"] = evil
     class Plugin:
         def run(self, payload, context):
             return {"patched": signing.decide is forged}

@@ -1,7 +1,10 @@
 """Import a verified bundle as a package from memory: no sys.path, no bytecode cache.
 
-Each load gets its own private package name (`_aisoc_plugins.g<N>`), so a reload imports a
-fresh copy beside the old one, which keeps serving until it is swapped out. A finder on
+Each load gets its own private package name (`_aisoc_plugins.g<N>_<random>`), so a reload
+imports a fresh copy beside the old one, which keeps serving until it is swapped out. The
+random part keeps a plugin sharing the process from predicting, and so pre-seeding in
+`sys.modules`, the names of the next loads; the importer remembers the module names it made
+for each load, so forgetting a load never walks all of `sys.modules`. A finder on
 `sys.meta_path` answers only for names under that prefix and only with the bundle's bytes,
 compiled with `compile()`: importlib's file loaders, which read and write `__pycache__`, are
 never involved, and nothing of the plugin directory is ever put on `sys.path`.
@@ -14,6 +17,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import itertools
+import secrets
 import sys
 import threading
 import types
@@ -48,6 +52,7 @@ class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self._lock = threading.Lock()
         self._bundles: dict[str, tuple[Path, Mapping[str, bytes]]] = {}
         self._code: dict[str, Mapping[str, CodeType]] = {}
+        self._names: dict[str, set[str]] = {}  # per package: the module names it was given
 
     def register(
         self,
@@ -58,6 +63,7 @@ class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     ) -> None:
         with self._lock:
             self._bundles[package] = (root, sources)
+            self._names[package] = {package}
             if code:
                 self._code[package] = code
 
@@ -65,8 +71,15 @@ class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         with self._lock:
             self._bundles.pop(package, None)
             self._code.pop(package, None)
-        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            names = self._names.pop(package, ())
+        for name in names:
             sys.modules.pop(name, None)
+
+    def _note(self, package: str, fullname: str) -> None:
+        with self._lock:
+            known = self._names.get(package)
+            if known is not None:
+                known.add(fullname)
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -77,6 +90,7 @@ class BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if found is None:
             return None
         root, source = found
+        self._note(".".join(fullname.split(".")[:2]), fullname)
         origin = str(root / source.path) if source.path else str(root)
         spec = importlib.util.spec_from_loader(
             fullname, self, origin=origin, is_package=source.is_package
@@ -184,11 +198,10 @@ def import_bundle(
     compiled here). Raises whatever the plugin's module code raises; the caller translates it.
     """
     importer = _ensure_installed()
-    package = f"{NAMESPACE}.g{next(_generation)}"
-    # Nothing may stand in for this load's modules: a plugin sharing the process could have
-    # put entries under the next names beforehand.
-    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
-        del sys.modules[name]
+    # Unpredictable: a plugin sharing the process cannot put entries under this load's
+    # names beforehand (a counter alone could be guessed).
+    package = f"{NAMESPACE}.g{next(_generation)}_{secrets.token_hex(8)}"
+    sys.modules.pop(package, None)
     importer.register(package, root, sources, code)
     entry = entry_module_name(entry_point)
     try:
@@ -212,7 +225,7 @@ def _import_flat(importer: BundleImporter, package: str, root: Path, entry: str)
     parent.__loader__, parent.__package__, parent.__path__ = importer, package, []
     sys.modules[package] = parent
     name = f"{package}.{entry}"
-    if importer.find_spec(name, None) is None:
+    if importer.find_spec(name, None) is None:  # (it also notes `name` as this load's)
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     module = ModuleType(name)
     spec = importlib.machinery.ModuleSpec(name, importer, origin=str(root / f"{entry}.py"))
