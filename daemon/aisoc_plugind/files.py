@@ -25,8 +25,10 @@ __all__ = [
     "FileRefused",
     "fsync_dir",
     "is_link",
+    "private_file_status",
     "read_regular",
     "read_trusted",
+    "readable_by_others",
     "replace_file",
     "trust_problem",
     "write_new",
@@ -137,6 +139,30 @@ def read_trusted(path: Path, *, cap: int, links_within: Path | None = None) -> b
     if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
         raise FileRefused("not_regular", "is not a regular file")
     return read_regular(target, cap=cap, owner_only=True)
+
+
+def private_file_status(path: Path) -> os.stat_result:
+    """Check a file holding a private key (the audit signing key, the TLS key) as one that
+    carries trust: a regular file (a link only as kubelet lays out a mounted Secret, inside
+    its directory), not writable by group or others, owned by root or this user. Return its
+    status, so that the caller can also look at who may read it.
+
+    Raises FileNotFoundError, FileRefused (`symlink`, `not_regular`, `unsafe_mode`,
+    `unsafe_owner`) or OSError.
+    """
+    target = _follow_inside(path, path.parent) if is_link(path) else path
+    st = os.stat(target, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileRefused("not_regular", "is not a regular file")
+    refused = trust_problem(st)
+    if refused is not None:
+        raise refused
+    return st
+
+
+def readable_by_others(st: os.stat_result) -> bool:
+    """Return True when users outside the owner and the group may read the file."""
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 def _follow_inside(path: Path, root: Path) -> Path:

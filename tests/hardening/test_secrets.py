@@ -239,6 +239,47 @@ async def test_the_engine_scrubs_every_plugin_error(
     assert _leaks(env.audit_text() + env.stdout.getvalue()) == []
 
 
+UNENCODABLE = """
+import math
+class Plugin:
+    def run(self, payload, context):
+        secret = payload["secret"]
+        shape = payload["shape"]
+        if shape == "class":  # a class named after the payload: the encoder quotes the name
+            return {"x": type(secret, (), {})()}
+        if shape == "key":
+            return {(secret, 1): 1}
+        if shape == "nan":
+            return {secret: math.nan}
+        if shape == "circular":
+            loop = {secret: None}
+            loop[secret] = loop
+            return loop
+        if shape == "set":
+            return {"x": {secret}}
+        return {"x": b"bytes " + secret.encode()}
+"""
+
+
+@pytest.mark.parametrize("isolation", ["process", "none"])
+@pytest.mark.parametrize("shape", ["class", "key", "nan", "circular", "set", "bytes"])
+async def test_a_result_that_cannot_be_encoded_quotes_nothing_of_it(
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory, isolation: str, shape: str
+) -> None:
+    """`plugin_result_invalid` says why in fixed words: the encoder's own text names the
+    offending value's class or key, which a plugin can make from the payload."""
+    plugins.write("enc", code=UNENCODABLE)
+    manager = await make_manager(TrustMode.STRICT, isolation_mode=isolation)
+    await manager.discover()
+    secret = "PayloadSecret4d2a"
+    with pytest.raises(PluginDError) as ran:
+        await manager.run("test.enc", {"secret": secret, "shape": shape})
+    assert ran.value.code == "plugin_result_invalid"
+    assert ran.value.message.startswith("the result is not JSON-serialisable")
+    assert secret not in ran.value.message
+    assert secret not in env.audit_text() + env.stdout.getvalue()
+
+
 async def test_a_config_that_fails_its_schema_is_reported_without_its_values(
     env: Env, plugins: PluginFactory, make_manager: ManagerFactory
 ) -> None:

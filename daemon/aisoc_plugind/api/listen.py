@@ -19,6 +19,7 @@ from aiohttp import web
 from aisoc_plugind.api.connections import ConnectionGate, GuardedSite
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.errors import ConfigError
+from aisoc_plugind.files import FileRefused, private_file_status
 
 __all__ = ["bind_unix", "check_listen", "listening", "tls_context"]
 
@@ -43,6 +44,17 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         return None
     if cert is None or key is None:
         raise ConfigError("api.tls_cert and api.tls_key must be set together")
+    try:
+        # A key others could replace lets them be this API for every client.
+        private_file_status(key)
+    except FileRefused as exc:
+        raise ConfigError(
+            f"api.tls_key {key} {exc.detail}: it may not be trusted (keep it 0600 or 0640, "
+            "owned by root or the daemon's user)",
+            code="tls_key_insecure" if exc.reason != "not_regular" else "config_invalid",
+        ) from exc
+    except OSError:
+        pass  # missing or unreadable: load_cert_chain below says so
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

@@ -32,7 +32,7 @@ from aisoc_plugind.core.clock import rfc3339_now
 from aisoc_plugind.core.redact import NO_REDACTION, Redactor
 from aisoc_plugind.core.signing import load_private_key
 from aisoc_plugind.errors import AuditUnavailable, ConfigError, KeyFileError
-from aisoc_plugind.files import FileRefused, read_regular
+from aisoc_plugind.files import FileRefused, read_trusted
 
 __all__ = ["SECRET_KEYS", "EventLog", "LogOptions", "log_options"]
 
@@ -87,13 +87,23 @@ def _signing_key(path: Path | None) -> nacl.signing.SigningKey | None:
     if path is None:
         return None
     try:
-        return load_private_key(read_regular(path, cap=16 * 1024))
-    except (OSError, FileRefused, KeyFileError) as exc:
+        # A key others could replace would sign checkpoints over a chain they rewrote.
+        return load_private_key(read_trusted(path, cap=16 * 1024, links_within=path.parent))
+    except FileRefused as exc:
+        raise ConfigError(
+            f"audit.signing_key {path} {exc.detail}: it may not be trusted (keep it 0600 or "
+            "0640, owned by root or the daemon's user)",
+            code="audit_signing_key_insecure" if exc.reason in _UNSAFE else "config_invalid",
+        ) from exc
+    except (OSError, KeyFileError) as exc:
         detail = exc.message if isinstance(exc, KeyFileError) else str(exc)
         raise ConfigError(
             f"audit.signing_key {path} cannot be used: {detail} (make one with "
             "`aisoc-plugind audit keygen --out DIR`)"
         ) from exc
+
+
+_UNSAFE = frozenset({"unsafe_mode", "unsafe_owner", "symlink"})
 
 
 Listener = Callable[[Mapping[str, Any]], None]

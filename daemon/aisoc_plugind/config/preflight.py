@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aisoc_plugind.config.settings import Settings
 from aisoc_plugind.core.signing import TrustMode
+from aisoc_plugind.files import FileRefused, private_file_status, readable_by_others
 
 __all__ = ["ConfigWarning", "preflight"]
 
@@ -56,7 +57,53 @@ def preflight(settings: Settings) -> list[ConfigWarning]:
         "anyone who can write there can make their own plugins trusted",
     )
     out += _listen_warnings(settings)
+    out += _private_key_warnings(settings)
+    out += _config_file_warnings(settings)
     return out
+
+
+def _private_key_warnings(settings: Settings) -> list[ConfigWarning]:
+    out: list[ConfigWarning] = []
+    keys = (
+        ("audit.signing_key", settings.audit_signing_key),
+        ("api.tls_key", settings.api_tls_key),
+    )
+    for name, path in keys:
+        if path is None:
+            continue
+        try:
+            st = private_file_status(path)
+        except (OSError, FileRefused):
+            continue  # refused at start with its own error
+        if readable_by_others(st):
+            out.append(
+                ConfigWarning(
+                    code="private_key_readable",
+                    message=f"{name} {path} is readable by others "
+                    f"({stat.filemode(st.st_mode)}): any local user can copy it; make it "
+                    "0600 or 0640 (in Kubernetes, set the Secret volume's defaultMode)",
+                )
+            )
+    return out
+
+
+def _config_file_warnings(settings: Settings) -> list[ConfigWarning]:
+    path = settings.config_file
+    if path is None:
+        return []
+    try:
+        st = path.stat()
+    except OSError:
+        return []
+    if st.st_mode & stat.S_IWGRP:
+        return [
+            ConfigWarning(
+                code="config_file_writable",
+                message=f"config file {path} is writable by its group "
+                f"({stat.filemode(st.st_mode)}): every member can turn verification off",
+            )
+        ]
+    return []
 
 
 def _dir_warnings(path: Path, name: str, why: str) -> list[ConfigWarning]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -367,6 +368,7 @@ def load_settings(config_file: Path | None, environ: Mapping[str, str] | None = 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
+            _check_config_file(path, os.fstat(fh.fileno()))
             return tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
@@ -374,6 +376,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _check_config_file(path: Path, st: os.stat_result) -> None:
+    """Refuse a config file anyone may write, or one another unprivileged user owns: it
+    sets the trust mode and the keys directory. (Group-writable is a preflight warning.)"""
+    if st.st_mode & stat.S_IWOTH:
+        raise ConfigError(
+            f"config file {path} is writable by others ({stat.filemode(st.st_mode)}): anyone "
+            "could turn verification off; make it 0640 or 0644",
+            code="config_file_insecure",
+        )
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            f"config file {path} is owned by uid {st.st_uid}, neither root nor this daemon's "
+            f"user (uid {os.geteuid()}): that user could turn verification off",
+            code="config_file_insecure",
+        )
 
 
 ENV_PREFIX = "AISOC_PLUGIND__"

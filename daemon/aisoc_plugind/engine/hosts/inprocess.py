@@ -31,7 +31,7 @@ from aisoc_plugind.engine.hosts.faults import (
     describe,
     type_name,
 )
-from aisoc_plugind.engine.hosts.jsondepth import MAX_RESULT_DEPTH, deeper_than
+from aisoc_plugind.engine.hosts.jsondepth import MAX_RESULT_DEPTH, deeper_than, unserialisable
 from aisoc_plugind.engine.hosts.loader import (
     ImportedBundle,
     entry_module_name,
@@ -441,7 +441,7 @@ def normalise_result(value: Any) -> RunOutput:
     try:
         text = _ENCODE(result)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise PluginResultInvalid(f"the result is not JSON-serialisable: {exc}") from exc
+        raise PluginResultInvalid(unserialisable(exc)) from exc
     if deeper_than(result, text):
         raise PluginResultInvalid(f"the result is nested deeper than {MAX_RESULT_DEPTH} levels")
     return RunOutput(result, text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MAX_RESULT_DEPTH", "deeper_than"]
+__all__ = ["MAX_RESULT_DEPTH", "deeper_than", "unserialisable"]
 
 MAX_RESULT_DEPTH = 512
 
@@ -35,3 +35,21 @@ def deeper_than(value: Any, text: str, limit: int = MAX_RESULT_DEPTH) -> bool:
             (child, depth + 1) for child in children if isinstance(child, dict | list | tuple)
         )
     return False
+
+
+# What JSON encoding errors say, by type, without the encoder's own text: it names the
+# offending value's class, which a plugin can make up from the payload.
+_UNSERIALISABLE = {
+    TypeError: "it holds a value JSON cannot encode (not a dict, list, str, number, bool "
+    "or None, or a key that is not a string)",
+    ValueError: "it holds NaN or Infinity, or refers to itself",
+    RecursionError: f"it is nested deeper than {MAX_RESULT_DEPTH} levels",
+}
+
+
+def unserialisable(exc: BaseException) -> str:
+    """Return why a result could not be encoded, quoting nothing from the result."""
+    for kind, reason in _UNSERIALISABLE.items():
+        if isinstance(exc, kind):
+            return f"the result is not JSON-serialisable: {reason}"
+    return f"the result is not JSON-serialisable ({type(exc).__name__})"

@@ -34,7 +34,11 @@ from aisoc_plugind.engine.hosts.faults import (
     describe,
     type_name,
 )
-from aisoc_plugind.engine.hosts.jsondepth import MAX_RESULT_DEPTH, deeper_than
+from aisoc_plugind.engine.hosts.jsondepth import (
+    MAX_RESULT_DEPTH,
+    deeper_than,
+    unserialisable,
+)
 from aisoc_plugind.engine.hosts.loader import (
     ImportedBundle,
     entry_module_name,
@@ -232,9 +236,7 @@ class _Host:
             result = value if isinstance(value, dict) else {"result": value}
             text = self.encode(result)
         except (TypeError, ValueError, RecursionError) as exc:
-            raise _Failure(
-                "plugin_result_invalid", f"the result is not JSON-serialisable: {exc}"
-            ) from exc
+            raise _Failure("plugin_result_invalid", unserialisable(exc)) from exc
         except MemoryError:
             raise
         except BaseException as exc:  # the plugin's own objects ran code (nothing is awaited)
