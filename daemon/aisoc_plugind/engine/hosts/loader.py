@@ -12,11 +12,13 @@ never involved, and nothing of the plugin directory is ever put on `sys.path`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
 import itertools
+import os
 import secrets
 import sys
 import threading
@@ -37,6 +39,21 @@ __all__ = [
 
 NAMESPACE = "_aisoc_plugins"
 _generation = itertools.count(1)
+# The random part of package names: a keyed hash of the load's number under a secret drawn
+# once per process (after a fork, see `_reseed`), not a system call per load.
+_secret = secrets.token_bytes(32)
+
+
+def _unpredictable(number: int) -> str:
+    return hashlib.blake2b(number.to_bytes(8, "little"), key=_secret, digest_size=8).hexdigest()
+
+
+def _reseed() -> None:
+    global _secret
+    _secret = secrets.token_bytes(32)
+
+
+os.register_at_fork(after_in_child=_reseed)  # hosts forked from the zygote differ
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +217,8 @@ def import_bundle(
     importer = _ensure_installed()
     # Unpredictable: a plugin sharing the process cannot put entries under this load's
     # names beforehand (a counter alone could be guessed).
-    package = f"{NAMESPACE}.g{next(_generation)}_{secrets.token_hex(8)}"
+    number = next(_generation)
+    package = f"{NAMESPACE}.g{number}_{_unpredictable(number)}"
     sys.modules.pop(package, None)
     importer.register(package, root, sources, code)
     entry = entry_module_name(entry_point)
