@@ -8,8 +8,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -113,8 +112,14 @@ async def _answer(request: web.Request, call: Call, handler: Handler) -> web.Str
                 status=503,
                 reason="audit_unavailable",
             )
-        async with _body_held(request, call):
+        if call.principal is None or not request.body_exists:
+            return await handler(request)  # refused ones never get here: bodies never read
+        size = _reserve_body(request, call)
+        try:
+            await _read_body(request, st.settings.api_body_timeout_s)
             return await handler(request)
+        finally:
+            st.budget.give(size)
     except web.HTTPException as exc:
         return _from_http(request, call, exc)
     except PluginDError as exc:
@@ -130,19 +135,14 @@ async def _answer(request: web.Request, call: Call, handler: Handler) -> web.Str
         )
 
 
-@asynccontextmanager
-async def _body_held(request: web.Request, call: Call) -> AsyncIterator[None]:
-    """Read an authorised request's body within `api.body_timeout_s`, its size reserved in
-    the body budget (`api.max_body_bytes_total`) until the handler is done with it.
+def _reserve_body(request: web.Request, call: Call) -> int:
+    """Reserve an authorised request's body size in the body budget
+    (`api.max_body_bytes_total`) until its handler is done; return the size (503 else).
 
     Bodies of requests that are refused (no token, unknown route) are never read.
     """
     st = call.state
-    settings = st.settings
-    if call.principal is None or not request.body_exists:
-        yield
-        return
-    limit = settings.api_max_body_bytes
+    limit = st.settings.api_max_body_bytes
     size = min(request.content_length or limit, limit)
     if not st.budget.take(size):
         raise ApiError(
@@ -152,16 +152,16 @@ async def _body_held(request: web.Request, call: Call) -> AsyncIterator[None]:
             status=503,
             headers={"Retry-After": "1"},
         )
-    try:
-        await _read_body(request, settings.api_body_timeout_s)
-        yield
-    finally:
-        st.budget.give(size)
+    return size
 
 
 async def _read_body(request: web.Request, timeout_s: float) -> None:
-    """Read the whole body (aiohttp keeps it for the handler); raise 408 or 400."""
+    """Read the whole body within `api.body_timeout_s` (aiohttp keeps it for the handler);
+    raise 408 or 400."""
     try:
+        if request.content.is_eof():  # all of it came with the headers: nothing to wait for
+            await request.read()
+            return
         async with asyncio.timeout(timeout_s):
             await request.read()
     except TimeoutError as exc:
