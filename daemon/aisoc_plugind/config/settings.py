@@ -104,6 +104,7 @@ class Settings:
     isolation_dedicated: tuple[str, ...] = ()
     isolation_memory_mb: int = 512
     isolation_landlock: str = "auto"  # "auto" | "require" | "off"
+    isolation_allow_subprocesses: bool = False  # hosts may start processes (no seccomp filter)
     isolation_read_paths: tuple[Path, ...] = ()
     max_result_bytes: int = 8 * 1024 * 1024
     shutdown_grace_s: float = 20.0
@@ -331,6 +332,7 @@ KEYS: tuple[_Key, ...] = (
     _Key("isolation_dedicated", "isolation", "dedicated", None, _str_list),
     _Key("isolation_memory_mb", "isolation", "memory_mb", None, _positive(int)),
     _Key("isolation_landlock", "isolation", "landlock", None, _choice(LANDLOCK_MODES)),
+    _Key("isolation_allow_subprocesses", "isolation", "allow_subprocesses", None, _as_bool),
     _Key("isolation_read_paths", "isolation", "read_paths", None, _path_list),
     _Key("max_result_bytes", "plugins", "max_result_bytes", None, _positive(int)),
     _Key("shutdown_grace_s", "daemon", "shutdown_grace_s", None, _positive(float)),

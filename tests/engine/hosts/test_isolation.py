@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from aisoc_plugind.core.signing import TrustMode
-from aisoc_plugind.engine.hosts import landlock
+from aisoc_plugind.engine.hosts import landlock, seccomp
+from aisoc_plugind.errors import PluginDError
 from tests.conftest import Env, ManagerFactory, PluginFactory
 
 LANDLOCK = landlock.probe()
@@ -247,3 +248,76 @@ async def test_dedicated_and_plugin_grouping_give_own_hosts(
     alone = await make_manager(isolation_group="plugin")
     await alone.discover()
     assert len({alone.host_of(i).pid for i in ("test.a", "test.b", "test.c")}) == 3  # type: ignore[union-attr]
+
+
+FORKER = textwrap.dedent(
+    """
+    import os, subprocess, threading
+
+    class Plugin:
+        def run(self, payload, context):
+            if payload.get("how") == "subprocess":
+                done = subprocess.run(["/bin/true"])
+                return {"returncode": done.returncode}
+            if payload.get("how") == "threads":
+                seen = []
+                workers = [threading.Thread(target=seen.append, args=(i,)) for i in range(8)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                return {"threads": len(seen)}
+            forked = 0
+            try:
+                while forked < 200:  # a fork bomb, bounded here only so that it can end
+                    if os.fork() == 0:
+                        os._exit(0)
+                    forked += 1
+                    os.wait()
+            except OSError as exc:
+                return {"forked": forked, "errno": exc.errno}
+            return {"forked": forked, "errno": 0}
+    """
+)
+
+
+needs_seccomp = pytest.mark.skipif(
+    seccomp.supported() is not None, reason="no seccomp filter for this architecture"
+)
+
+
+@needs_seccomp
+@pytest.mark.parametrize("group", ["signer", "plugin"])
+async def test_a_fork_bomb_cannot_start_a_single_process(
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory, group: str
+) -> None:
+    """By default a host cannot create processes (seccomp; root included, where RLIMIT_NPROC
+    does nothing): fork, subprocess and the like fail with EPERM, threads still work, and
+    the daemon and the other plugins go on serving."""
+    plugins.write("forker", plugin_id="test.forker", code=FORKER)
+    plugins.write("other", plugin_id="test.other")
+    manager = await make_manager(isolation_group=group)
+    await manager.discover()
+    assert (await manager.run("test.forker", {})).result == {"forked": 0, "errno": 1}
+    with pytest.raises(PluginDError) as refused:
+        await manager.run("test.forker", {"how": "subprocess"})
+    assert refused.value.code == "plugin_error"
+    assert refused.value.message == "plugin raised PermissionError"
+    assert (await manager.run("test.forker", {"how": "threads"})).result == {"threads": 8}
+    assert (await manager.run("test.other", {"x": 1})).result["echo"] == {"x": 1}
+    started = [e for e in env.audit_events() if e["event"] == "plugin.host.started"]
+    assert started and {e["subprocesses"] for e in started} == {"denied"}
+    assert {e["level"] for e in started} == {"info"}
+
+
+async def test_subprocesses_can_be_allowed(
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory
+) -> None:
+    """`isolation.allow_subprocesses = true`: no filter (and the start event says so); the
+    host may fork. (Running another program also needs Landlock to let it execute.)"""
+    plugins.write("forker", plugin_id="test.forker", code=FORKER)
+    manager = await make_manager(isolation_allow_subprocesses=True)
+    await manager.discover()
+    assert (await manager.run("test.forker", {})).result == {"forked": 200, "errno": 0}
+    started = [e for e in env.audit_events() if e["event"] == "plugin.host.started"]
+    assert [e["subprocesses"] for e in started] == ["allowed"]

@@ -241,7 +241,9 @@ async def test_an_async_run_is_cancelled_in_its_host_and_a_blocked_loop_ends_the
 async def test_what_a_plugin_starts_ends_with_its_host(
     env: Env, plugins: PluginFactory, make_manager: ManagerFactory
 ) -> None:
-    manager = await _manager(make_manager, plugins)
+    """With `isolation.allow_subprocesses` (by default a host cannot start any process), what
+    a plugin started dies with its host."""
+    manager = await _manager(make_manager, plugins, isolation_allow_subprocesses=True)
     pids = (await manager.run("test.faulty", {"do": "spawn"})).result["pids"]
     assert all(Path(f"/proc/{p}").exists() for p in pids)
     with pytest.raises(PluginDError):

@@ -410,6 +410,7 @@ class _HostGroup:
             "max_open_files": MAX_OPEN_FILES,
             "max_processes": None,
             "landlock": settings.isolation_landlock,
+            "allow_subprocesses": settings.isolation_allow_subprocesses,
             "protected": sorted(_real(p) for p in self.owner.protected),
         }
         options = HostOptions(
@@ -451,15 +452,18 @@ class _HostGroup:
         self.process = process
         report = hello.header.get("sandbox") or {}
         landlock = str(report.get("landlock_status", "unknown"))
+        subprocesses = str(report.get("subprocesses", "unknown"))
+        contained = landlock in ("enforced", "off") and subprocesses in ("denied", "allowed")
         self.owner.emit(
             names.PLUGIN_HOST_STARTED,
-            level="info" if landlock in ("enforced", "off") else "warning",
+            level="info" if contained else "warning",
             pid=pid,
             group=self.group,
             host=self.name,
             plugin_ids=sorted(self.ids),
             landlock=landlock,
             landlock_abi=report.get("landlock_abi"),
+            subprocesses=subprocesses,
             memory_mb=self.owner.settings.isolation_memory_mb,
         )
         self.watcher = asyncio.ensure_future(self._serve(process))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import os
 import resource
 import signal
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
-from aisoc_plugind.engine.hosts import landlock
+from aisoc_plugind.engine.hosts import landlock, seccomp
 from aisoc_plugind.engine.hosts.landlock import Access, PathRule
 from aisoc_plugind.errors import SandboxError
 
@@ -175,6 +176,7 @@ class SandboxSpec:
     limits: Limits
     landlock: LandlockMode
     rules: tuple[PathRule, ...]
+    allow_subprocesses: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +190,9 @@ class SandboxReport:
     landlock_abi: int
     landlock_status: str
     scopes: tuple[str, ...]
+    # "denied" (the seccomp filter of `seccomp.py`), "allowed" (isolation.allow_subprocesses)
+    # or why the filter is not there.
+    subprocesses: str
     limits: Limits
     kept_fds: tuple[int, ...]
     granted: tuple[str, ...]
@@ -199,6 +204,7 @@ class SandboxReport:
             "landlock_abi": self.landlock_abi,
             "landlock_status": self.landlock_status,
             "scopes": list(self.scopes),
+            "subprocesses": self.subprocesses,
             "limits": self.limits.to_json(),
             "kept_fds": list(self.kept_fds),
             "granted": list(self.granted),
@@ -252,6 +258,7 @@ def build_spec(
     max_processes: int | None = None,
     landlock: LandlockMode = "auto",
     protected: Iterable[Path] = (),
+    allow_subprocesses: bool = False,
 ) -> SandboxSpec:
     """Decide a host's sandbox from its inputs; no I/O.
 
@@ -274,6 +281,7 @@ def build_spec(
         limits=_check_limits(memory_mb, max_open_files, max_processes),
         landlock=_check_mode(landlock),
         rules=rules,
+        allow_subprocesses=bool(allow_subprocesses),
     )
 
 
@@ -376,9 +384,27 @@ def apply(spec: SandboxSpec, *, probe: LandlockProbe = landlock.probe) -> Sandbo
         kept = _close_inherited_fds(spec.keep_fds)
         _replace_environment(dict(spec.environment))
         limits = _set_limits(spec.limits)
-        return _apply_landlock(spec, probe, kept=kept, limits=limits)
+        processes = _deny_processes(spec)
+        return _apply_landlock(spec, probe, kept=kept, limits=limits, processes=processes)
     except (OSError, ValueError, MemoryError) as exc:
         raise SandboxError(f"sandbox step failed: {exc!r}", code="sandbox_failed") from exc
+
+
+def _deny_processes(spec: SandboxSpec) -> str:
+    """Install the seccomp filter that denies new processes (not threads), unless allowed;
+    return what the report says. A kernel or machine without it is reported, not fatal."""
+    if spec.allow_subprocesses:
+        return "allowed"
+    missing = seccomp.supported()
+    if missing is not None:
+        return f"unavailable: {missing.reason}"
+    try:
+        seccomp.deny_new_processes()
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):  # built without seccomp filters
+            return f"unavailable: {exc.strerror}"
+        raise
+    return "denied"
 
 
 def make_non_dumpable() -> None:
@@ -469,12 +495,18 @@ def _set_limit(which: int, value: int) -> int:
 
 
 def _apply_landlock(
-    spec: SandboxSpec, probe: LandlockProbe, *, kept: tuple[int, ...], limits: Limits
+    spec: SandboxSpec,
+    probe: LandlockProbe,
+    *,
+    kept: tuple[int, ...],
+    limits: Limits,
+    processes: str = "allowed",
 ) -> SandboxReport:
     report = SandboxReport(
         landlock_abi=0,
         landlock_status="off",
         scopes=(),
+        subprocesses=processes,
         limits=limits,
         kept_fds=kept,
         granted=(),

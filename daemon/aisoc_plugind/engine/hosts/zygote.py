@@ -150,6 +150,7 @@ class _Zygote:
                 max_processes=spec_input["max_processes"],
                 landlock=spec_input["landlock"],
                 protected=[Path(p) for p in spec_input["protected"]],
+                allow_subprocesses=bool(spec_input.get("allow_subprocesses", False)),
             )
             report = sandbox.apply(spec)
         except SandboxError as exc:
