@@ -47,6 +47,7 @@ from aisoc_plugind.engine.hosts.deadlines import Deadlines
 from aisoc_plugind.engine.hosts.protocol import (
     HEADER_CAP,
     Frame,
+    FrameReader,
     FrameTooLarge,
     Kind,
     ProtocolError,
@@ -472,10 +473,11 @@ class _HostGroup:
     async def _serve(self, process: _Process) -> None:
         """Read the host's answers until it ends; then account for the end and restart."""
         cap = self.owner.settings.max_result_bytes + FRAME_SLACK
+        frames = FrameReader(process.reader, cap)
         try:
             while True:
-                frame = await read_frame(process.reader, cap)
-                self._answer(process, frame)
+                for frame in await frames.frames():
+                    self._answer(process, frame)
         except (EOFError, ProtocolError, ConnectionError, OSError):
             pass  # a host that breaks the protocol is treated as crashed
         finally:

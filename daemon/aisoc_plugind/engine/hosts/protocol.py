@@ -25,6 +25,7 @@ __all__ = [
     "HEADER_CAP",
     "MAX_TO_HOST",
     "Frame",
+    "FrameReader",
     "FrameTooLarge",
     "Kind",
     "ProtocolError",
@@ -87,6 +88,75 @@ def encode(kind: Kind, header: dict[str, Any], blob: bytes = b"") -> bytes:
     return _PREFIX.pack(1 + 4 + len(head) + len(blob), kind, len(head)) + head + blob
 
 
+_CHUNK = 1 << 16
+
+
+class FrameReader:
+    """Read frames in chunks: one read can bring many frames (runs answered together), each
+    decoded without another await. The same checks as `read_frame`, before a body is
+    buffered: a peer cannot make the reader hold more than `cap` plus one chunk."""
+
+    def __init__(self, reader: asyncio.StreamReader, cap: int) -> None:
+        self.reader = reader
+        self.cap = cap
+        self.buffer = bytearray()
+
+    async def frames(self) -> list[Frame]:
+        """Return the next complete frames (at least one); raise EOFError at a clean end,
+        ProtocolError (FrameTooLarge) for anything broken."""
+        while True:
+            frames = self._complete()
+            if frames:
+                return frames
+            chunk = await self.reader.read(_CHUNK)
+            if not chunk:
+                if self.buffer:
+                    raise ProtocolError("truncated frame")
+                raise EOFError
+            self.buffer += chunk
+
+    def _complete(self) -> list[Frame]:
+        """Decode the complete frames buffered; a broken one raises once the good ones
+        before it were handed out."""
+        buffer, out, at = self.buffer, [], 0
+        try:
+            while len(buffer) - at >= _PREFIX.size:
+                length, kind, head_length = _PREFIX.unpack_from(buffer, at)
+                _check_prefix(length, head_length, self.cap)
+                end = at + 4 + length
+                if len(buffer) < end:
+                    break
+                head_at = at + _PREFIX.size
+                blob_at = head_at + head_length
+                head, blob = bytes(buffer[head_at:blob_at]), bytes(buffer[blob_at:end])
+                out.append(_decode(kind, head, blob))
+                at = end
+        except ProtocolError:
+            if not out:
+                raise
+        if at:
+            del buffer[:at]
+        return out
+
+
+def _check_prefix(length: int, head_length: int, cap: int) -> None:
+    if length > cap:
+        raise FrameTooLarge(f"frame of {length} bytes, over the cap of {cap}", size=length)
+    if head_length > HEADER_CAP or head_length > length - 5:
+        raise ProtocolError("bad header length")
+
+
+def _decode(kind: int, head: bytes, blob: bytes) -> Frame:
+    try:
+        header = json.loads(head)
+        known = Kind(kind)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__})") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("the header is not a JSON object")
+    return Frame(kind=known, header=header, blob=blob)
+
+
 async def read_frame(reader: asyncio.StreamReader, cap: int) -> Frame:
     """Read one frame; raise EOFError at a clean end, ProtocolError for anything broken."""
     try:
@@ -96,19 +166,9 @@ async def read_frame(reader: asyncio.StreamReader, cap: int) -> Frame:
             raise EOFError from exc
         raise ProtocolError("truncated frame") from exc
     length, kind, head_length = _PREFIX.unpack(prefix)
-    if length > cap:
-        raise FrameTooLarge(f"frame of {length} bytes, over the cap of {cap}", size=length)
-    if head_length > HEADER_CAP or head_length > length - 5:
-        raise ProtocolError("bad header length")
+    _check_prefix(length, head_length, cap)
     try:
         body = await reader.readexactly(length - 5)
     except asyncio.IncompleteReadError as exc:
         raise ProtocolError("truncated frame") from exc
-    try:
-        header = json.loads(body[:head_length])
-        known = Kind(kind)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"undecodable frame ({type(exc).__name__})") from exc
-    if not isinstance(header, dict):
-        raise ProtocolError("the header is not a JSON object")
-    return Frame(kind=known, header=header, blob=body[head_length:])
+    return _decode(kind, body[:head_length], body[head_length:])

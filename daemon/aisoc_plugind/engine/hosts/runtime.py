@@ -45,7 +45,7 @@ from aisoc_plugind.engine.hosts.loader import (
     import_bundle,
     takes_config,
 )
-from aisoc_plugind.engine.hosts.protocol import MAX_TO_HOST, Frame, Kind, encode, read_frame
+from aisoc_plugind.engine.hosts.protocol import MAX_TO_HOST, Frame, FrameReader, Kind, encode
 
 __all__ = ["MEMORY_EXIT", "HostOptions", "serve"]
 
@@ -115,15 +115,17 @@ class _Host:
         self.send(Kind.ERROR, header)
 
     async def serve(self) -> None:
+        frames = FrameReader(self.reader, MAX_TO_HOST)
         while True:
             try:
-                frame = await read_frame(self.reader, MAX_TO_HOST)
+                batch = await frames.frames()
             except EOFError:
                 return  # the supervisor is gone
-            if frame.kind is Kind.STOP:
-                await self.stop()
-                return
-            self.dispatch(frame)
+            for frame in batch:
+                if frame.kind is Kind.STOP:
+                    await self.stop()
+                    return
+                self.dispatch(frame)
             await self.writer.drain()
 
     def dispatch(self, frame: Frame) -> None:
