@@ -370,11 +370,16 @@ async def call_hook(
     Whatever it raises (a CancelledError of its own too) is a PluginLoadError with `code`
     and the redacted text; only a cancellation of the calling task passes, as itself.
     """
+    try:
+        hook = getattr(instance, name, None)  # plugin code too (a property), but never awaits
+    except BaseException as exc:
+        if cancelled_here(exc):  # pragma: no cover - a sync getattr cannot be cancelled
+            raise
+        raise PluginLoadError(f"{name}() raised {describe(exc, redactor)}", code=code) from exc
+    if hook is None:
+        return  # the usual case at discovery: no time-limit scope to set up and tear down
     with anyio.move_on_after(timeout_s) as scope:
         try:
-            hook = getattr(instance, name, None)
-            if hook is None:
-                return
             if inspect.iscoroutinefunction(hook):
                 outcome = hook()
             else:  # in a worker thread: a time limit or shutdown can abandon a hook that hangs
