@@ -7,6 +7,7 @@ time, so each decision (install, keep, refuse once, back off) is checked on its 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,57 @@ async def test_the_state_file_round_trips(tmp_path: Path) -> None:
     await state.put("r/a:1", Followed(digest="sha256:" + "a" * 64, plugin_id="p.a"))
     assert FollowState(path).get("r/a:1") == Followed(digest="sha256:" + "a" * 64, plugin_id="p.a")
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.oci
+async def test_a_digest_refused_for_its_key_is_retried_once_the_keys_change(
+    env: Env, make_manager: ManagerFactory, oci_registry: str, tmp_path: Path
+) -> None:
+    """Signed by a key the daemon does not trust yet: refused once, not pulled again; after
+    SIGHUP re-reads the keys (now with that key) it is polled at once and installed."""
+    from aisoc_plugind.engine.keyring import load_keyring
+
+    push_plugin(oci_registry, tmp_path, "later", "stable", version="2.0.0")
+    ref = f"{oci_registry}/aisoc/later:stable"
+    untrusting = tmp_path / "no-keys"
+    untrusting.mkdir(mode=0o755)
+    manager = await make_manager(oci_allow_insecure_registries=(oci_registry,), keys_dir=untrusting)
+    settings = env.settings(oci_allow_insecure_registries=(oci_registry,))
+    entry = OciFollow(ref=ref, interval_s=3600.0)
+    follower = Follower(
+        (entry,), env.logs[-1], manager, _resolver(settings), FollowState(state_path(settings))
+    )
+    track = follower.tracks[0]
+    assert await follower.poll(track) == 3600.0
+    assert await follower.poll(track) == 3600.0  # refused: not pulled again
+    failed = _events(env, "plugin.follow.failed")
+    assert len(failed) == 1 and failed[0]["error_code"].startswith("signature_")
+    await manager.adopt_keyring(load_keyring(env.keys))
+    follower.keys_reloaded()  # what the SIGHUP hook does after the keys were re-read
+    assert track.wake.is_set()  # the waiting poll loop wakes at once, not in an hour
+    await follower.poll(track)
+    assert manager.get(PLUGIN_ID).version == "2.0.0"
+    assert len(_events(env, "plugin.follow.updated")) == 1
+
+
+async def test_the_poll_loop_wakes_for_new_keys(env: Env, make_manager: ManagerFactory) -> None:
+    """`follow` waits out its interval unless the keys change: then it polls at once."""
+    manager = await make_manager()
+    polled: list[float] = []
+
+    def resolve(ref: str) -> str:
+        polled.append(time.monotonic())  # in a worker thread
+        raise KeyError("not a registry")  # reported; the next poll waits the backoff
+
+    entry = OciFollow(ref="127.0.0.1:1/aisoc/x:1", interval_s=3600.0)
+    follower = Follower(
+        (entry,), env.logs[-1], manager, resolve, FollowState(env.tmp / "follow.json")
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower.follow, follower.tracks[0])
+        await anyio.sleep(0.2)
+        assert len(polled) == 1
+        follower.keys_reloaded()
+        await anyio.sleep(0.2)
+        assert len(polled) == 2  # woken, not an hour later
+        tg.cancel_scope.cancel()

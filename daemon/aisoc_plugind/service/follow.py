@@ -9,7 +9,9 @@ staging, reload, `.previous/`). The digest in use per ref is kept in
 A registry that cannot be reached (or answers with an error) gives `plugin.follow.failed`
 and the next poll waits twice as long each time, up to `BACKOFF_CAP_S`. A digest the daemon
 refused (unsigned, invalid, not a plugin...) gives `plugin.follow.failed` once and is not
-pulled again until the tag moves (or the daemon restarts); the current version serves on.
+pulled again until the tag moves, the daemon restarts or a SIGHUP re-reads the keys (a key
+added since may now verify it: every entry is polled again at once); the current version
+serves on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +136,7 @@ class _Track:
     entry: OciFollow
     failures: int = 0
     refused: str | None = None
+    wake: anyio.Event = field(default_factory=anyio.Event)
 
 
 class Follower:
@@ -152,13 +155,21 @@ class Follower:
         self.manager = manager
         self._resolve = resolve
         self.state = state
+        self.tracks = [_Track(entry) for entry in entries]
 
     async def run(self, ready: anyio.Event) -> None:
         """Once the daemon is ready (discovery done), follow every entry until cancelled."""
         await ready.wait()
         async with anyio.create_task_group() as tg:
-            for entry in self.entries:
-                tg.start_soon(self.follow, _Track(entry))
+            for track in self.tracks:
+                tg.start_soon(self.follow, track)
+
+    def keys_reloaded(self) -> None:
+        """Forget refused digests and poll every entry now: the keys changed (SIGHUP), so a
+        digest refused for its signature may verify now (a failing one fails again, once)."""
+        for track in self.tracks:
+            track.refused = None
+            track.wake.set()
 
     async def follow(self, track: _Track) -> None:
         """Poll one entry forever; a bug is reported as `plugin.follow.failed`, never fatal."""
@@ -167,7 +178,9 @@ class Follower:
                 delay = await self.poll(track)
             except Exception as exc:  # a bug must not end following; it is reported
                 delay = self._failed(track, "follow_internal_error", type(exc).__name__)
-            await anyio.sleep(delay)
+            with anyio.move_on_after(delay):
+                await track.wake.wait()
+            track.wake = anyio.Event()
 
     async def poll(self, track: _Track) -> float:
         """Resolve the tag once; install a new digest. Return the wait before the next poll."""
@@ -250,7 +263,7 @@ def follow_component(
 
 
 @asynccontextmanager
-async def _following(service: Service, manager: PluginManager) -> AsyncIterator[None]:
+async def _following(service: Service, manager: PluginManager) -> AsyncIterator[HangupHook | None]:
     settings = service.settings
     if not settings.oci_follow:
         yield None
@@ -262,10 +275,14 @@ async def _following(service: Service, manager: PluginManager) -> AsyncIterator[
         _resolver(settings),
         FollowState(state_path(settings)),
     )
+
+    async def hangup() -> None:
+        follower.keys_reloaded()
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(follower.run, service.ready)
         try:
-            yield None
+            yield hangup
         finally:
             tg.cancel_scope.cancel()
 
