@@ -8,6 +8,7 @@ dozens of them in `plugins.dir` is ready quickly and answers throughout.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -225,7 +226,9 @@ def test_yaml_oddities_are_coded_refusals(extra: str, code: str) -> None:
     [
         ('{"a": ' + "[" * 65 + "]" * 65 + "}", "manifest_too_deep"),
         ('{"a": [' + "1," * documents.MAX_NODES + "1]}", "manifest_too_large"),
-        ('{"n": ' + "9" * 5000 + "}", "manifest_bad_syntax"),
+        ('{"n": ' + "9" * 5000 + "}", "manifest_bad_field"),  # as in YAML: a value too big
+        ('{"n": -' + "9" * (documents.MAX_INT_DIGITS + 1) + "}", "manifest_bad_field"),
+        ('{"n": [1, 2, ' + "1" * (documents.MAX_INT_DIGITS + 1) + "]}", "manifest_bad_field"),
         ('{"n": NaN}', "manifest_bad_syntax"),
         ('{"n": -Infinity}', "manifest_bad_syntax"),
         ('{"a": 1, "a": 2}', "manifest_duplicate_key"),
@@ -249,6 +252,9 @@ def test_documents_within_the_bounds_load() -> None:
     assert len(wide.plain["x"]) == 4001
     big = manifest.parse((GOOD + "n: " + "9" * documents.MAX_INT_DIGITS + "\n").encode())
     assert big.as_json()["n"] > 0
+    as_json = {**manifest.parse(GOOD.encode()).as_json(), "n": 0}
+    text = json.dumps(as_json).replace('"n": 0', '"n": -' + "9" * documents.MAX_INT_DIGITS)
+    assert manifest.parse(text.encode(), "aisoc-plugin.json").as_json()["n"] < 0
     assert manifest.parse((GOOD + "s: !!str 12\ni: !!int '7'\n").encode()).plain["s"] == "12"
 
 

@@ -277,14 +277,27 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _json_int(text: str) -> int:
+    """Read a JSON integer; past MAX_INT_DIGITS digits it is the same problem as in YAML (a
+    field's value out of range, `manifest_bad_field`), not a syntax error."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _int_too_large()
+    return int(text)
+
+
 def _load_json(text: str) -> Any:
     try:
         value = json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            text,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+            parse_int=_json_int,
         )
     except _DuplicateKeyError as exc:
         raise _duplicate(exc, JSON_MANIFEST) from exc
-    except ValueError as exc:  # also an int of more than MAX_INT_DIGITS digits
+    except _Refused as exc:
+        raise _problem(exc.code, exc.message, JSON_MANIFEST) from exc
+    except ValueError as exc:
         raise _problem(
             "manifest_bad_syntax", f"JSON does not parse: {_one_line(exc)}", JSON_MANIFEST
         ) from exc
