@@ -10,16 +10,11 @@ its group may write, are preflight warnings. Links are followed only as kubelet 
 
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 
 import nacl.signing
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from aisoc_plugind.api.listen import tls_context
 from aisoc_plugind.api.tokens import PERMISSIONS
@@ -32,6 +27,7 @@ from tests.api_fixtures import write_tokens
 from tests.conftest import Env
 from tests.hardening.live import wait_exit
 from tests.live import free_port, run_daemon, write_config
+from tests.tls import self_signed
 
 NOBODY = 65534
 
@@ -40,31 +36,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user
 
 def _tls_pair(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for localhost and its key (0600)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "api.crt", directory / "api.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    return self_signed(directory)
 
 
 def _signing_key(directory: Path) -> Path:

@@ -8,7 +8,6 @@ runs a real daemon (paths moved into a temp dir) that the probes, as declared, a
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import importlib.resources
 import json
@@ -47,6 +46,7 @@ from tests.ops.deploy_files import (
 )
 from tests.ops.process import audit_events, running_daemon
 from tests.ops.shipped import CONTAINERFILE, HEALTHCHECK, KUBERNETES, render
+from tests.tls import self_signed
 
 # The Kubernetes version the manifests are validated for (kubernetes-validate's strict,
 # offline JSON schemas; the dev extra pins a release that ships them).
@@ -367,34 +367,7 @@ def test_configmap_config_is_accepted_by_the_daemon_parser() -> None:
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aisoc-plugind")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return self_signed(directory, common_name="aisoc-plugind", stem="tls")
 
 
 def _kubelet_secret_dir(directory: Path, files: dict[str, bytes]) -> None:
