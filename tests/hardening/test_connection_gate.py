@@ -488,3 +488,20 @@ async def test_a_unix_socket_counts_connections_per_uid(
         assert daemon.hangup is not None
     limited = _events(env, API_CONNECTIONS_LIMITED)
     assert limited[0]["peer"] == f"unix:uid={os.getuid()}"
+
+
+def test_every_request_handler_setting_is_one_aiohttp_knows() -> None:
+    """The handler settings are passed to aiohttp's RequestHandler by name (never read back
+    from its private attributes): a renamed parameter in an aiohttp upgrade fails here
+    instead of silently dropping a limit."""
+    import inspect
+
+    from aiohttp.web_protocol import RequestHandler
+
+    from aisoc_plugind.api.app import request_handler_args
+    from aisoc_plugind.config.settings import Settings
+
+    accepted = inspect.signature(RequestHandler.__init__).parameters
+    args = request_handler_args(Settings())
+    assert set(args) <= set(accepted), sorted(set(args) - set(accepted))
+    assert {"max_line_size", "max_field_size", "max_headers", "keepalive_timeout"} <= set(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from aiohttp import web
@@ -44,6 +45,7 @@ __all__ = [
     "build_app",
     "close_wait_s",
     "connection_gate",
+    "request_handler_args",
     "serve",
 ]
 
@@ -141,20 +143,12 @@ async def serve(
     if tokens.refused is not None:  # a tokens file that may not be trusted: do not start
         raise ConfigError(tokens.refused.message, code=tokens.refused.code)
     app = build_app(manager=manager, events=events, tokens=tokens, settings=settings, ready=ready)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=close_wait_s(settings),
-        keepalive_timeout=settings.api_keepalive_timeout_s,
-        lingering_time=LINGER_S,
-        max_line_size=MAX_LINE_BYTES,
-        max_field_size=MAX_LINE_BYTES,
-        max_headers=MAX_HEADERS,
-    )
+    handler_args = request_handler_args(settings)
+    runner = web.AppRunner(app, shutdown_timeout=close_wait_s(settings), **handler_args)
     await runner.setup()
     tokens.flag.attach(asyncio.get_running_loop())  # no stat() per request where inotify works
     try:
-        async with listening(runner, settings, app[STATE].gate) as addresses:
+        async with listening(runner, settings, app[STATE].gate, handler_args) as addresses:
             events.emit(
                 names.API_LISTENING,
                 listen=settings.api_listen,
@@ -171,6 +165,19 @@ async def serve(
         tokens.flag.close()
         with anyio.CancelScope(shield=True):  # a start cancelled midway still closes
             await _close(runner, drained)
+
+
+def request_handler_args(settings: Settings) -> dict[str, Any]:
+    """Return the settings of every connection's request handler (no access log: requests
+    are events; keep-alive and lingering times; request line and header limits)."""
+    return {
+        "access_log": None,
+        "keepalive_timeout": settings.api_keepalive_timeout_s,
+        "lingering_time": LINGER_S,
+        "max_line_size": MAX_LINE_BYTES,
+        "max_field_size": MAX_LINE_BYTES,
+        "max_headers": MAX_HEADERS,
+    }
 
 
 async def _close(runner: web.AppRunner, drained: Callable[[], Awaitable[None]] | None) -> None:

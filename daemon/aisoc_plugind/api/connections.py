@@ -36,7 +36,7 @@ import functools
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -410,10 +410,18 @@ MAX_LINE_BYTES = 8190
 MAX_HEADERS = 64
 
 
-def handler_factory(server: web.Server) -> Callable[[], asyncio.Protocol]:
-    """Return a factory of request handlers for `server` that answer parse errors as JSON."""
-    kwargs: dict[str, Any] = dict(getattr(server, "_kwargs", {}))  # the runner's handler_args
-    return functools.partial(JsonErrorsHandler, server, loop=asyncio.get_running_loop(), **kwargs)
+def handler_factory(
+    server: web.Server, handler_args: Mapping[str, Any]
+) -> Callable[[], asyncio.Protocol]:
+    """Return a factory of request handlers for `server` that answer parse errors as JSON.
+
+    `handler_args` are the request handler's settings (timeouts, line and header limits):
+    the same ones the runner was made with, passed here explicitly rather than read back
+    from aiohttp's private attributes, so an aiohttp upgrade cannot silently drop a limit.
+    """
+    return functools.partial(
+        JsonErrorsHandler, server, loop=asyncio.get_running_loop(), **handler_args
+    )
 
 
 class GuardedSite(web.BaseSite):
@@ -423,13 +431,14 @@ class GuardedSite(web.BaseSite):
     `port`.
     """
 
-    __slots__ = ("_gate", "_host", "_port", "_sock")
+    __slots__ = ("_gate", "_handler_args", "_host", "_port", "_sock")
 
     def __init__(
         self,
         runner: web.BaseRunner,
         gate: ConnectionGate,
         *,
+        handler_args: Mapping[str, Any],
         sock: socket.socket | None = None,
         host: str | None = None,
         port: int | None = None,
@@ -437,6 +446,7 @@ class GuardedSite(web.BaseSite):
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         self._gate = gate
+        self._handler_args = dict(handler_args)
         self._sock = sock
         self._host = host
         self._port = port
@@ -454,7 +464,9 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
-        factory = functools.partial(GuardedProtocol, self._gate, handler_factory(server))
+        factory = functools.partial(
+            GuardedProtocol, self._gate, handler_factory(server, self._handler_args)
+        )
         tls: dict[str, Any] = {}
         if self._ssl_context is not None:
             tls = {

@@ -10,9 +10,10 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -114,15 +115,20 @@ def _remove_socket(path: Path, ident: int) -> None:
 
 @asynccontextmanager
 async def listening(
-    runner: web.AppRunner, settings: Settings, gate: ConnectionGate
+    runner: web.AppRunner,
+    settings: Settings,
+    gate: ConnectionGate,
+    handler_args: Mapping[str, Any],
 ) -> AsyncIterator[list[str]]:
-    """Start listening on `api.listen`; yield the bound addresses; remove a unix socket after."""
+    """Start listening on `api.listen`; yield the bound addresses; remove a unix socket after.
+
+    `handler_args`: the request handler settings `runner` was made with."""
     address = settings.listen
     listen = address.text
     if address.unix_path is not None:
         path = Path(address.unix_path)
         sock = bind_unix(path)
-        await GuardedSite(runner, gate, sock=sock).start()
+        await GuardedSite(runner, gate, handler_args=handler_args, sock=sock).start()
         ident = os.stat(path).st_ino
         try:
             yield [listen]
@@ -130,7 +136,12 @@ async def listening(
             _remove_socket(path, ident)
         return
     site = GuardedSite(
-        runner, gate, host=address.host, port=address.port, ssl_context=tls_context(settings)
+        runner,
+        gate,
+        handler_args=handler_args,
+        host=address.host,
+        port=address.port,
+        ssl_context=tls_context(settings),
     )
     try:
         await site.start()
