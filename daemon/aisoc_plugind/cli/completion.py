@@ -16,7 +16,7 @@ import shlex
 from collections.abc import Iterator
 from typing import Any
 
-from aisoc_plugind.cli.tree import Command, say
+from aisoc_plugind.cli.tree import Command, add_command, say
 
 __all__ = ["SHELLS", "add_completion", "bash_script"]
 
@@ -132,18 +132,18 @@ def add_completion(sub: argparse._SubParsersAction[Any], root: argparse.Argument
         say(bash_script(root).rstrip("\n"))
         return 0
 
-    command = Command(
-        name="completion",
-        help="print a shell completion script",
-        run=run,
-        example=f"  {root.prog} completion bash > /etc/bash_completion.d/{root.prog}",
+    def arguments(child: argparse.ArgumentParser) -> None:
+        child.add_argument(
+            "shell", choices=SHELLS, help="the shell (only bash; zsh via bashcompinit)"
+        )
+
+    add_command(
+        sub,
+        Command(
+            name="completion",
+            help="print a shell completion script",
+            run=run,
+            arguments=arguments,
+            example=f"  {root.prog} completion bash > /etc/bash_completion.d/{root.prog}",
+        ),
     )
-    child = sub.add_parser(
-        command.name,
-        help=command.help,
-        description=command.help,
-        epilog=f"example:\n{command.example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    child.add_argument("shell", choices=SHELLS, help="the shell (only bash; zsh via bashcompinit)")
-    child.set_defaults(_command=command, _prog=child.prog, _parser=child)

@@ -24,7 +24,7 @@ from aisoc_plugind.cli.completion import add_completion
 from aisoc_plugind.cli.operator import OPERATOR_COMMANDS, common_options
 from aisoc_plugind.cli.plugind import DAEMON_COMMANDS
 from aisoc_plugind.cli.tokens import TOKEN_COMMANDS
-from aisoc_plugind.cli.tree import Parser, add_commands, run_parser
+from aisoc_plugind.cli.tree import Parser, add_command, add_commands, run_parser
 
 __all__ = ["aisoc_main", "aisoc_parser", "main", "plugind_parser", "run_aisoc", "run_plugind"]
 
@@ -53,15 +53,7 @@ def plugind_parser() -> Parser:
     )
     sub = parser.add_subparsers(dest="group", metavar="COMMAND", required=True, parser_class=Parser)
     for command in DAEMON_COMMANDS:
-        child = sub.add_parser(
-            command.name,
-            help=command.help,
-            description=command.help,
-            epilog=f"example:\n{command.example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        command.arguments(child)
-        child.set_defaults(_command=command, _prog=command.error_prefix, _parser=child)
+        add_command(sub, command)
     token = sub.add_parser(
         "token",
         help="create, list or revoke API tokens",

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from aisoc_plugind.errors import PluginDError
 
@@ -23,6 +23,7 @@ __all__ = [
     "CommandFailed",
     "Parser",
     "UsageError",
+    "add_command",
     "add_commands",
     "run_parser",
     "say",
@@ -86,21 +87,31 @@ def add_commands(
     """Add `commands` as the subcommands of `parser`; `common` adds shared options to each."""
     sub = parser.add_subparsers(dest=dest, metavar=metavar, required=True, parser_class=Parser)
     for command in commands:
-        epilog = f"example:\n{command.example}" if command.example else None
-        child = sub.add_parser(
-            command.name,
-            help=command.help,
-            description=command.help,
-            allow_abbrev=False,
-            epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        command.arguments(child)
-        if common is not None:
-            common(child)
-        child.set_defaults(
-            _command=command, _prog=command.error_prefix or child.prog, _parser=child
-        )
+        add_command(sub, command, common=common, allow_abbrev=False)
+
+
+def add_command(
+    sub: argparse._SubParsersAction[Any],
+    command: Command,
+    *,
+    common: Callable[[argparse.ArgumentParser], None] | None = None,
+    allow_abbrev: bool = True,
+) -> argparse.ArgumentParser:
+    """Add one leaf command to `sub` (help, example, arguments, what runs it); return it."""
+    epilog = f"example:\n{command.example}" if command.example else None
+    child: argparse.ArgumentParser = sub.add_parser(
+        command.name,
+        help=command.help,
+        description=command.help,
+        allow_abbrev=allow_abbrev,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.arguments(child)
+    if common is not None:
+        common(child)
+    child.set_defaults(_command=command, _prog=command.error_prefix or child.prog, _parser=child)
+    return child
 
 
 def run_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
