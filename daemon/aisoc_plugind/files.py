@@ -132,13 +132,19 @@ def read_trusted(path: Path, *, cap: int, links_within: Path | None = None) -> b
     then each link on the way must be owned by root or this user and lead inside
     `links_within`. Never blocks on a FIFO: it is refused by its type.
     """
-    target = path
-    if links_within is not None and is_link(path):
-        target = _follow_inside(path, links_within)
-    st = os.stat(target, follow_symlinks=False)
+    target, st = _trusted_target(path, links_within)
     if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
         raise FileRefused("not_regular", "is not a regular file")
     return read_regular(target, cap=cap, owner_only=True)
+
+
+def _trusted_target(path: Path, links_within: Path | None) -> tuple[Path, os.stat_result]:
+    """Return the file a trusted path stands for (links followed only inside
+    `links_within`, as kubelet lays them out) and its status (not following a link)."""
+    target = path
+    if links_within is not None and is_link(path):
+        target = _follow_inside(path, links_within)
+    return target, os.stat(target, follow_symlinks=False)
 
 
 def private_file_status(path: Path) -> os.stat_result:
@@ -150,8 +156,7 @@ def private_file_status(path: Path) -> os.stat_result:
     Raises FileNotFoundError, FileRefused (`symlink`, `not_regular`, `unsafe_mode`,
     `unsafe_owner`) or OSError.
     """
-    target = _follow_inside(path, path.parent) if is_link(path) else path
-    st = os.stat(target, follow_symlinks=False)
+    _, st = _trusted_target(path, path.parent)
     if not stat.S_ISREG(st.st_mode):
         raise FileRefused("not_regular", "is not a regular file")
     refused = trust_problem(st)

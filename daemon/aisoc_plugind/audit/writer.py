@@ -359,15 +359,7 @@ class AuditWriter:
 
     def _gap_record(self) -> dict[str, Any]:
         st = self._state
-        seqs = [r.seq for r in st.backlog if r.seq is not None]
-        doc: dict[str, Any] = {
-            "timestamp": _now(),
-            "event": names.AUDIT_GAP,
-            "level": "error",
-            "count": len(st.backlog),
-            "first_seq": min(seqs, default=None),
-            "last_seq": max(seqs, default=None),
-        }
+        doc = _gap_doc(len(st.backlog), [r.seq for r in st.backlog if r.seq is not None])
         if st.dropped:
             doc |= {
                 "dropped": st.dropped[2],
@@ -378,14 +370,7 @@ class AuditWriter:
 
     def _late_gap_record(self, records: list[Record]) -> dict[str, Any]:
         seqs = [r.seq for r in records if r.refused and r.audit and r.seq is not None]
-        return {
-            "timestamp": _now(),
-            "event": names.AUDIT_GAP,
-            "level": "error",
-            "count": len(seqs),
-            "first_seq": min(seqs, default=None),
-            "last_seq": max(seqs, default=None),
-        }
+        return _gap_doc(len(seqs), seqs)
 
     def _write(self, records: list[Record], *, sync: bool) -> None:
         st = self._state
@@ -561,6 +546,19 @@ class AuditWriter:
         self._file.close()
         if self._heads is not None:
             self._heads.close(sync=True)
+
+
+def _gap_doc(count: int, seqs: list[int]) -> dict[str, Any]:
+    """Return an `audit.gap` record: how many events were not written when they happened,
+    and the first and last `seq` among them."""
+    return {
+        "timestamp": _now(),
+        "event": names.AUDIT_GAP,
+        "level": "error",
+        "count": count,
+        "first_seq": min(seqs, default=None),
+        "last_seq": max(seqs, default=None),
+    }
 
 
 def _complete_lines(lines: list[_Line], written: int) -> int:
