@@ -27,6 +27,7 @@ from tests.api_fixtures import write_tokens
 from tests.conftest import Env
 from tests.hardening.live import wait_exit
 from tests.live import free_port, run_daemon, write_config
+from tests.mounts import kubelet_mount
 from tests.tls import self_signed
 
 NOBODY = 65534
@@ -105,17 +106,6 @@ def test_an_untrustworthy_tls_key_is_refused(env: Env, tmp_path: Path, kind: str
     assert str(key) in refused.value.message
 
 
-def _kubelet_secret(directory: Path, name: str, data: bytes, mode: int) -> Path:
-    """Lay a file out as kubelet mounts a Secret: name -> ..data/name -> ..<stamp>/name."""
-    stamp = directory / "..2026_11_26_12_00_00.000000001"
-    stamp.mkdir(parents=True)
-    (stamp / name).write_bytes(data)
-    (stamp / name).chmod(mode)
-    (directory / name).symlink_to(Path("..data") / name)
-    (directory / "..data").symlink_to(stamp.name)
-    return directory / name
-
-
 def test_keys_in_a_kubelet_secret_mount_are_used(env: Env, tmp_path: Path) -> None:
     """Links inside the Secret's directory are fine; a 0644 default mode only warns."""
     made = _tls_pair(tmp_path / "made")
@@ -123,10 +113,11 @@ def test_keys_in_a_kubelet_secret_mount_are_used(env: Env, tmp_path: Path) -> No
     tls_dir.mkdir()
     cert = tls_dir / "tls.crt"
     cert.write_bytes(made[0].read_bytes())
-    key = _kubelet_secret(tls_dir, "tls.key", made[1].read_bytes(), 0o644)
-    signing = _kubelet_secret(
-        audit_dir, "signing.pem", _signing_key(tmp_path / "k").read_bytes(), 0o600
-    )
+    kubelet_mount(tls_dir, {"tls.key": made[1].read_bytes()}, mode=0o644)
+    key = tls_dir / "tls.key"
+    signing_pem = _signing_key(tmp_path / "k").read_bytes()
+    kubelet_mount(audit_dir, {"signing.pem": signing_pem}, mode=0o600)
+    signing = audit_dir / "signing.pem"
     settings = _settings(env, api_tls_cert=cert, api_tls_key=key, audit_signing_key=signing)
     assert tls_context(settings) is not None
     assert log_options(settings).signing_key is not None
@@ -186,7 +177,8 @@ def test_a_config_file_its_group_may_write_is_a_warning(
 
 def test_a_config_file_in_a_kubelet_configmap_mount_loads(tmp_path: Path) -> None:
     """ConfigMaps are mounted 0644 root-owned behind `..data` links: fine."""
-    path = _kubelet_secret(tmp_path / "cm", "config.toml", b'[trust]\nmode = "warn"\n', 0o644)
+    kubelet_mount(tmp_path / "cm", {"config.toml": b'[trust]\nmode = "warn"\n'}, mode=0o644)
+    path = tmp_path / "cm" / "config.toml"
     assert load_settings(path, environ={}).trust_mode.value == "warn"
 
 

@@ -10,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -194,17 +194,6 @@ async def test_a_manager_closed_without_a_plan_takes_the_grace_at_most(
 
 
 # Held signals.
-
-
-@pytest.fixture
-def handlers() -> Iterator[None]:
-    """Put the test process's own handlers back, whatever a test did."""
-    saved = {int(s): signal.getsignal(s) for s in signals.HELD}
-    try:
-        yield
-    finally:
-        signals.restore(saved)  # the handlers, and "not held"
-        signals.take()
 
 
 def test_held_signals_are_recorded_and_replayed_in_order(handlers: None) -> None:

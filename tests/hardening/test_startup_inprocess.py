@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -19,16 +18,7 @@ from aisoc_plugind.service.instance import InstanceLock, lock_path
 from tests.api_fixtures import write_tokens
 from tests.conftest import Env
 
-
-@pytest.fixture(autouse=True)
-def handlers() -> Iterator[None]:
-    """Put the test process's own signal handlers back, whatever `run` did."""
-    saved = {int(s): signal.getsignal(s) for s in signals.HELD}
-    try:
-        yield
-    finally:
-        signals.restore(saved)  # the handlers, and "not held"
-        signals.take()
+pytestmark = pytest.mark.usefixtures("handlers")  # tests/hardening/conftest.py
 
 
 # The instance lock.

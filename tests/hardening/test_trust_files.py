@@ -30,22 +30,13 @@ from tests.api_fixtures import write_tokens
 from tests.conftest import VECTOR_PUB, Env, ManagerFactory, PluginFactory
 from tests.hardening.live import wait_exit, wait_ready
 from tests.live import live_daemon, wait_until
+from tests.mounts import kubelet_mount
 
 pytestmark = pytest.mark.timeout(120)
 
 NOBODY = 65534
 KEY = VECTOR_PUB.read_bytes()
 READY_S = 60.0
-
-
-def _kubelet(directory: Path, files: dict[str, bytes]) -> None:
-    """Lay files out as kubelet mounts a Secret: name -> ..data/name, ..data -> ..<stamp>."""
-    stamp = directory / "..2026_11_26_12_00_00.000000001"
-    stamp.mkdir(parents=True)
-    for name, data in files.items():
-        (stamp / name).write_bytes(data)
-        (directory / name).symlink_to(Path("..data") / name)
-    (directory / "..data").symlink_to(stamp.name)
 
 
 def _hostile_keys(keys: Path, outside: Path) -> dict[str, str]:
@@ -114,7 +105,7 @@ def test_keys_behind_kubelet_links_in_a_sticky_mount_are_trusted(
     tmp_path: Path, env: Env, plugins: PluginFactory, bare_keys: Path
 ) -> None:
     """A Secret mount (1777 root, key.pem -> ..data/key.pem -> ..<stamp>/key.pem): trusted."""
-    _kubelet(bare_keys, {"vector-signer.pem": KEY})
+    kubelet_mount(bare_keys, {"vector-signer.pem": KEY})
     bare_keys.chmod(0o1777)
     plugins.write("signed", plugin_id="acme.signed")
     with live_daemon(tmp_path / "d", plugins=env.plugins, keys=bare_keys, wait_ready=False) as d:
@@ -318,7 +309,7 @@ def test_read_trusted_refuses_what_may_not_carry_trust(trust_dir: Path, tmp_path
 def test_links_inside_the_directory_are_followed_and_checked(trust_dir: Path) -> None:
     """Relative and absolute links inside, through sticky or safe directories, are fine;
     loops, an unsafe directory on the way, or a file used as a directory are not."""
-    _kubelet(trust_dir, {"k.pem": KEY})
+    kubelet_mount(trust_dir, {"k.pem": KEY})
     assert read_trusted(trust_dir / "k.pem", cap=4096, links_within=trust_dir) == KEY
     (trust_dir / "abs.pem").symlink_to(trust_dir / "k.pem")
     assert read_trusted(trust_dir / "abs.pem", cap=4096, links_within=trust_dir) == KEY

@@ -31,6 +31,7 @@ import yaml
 
 from aisoc_plugind.config.settings import Settings, load_settings
 from tests.conftest import VECTOR_PUB, PluginFactory
+from tests.mounts import kubelet_mount
 from tests.oci_registry import free_port
 from tests.ops.deploy_files import (
     MANIFESTS,
@@ -370,16 +371,6 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return self_signed(directory, common_name="aisoc-plugind", stem="tls")
 
 
-def _kubelet_secret_dir(directory: Path, files: dict[str, bytes]) -> None:
-    """Lay files out as kubelet mounts a Secret: name -> ..data/name, ..data -> ..<timestamp>."""
-    stamp = directory / "..2026_11_26_12_00_00.000000001"
-    stamp.mkdir(parents=True)
-    for name, data in files.items():
-        (stamp / name).write_bytes(data)
-        (directory / name).symlink_to(Path("..data") / name)
-    (directory / "..data").symlink_to(stamp.name)
-
-
 @dataclass(frozen=True, slots=True)
 class K8sDaemon:
     """A daemon running the ConfigMap's config.toml with its paths moved into a temp dir."""
@@ -396,7 +387,7 @@ def k8s_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K8sDaemon]:
     etc.mkdir()
     plugins.mkdir()
     PluginFactory(plugins).write("staged")
-    _kubelet_secret_dir(keys, {"vector-signer.pem": VECTOR_PUB.read_bytes()})
+    kubelet_mount(keys, {"vector-signer.pem": VECTOR_PUB.read_bytes()})
     cert, key = _self_signed(etc)
     port, audit = free_port(), root / "log" / "audit.jsonl"
     config = root / "config.toml"
