@@ -26,11 +26,10 @@ from aisoc_plugind.errors import ConfigError
 from tests.api_fixtures import write_tokens
 from tests.conftest import Env
 from tests.hardening.live import wait_exit
+from tests.hardening.unsafe import NOBODY, spoil
 from tests.live import free_port, run_daemon, write_config
 from tests.mounts import kubelet_mount
 from tests.tls import self_signed
-
-NOBODY = 65534
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 
@@ -46,23 +45,6 @@ def _signing_key(directory: Path) -> Path:
     path.write_bytes(private_key_pem(nacl.signing.SigningKey.generate()))
     path.chmod(0o600)
     return path
-
-
-def _spoil(path: Path, kind: str, outside: Path) -> None:
-    """Make the file at `path` untrustworthy in the way `kind` names."""
-    if kind == "group-writable":
-        path.chmod(0o660)
-    elif kind == "world-writable":
-        path.chmod(0o606)
-    elif kind == "nobody":
-        os.chown(path, NOBODY, NOBODY)
-    elif kind == "link-outside":
-        outside.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(outside)
-        path.symlink_to(outside)
-    elif kind == "fifo":
-        path.unlink()
-        os.mkfifo(path, 0o600)
 
 
 KINDS = ["group-writable", "world-writable", "nobody", "link-outside", "fifo"]
@@ -85,7 +67,7 @@ def _settings(env: Env, **overrides: object) -> Settings:
 def test_an_untrustworthy_audit_signing_key_is_refused(env: Env, tmp_path: Path, kind: str) -> None:
     """Refused with `audit_signing_key_insecure` (a FIFO: `config_invalid`), never read."""
     key = _signing_key(tmp_path / "secrets")
-    _spoil(key, kind, tmp_path / "elsewhere" / "key.pem")
+    spoil(key, kind, tmp_path / "elsewhere" / "key.pem")
     with pytest.raises(ConfigError) as refused:
         log_options(_settings(env, audit_signing_key=key))
     expected = "config_invalid" if kind == "fifo" else "audit_signing_key_insecure"
@@ -98,7 +80,7 @@ def test_an_untrustworthy_audit_signing_key_is_refused(env: Env, tmp_path: Path,
 def test_an_untrustworthy_tls_key_is_refused(env: Env, tmp_path: Path, kind: str) -> None:
     """Refused with `tls_key_insecure` before anything listens (a FIFO never hangs it)."""
     cert, key = _tls_pair(tmp_path / "tls")
-    _spoil(key, kind, tmp_path / "elsewhere" / "api.key")
+    spoil(key, kind, tmp_path / "elsewhere" / "api.key")
     with pytest.raises(ConfigError) as refused:
         tls_context(_settings(env, api_tls_cert=cert, api_tls_key=key))
     expected = "config_invalid" if kind == "fifo" else "tls_key_insecure"

@@ -29,12 +29,12 @@ from aisoc_plugind.files import FileRefused, read_trusted
 from tests.api_fixtures import write_tokens
 from tests.conftest import VECTOR_PUB, Env, ManagerFactory, PluginFactory
 from tests.hardening.live import wait_exit, wait_ready
+from tests.hardening.unsafe import NOBODY, spoil
 from tests.live import live_daemon, wait_until
 from tests.mounts import kubelet_mount
 
 pytestmark = pytest.mark.timeout(120)
 
-NOBODY = 65534
 KEY = VECTOR_PUB.read_bytes()
 READY_S = 60.0
 
@@ -137,19 +137,9 @@ def test_an_unsafe_keys_dir_gives_no_key(
 
 
 def _unsafe_tokens(path: Path, kind: str) -> None:
-    if kind == "fifo":
-        os.mkfifo(path)
-        return
-    if kind == "directory":
-        path.mkdir()
-        return
-    write_tokens(path)
-    if kind == "group-writable":
-        path.chmod(0o660)
-    elif kind == "world-writable":
-        path.chmod(0o602)
-    elif kind == "nobody":
-        os.chown(path, NOBODY, NOBODY)
+    if kind not in ("fifo", "directory"):
+        write_tokens(path)
+    spoil(path, kind)
 
 
 TOKEN_KINDS = ["group-writable", "world-writable", "nobody", "fifo", "directory"]
