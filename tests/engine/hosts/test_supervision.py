@@ -262,7 +262,9 @@ def _alive(pid: int) -> bool:
 CRASH_AFTER_LOAD = textwrap.dedent(
     """
     import os, threading
-    threading.Timer(0.05, lambda: os._exit(9)).start()
+    # Long enough that the load is answered first even on a busy machine (a host that ends
+    # while loading is host_crashed, not the crash loop this test is about).
+    threading.Timer(0.5, lambda: os._exit(9)).start()
     class Plugin:
         def run(self, payload, context):
             return {}
