@@ -681,6 +681,8 @@ class _HostGroup:
                 f"host accepts at most {HEADER_CAP}",
                 code="plugin_config_invalid",
             ) from exc
+        except PluginRunError as exc:  # it ended between being ready and this send
+            raise _ended_while_loading(exc) from exc
         try:
             async with asyncio.timeout(timeout):
                 frame = await future
@@ -692,9 +694,7 @@ class _HostGroup:
                 code="plugin_load_timeout",
             ) from exc
         except PluginRunError as exc:
-            raise PluginLoadError(
-                f"the plugin host ended while loading the plugin ({exc.code})", code="host_crashed"
-            ) from exc
+            raise _ended_while_loading(exc) from exc
         if frame.kind is Kind.ERROR:
             raise PluginLoadError(_message(frame), code=_code(frame, "plugin_import_failed"))
         if frame.kind is not Kind.LOADED:
@@ -847,6 +847,14 @@ _RUN_CODES = frozenset(
 def _code(frame: Frame, default: str) -> str:
     code = frame.header.get("code")
     return code if isinstance(code, str) and code.isidentifier() and len(code) <= 64 else default
+
+
+def _ended_while_loading(exc: PluginRunError) -> PluginLoadError:
+    """A load cut by its host's end (before or after the frame went out): `host_crashed`,
+    which `load` tries once more, one load at a time, after the restart."""
+    return PluginLoadError(
+        f"the plugin host ended while loading the plugin ({exc.code})", code="host_crashed"
+    )
 
 
 def _message(frame: Frame) -> str:
