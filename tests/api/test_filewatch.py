@@ -20,6 +20,7 @@ from aisoc_plugind.api.tokens import TokenStore
 from tests.api_fixtures import write_tokens
 from tests.conftest import Env
 from tests.live import live_daemon
+from tests.mounts import kubelet_mount
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux only")
 
@@ -186,3 +187,114 @@ def test_a_live_daemon_refuses_a_revoked_token_on_the_very_next_request(
             capture_output=True,
         )
         assert daemon.request("GET", "/api/v1/plugins", token=token)[0] == 401
+
+
+async def test_writes_to_a_neighbour_do_not_raise_the_flag(flag: ChangeFlag) -> None:
+    """An audit file beside the tokens file is written on every request: its writes must not
+    make every request look at the tokens file again."""
+    neighbour = flag.path.with_name("audit.jsonl")
+    neighbour.touch()
+    await _settle()
+    assert flag.changed()  # a creation counts
+    with neighbour.open("a") as fh:
+        for n in range(50):
+            fh.write(f"line {n}\n")
+            fh.flush()
+    await _settle()
+    assert not flag.changed()
+    neighbour.with_name("plugin.state").write_text("rewritten")  # a write, then a close
+    await _settle()
+    assert flag.changed()  # its creation counts (it might become the file by a rename)
+    neighbour.with_name("plugin.state").write_text("again")
+    await _settle()
+    assert not flag.changed()
+    flag.path.write_text("the file itself")
+    await _settle()
+    assert flag.changed()
+    flag.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p: p.with_name("tokens.next").rename(p), id="neighbour renamed over"),
+        pytest.param(lambda p: os.link(p.with_name("tokens.next"), p.with_name("x")), id="linked"),
+        pytest.param(lambda p: p.with_name("tokens.next").unlink(), id="neighbour deleted"),
+        pytest.param(lambda p: os.chmod(p.with_name("tokens.next"), 0o600), id="neighbour chmod"),
+    ],
+)
+async def test_other_changes_in_the_directory_still_raise_it(
+    tmp_path: Path, change: object
+) -> None:
+    """Only writes are filtered by name: anything else in the directory errs towards looking."""
+    target = tmp_path / "tokens.toml"
+    target.write_text("x")
+    target.with_name("tokens.next").write_text("y")
+    watch = ChangeFlag(target)
+    assert watch.attach(asyncio.get_running_loop())
+    assert watch.changed()
+    await _settle()
+    assert not watch.changed()
+    assert callable(change)
+    change(target)
+    await _settle()
+    assert watch.changed()
+    watch.close()
+
+
+async def test_a_write_through_a_hard_link_raises_it(tmp_path: Path) -> None:
+    """inotify names the link a write went through: with other links every write counts."""
+    target = tmp_path / "tokens.toml"
+    target.write_text("x")
+    os.link(target, tmp_path / "alias.toml")
+    watch = ChangeFlag(target)
+    assert watch.attach(asyncio.get_running_loop())
+    assert watch.changed()
+    await _settle()
+    assert not watch.changed()
+    with (tmp_path / "alias.toml").open("a") as fh:
+        fh.write("revoked through the alias")
+    await _settle()
+    assert watch.changed()
+    watch.close()
+
+
+async def test_a_write_to_a_same_directory_link_target_raises_it(tmp_path: Path) -> None:
+    """tokens.toml -> tokens.v2 in the same directory: writes to tokens.v2 count."""
+    (tmp_path / "tokens.v2").write_text("x")
+    (tmp_path / "tokens.toml").symlink_to("tokens.v2")
+    watch = ChangeFlag(tmp_path / "tokens.toml")
+    assert watch.attach(asyncio.get_running_loop())
+    assert watch.changed()
+    (tmp_path / "audit.jsonl").write_text("noise")
+    await _settle()
+    assert watch.changed()  # the creation of audit.jsonl counts
+    with (tmp_path / "audit.jsonl").open("a") as fh:
+        fh.write("more noise")
+    await _settle()
+    assert not watch.changed()
+    (tmp_path / "tokens.v2").write_text("rotated")
+    await _settle()
+    assert watch.changed()
+    watch.close()
+
+
+async def test_a_kubelet_secret_swap_raises_it(tmp_path: Path) -> None:
+    """A kubelet projected secret: tokens.toml -> ..data/tokens.toml, ..data -> ..ts1; an
+    update writes ..ts2 and renames a new ..data link over the old one."""
+    secret = tmp_path / "secret"
+    kubelet_mount(secret, {"tokens.toml": b"a"})
+    watch = ChangeFlag(secret / "tokens.toml")
+    assert watch.attach(asyncio.get_running_loop())
+    assert watch.changed()
+    await _settle()
+    assert not watch.changed()
+    (secret / "..2026_11_27_00_00_00.000000002").mkdir()
+    (secret / "..2026_11_27_00_00_00.000000002" / "tokens.toml").write_bytes(b"b")
+    await _settle()
+    watch.changed()  # the new directory's creation may have raised it already
+    (secret / "..data_tmp").symlink_to("..2026_11_27_00_00_00.000000002")
+    os.replace(secret / "..data_tmp", secret / "..data")
+    await _settle()
+    assert watch.changed()
+    watch.close()

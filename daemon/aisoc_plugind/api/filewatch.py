@@ -3,7 +3,12 @@
 `ChangeFlag.changed()` answers True when the file may have changed since it was last asked
 (and then the caller looks: `stat()`, re-read). With inotify attached to the event loop, the
 directory holding the file (and, for a symlink, the directory of its target) is watched and
-any event in it raises the flag; the loop reads the events before it runs the handlers of the
+any event in it raises the flag, except writes to other files (a busy neighbour such as an
+audit file in the same directory would otherwise raise it on every write): a write counts only
+when it names the file or its symlink's target, or when the file has other hard links (a
+write through one of them is reported under that name: then every write counts). Creations,
+renames, deletions and attribute changes always count (that is how symlink swaps such as
+kubelet's `..data` show). The loop reads the events before it runs the handlers of the
 requests that arrived with them, so a change made before a request is seen by that request.
 Without inotify (another OS, no watch possible, the directory went away) every question is
 answered True: the caller stats as before. Either way a caller may also look on its own
@@ -53,6 +58,8 @@ _MASK = (
     | _IN_ONLYDIR
 )
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then `len` bytes of name)
+# Writes to a file: they count only when they name the watched file (or its target).
+_WRITES = _IN_MODIFY | _IN_CLOSE_WRITE
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -75,6 +82,8 @@ class ChangeFlag:
         self._libc: ctypes.CDLL | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: set[str] = set()
+        # Names whose writes count; None: every write counts (see the module docstring).
+        self._names: frozenset[bytes] | None = None
         self._dirty = True
 
     @property
@@ -123,8 +132,14 @@ class ChangeFlag:
         """Watch the file's directory and that of its resolved target; False on failure."""
         assert self._fd is not None
         wanted = {str(self.path.parent)}
+        names = {os.fsencode(self.path.name)}
+        linked = False
         with contextlib.suppress(OSError, RuntimeError):
-            wanted.add(str(self.path.resolve().parent))
+            target = self.path.resolve()
+            wanted.add(str(target.parent))
+            names.add(os.fsencode(target.name))
+            linked = os.stat(target).st_nlink > 1  # a write through another link: its name
+        self._names = None if linked else frozenset(names)
         for directory in wanted - self._watched:
             if libc.inotify_add_watch(self._fd, os.fsencode(directory), _MASK) < 0:
                 return False
@@ -132,11 +147,13 @@ class ChangeFlag:
         return True
 
     def _drain(self) -> None:
-        """Read every queued event (the loop's reader callback); any event raises the flag."""
+        """Read every queued event (the loop's reader callback); an event that may concern
+        the file raises the flag (see the module docstring)."""
         fd = self._fd
         if fd is None:
             return
-        lost = False
+        lost = raised = False
+        names = self._names
         while True:
             try:
                 data = os.read(fd, 64 * 1024)
@@ -147,16 +164,28 @@ class ChangeFlag:
                 break
             if not data:
                 break
-            self._dirty = True
-            offset = 0
-            while offset + _EVENT.size <= len(data):
-                _, mask, _, size = _EVENT.unpack_from(data, offset)
-                offset += _EVENT.size + size
-                # A watched directory is gone (or events were lost): watch nothing, answer
-                # True to every question from now on.
-                lost = lost or bool(mask & (_IN_IGNORED | _IN_Q_OVERFLOW | _IN_DELETE_SELF))
+            concern, gone = _read_events(data, names)
+            raised, lost = raised or concern, lost or gone
         if lost:
-            self._dirty = True
+            raised = True
             self.close()
-        if self._dirty and self._on_change is not None:
-            self._on_change()
+        if raised:
+            self._dirty = True
+            if self._on_change is not None:
+                self._on_change()
+
+
+def _read_events(data: bytes, names: frozenset[bytes] | None) -> tuple[bool, bool]:
+    """Return (whether an event may concern the file, whether the watch is lost) for a read
+    of inotify events. Writes count only under `names` (None: all count); a watched
+    directory gone or events lost means the watch is lost."""
+    concern = lost = False
+    offset = 0
+    while offset + _EVENT.size <= len(data):
+        _, mask, _, size = _EVENT.unpack_from(data, offset)
+        start = offset + _EVENT.size
+        offset = start + size
+        if mask & ~_WRITES or names is None or data[start:offset].rstrip(b"\0") in names:
+            concern = True
+        lost = lost or bool(mask & (_IN_IGNORED | _IN_Q_OVERFLOW | _IN_DELETE_SELF))
+    return concern, lost
