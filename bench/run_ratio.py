@@ -1,7 +1,7 @@
 """POST /run with auth, audit line and metrics, against a bare aiohttp JSON handler, same run.
 
     .venv/bin/python bench/run_ratio.py [--isolation process|none] [--seconds 10]
-        [--connections 32] [--rounds 3] [--no-docs]
+        [--slice 2] [--connections 32] [--rounds 3] [--no-docs]
 
 Two servers run as their own processes on 127.0.0.1, one event loop each:
 
@@ -14,8 +14,11 @@ Two servers run as their own processes on 127.0.0.1, one event loop each:
 - bare: an aiohttp application with one POST route that parses the JSON body and answers
   a JSON object (`request.json()` and `web.json_response()`), nothing else.
 
-wrk (Debian package `wrk`) drives each for `--seconds` with `--connections` keep-alive
-connections and one thread, alternating, `--rounds` times; the medians are compared. Only
+wrk (Debian package `wrk`) drives each for `--seconds` per round with `--connections`
+keep-alive connections and one thread, in alternating slices of `--slice` seconds (this VM's
+speed drifts over seconds: short alternating slices expose both servers to the same drift),
+`--rounds` times; a round's figure is the mean over its slices, and the medians of the
+rounds are compared. Only
 127.0.0.1 is contacted; both servers are stopped by their PIDs. Results go to stdout and to
 the run-ratio section of docs/benchmarks.md for that isolation mode.
 """
@@ -187,10 +190,34 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _round(
+    i: int, args: argparse.Namespace, lua: Path, token: str, urls: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """One round: `args.seconds` per server in alternating slices; the mean req/s, the
+    median p50 and p99 over the slices, the non-2xx answers summed."""
+    step = max(1, min(args.slice, args.seconds))
+    slices: dict[str, list[dict[str, Any]]] = {"ours": [], "bare": []}
+    order = ["ours", "bare"]
+    for n in range(max(1, args.seconds // step)):
+        for who in order if (i + n) % 2 == 0 else order[::-1]:
+            slices[who].append(wrk(urls[who], lua, step, args.connections, token))
+    return {
+        who: {
+            "rps": statistics.fmean(s["rps"] for s in runs),
+            "non_2xx": sum(s["non_2xx"] for s in runs),
+            "p50": statistics.median(s["p50"] for s in runs),
+            "p99": statistics.median(s["p99"] for s in runs),
+        }
+        for who, runs in slices.items()
+    }
+
+
 def render(rounds: list[dict[str, Any]], args: argparse.Namespace, audit_lines: int) -> str:
     ours = statistics.median(r["ours"]["rps"] for r in rounds)
     bare = statistics.median(r["bare"]["rps"] for r in rounds)
-    ratio = ours / bare
+    # Each round's ratio compares the two servers under the same conditions: the median of
+    # those, not the ratio of medians taken from different rounds.
+    ratio = statistics.median(r["ours"]["rps"] / r["bare"]["rps"] for r in rounds)
     target, _ = TARGETS[args.isolation]
     begin, end = markers("run_ratio", args.isolation)
     mode = "in-process mode" if args.isolation == "none" else "through a plugin host process"
@@ -211,7 +238,8 @@ def render(rounds: list[dict[str, Any]], args: argparse.Namespace, audit_lines: 
             "before the answer, metrics counted, an async plugin shaped like the example",
             "enricher. Bare: one aiohttp route that parses the JSON body and answers JSON.",
             f"wrk, {args.connections} keep-alive connections, one thread, {args.seconds} s per",
-            "server per round, alternating. See bench/run_ratio.py.",
+            f"server per round in alternating {args.slice} s slices (p50 / p99: median over",
+            "the slices). See bench/run_ratio.py.",
             "",
             f"Command: `.venv/bin/python bench/run_ratio.py {' '.join(sys.argv[1:])}`".rstrip(),
             f"Date: {today}; machine: {os.cpu_count()} CPUs ({platform.machine()}), "
@@ -233,6 +261,7 @@ def render(rounds: list[dict[str, Any]], args: argparse.Namespace, audit_lines: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--slice", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--isolation", choices=sorted(TARGETS), default="process")
@@ -263,11 +292,7 @@ def main() -> int:
             wrk(ours_url, lua, 2, args.connections, token)  # warm up both
             wrk(bare_url, lua, 2, args.connections, token)
             for i in range(args.rounds):
-                order = [("ours", ours_url), ("bare", bare_url)]
-                result = {
-                    who: wrk(url, lua, args.seconds, args.connections, token)
-                    for who, url in (order if i % 2 == 0 else order[::-1])
-                }
+                result = _round(i, args, lua, token, {"ours": ours_url, "bare": bare_url})
                 if result["ours"]["non_2xx"] or result["bare"]["non_2xx"]:
                     print(f"error: non-2xx answers: {json.dumps(result)}", file=sys.stderr)
                     return 1
