@@ -57,7 +57,25 @@ FAULTY = textwrap.dedent(
                 kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
                         for _ in range(5)]
                 return {"pids": [k.pid for k in kids]}
+            if what == "escape":  # daemonize: new session, double fork, the middle one exits
+                import subprocess
+                out = subprocess.run([sys.executable, "-c", ESCAPE], capture_output=True,
+                                     text=True, timeout=30)
+                return {"pids": [int(p) for p in out.stdout.split()]}
             return {"ok": True, "pid": os.getpid()}
+    ESCAPE = '''
+    import os, sys, time
+    if os.fork() == 0:
+        os.setsid()
+        for _ in range(2):
+            if os.fork() == 0:
+                print(os.getpid(), flush=True)
+                os.close(1); os.close(2)
+                os.fork()  # each starts one more process of its own
+                time.sleep(600)
+        os._exit(0)
+    os.wait()
+    '''
     """
 )
 
@@ -249,6 +267,43 @@ async def test_what_a_plugin_starts_ends_with_its_host(
     with pytest.raises(PluginDError):
         await manager.run("test.faulty", {"do": "exit"})
     await _until(lambda: not any(_alive(p) for p in pids))
+
+
+async def test_what_a_plugin_daemonizes_ends_with_its_host(
+    env: Env, plugins: PluginFactory, make_manager: ManagerFactory
+) -> None:
+    """A plugin's child that leaves the host's session and process group (setsid, double
+    fork: a daemon) is adopted by the host, then by the zygote when the host ends, and ended
+    there with everything it started in the meantime."""
+    manager = await _manager(make_manager, plugins, isolation_allow_subprocesses=True)
+    pids = (await manager.run("test.faulty", {"do": "escape"})).result["pids"]
+    assert len(pids) == 2 and all(_alive(p) for p in pids)
+    host = (await manager.run("test.faulty", {})).result["pid"]
+    assert all(_parent(p) == host for p in pids)  # adopted by the host, not by init
+    family = await _until(
+        lambda: (f := pids + [c for p in pids for c in _children_of(p)])[3:] and f
+    )
+    assert len(family) == 4
+    with pytest.raises(PluginDError):
+        await manager.run("test.faulty", {"do": "exit"})
+    await _until(lambda: not any(_alive(p) for p in family))
+    assert (await manager.run("test.faulty", {})).result["ok"]  # restarted
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _parent(int(entry.name)) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
 
 
 def _alive(pid: int) -> bool:

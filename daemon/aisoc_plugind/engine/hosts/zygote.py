@@ -7,9 +7,15 @@ non-dumpable; freezes its objects for the garbage collector so that forks share 
 then waits for requests. A `spawn` request carries the host's end of a socketpair as
 SCM_RIGHTS and the host's sandbox inputs. The zygote forks; the child starts its own session,
 applies the sandbox (`engine.hosts.sandbox`) and serves (`engine.hosts.runtime`); the zygote
-answers `spawned` with the pid, reaps its children and reports each as `exited` with its
+answers `spawned` with the pid, reaps its children and reports each host as `exited` with its
 status. It has no threads (the sandbox needs a single-threaded process to fork from).
 Messages are JSON objects, one per packet.
+
+What a host starts (only with `isolation.allow_subprocesses`) ends with it, even when it left
+the host's process group: the zygote and every host are child subreapers, so a process
+orphaned inside a host's tree is adopted by that host while it lives and by the zygote once
+it has ended; the zygote kills every child that is not a live host (`_sweep`) each time it
+reaps one, and all of them when the supervisor goes away.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class _Zygote:
         self.control = control
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.python_paths = sandbox.interpreter_paths()
+        self.hosts: set[int] = set()  # live hosts; any other child is an orphan to end
 
     def run(self) -> int:
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -82,6 +89,7 @@ class _Zygote:
             if control in readable:
                 message, fds = receive(self.control)
                 if message is None:
+                    self._sweep(everything=True)
                     return 0  # the supervisor is gone
                 self.handle(message, fds)
 
@@ -98,6 +106,10 @@ class _Zygote:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(info.si_pid, signal.SIGKILL)
             pid, status = os.waitpid(info.si_pid, 0)
+            self._sweep()  # what the host left behind in other groups was adopted by us
+            if pid not in self.hosts:
+                continue  # an orphan that was adopted and ended: nobody waits for it
+            self.hosts.discard(pid)
             report: dict[str, Any] = {"op": "exited", "pid": pid}
             if os.WIFSIGNALED(status):
                 report["signal"] = os.WTERMSIG(status)
@@ -124,8 +136,18 @@ class _Zygote:
                 code = self.become_host(fds[0], message)
             finally:
                 os._exit(code)
+        self.hosts.add(pid)
         os.close(fds[0])
         send(self.control, {"op": "spawned", "token": token, "pid": pid})
+
+    def _sweep(self, *, everything: bool = False) -> None:
+        """SIGKILL every child that is not a live host (all of them with `everything`): a
+        child of ours that we did not fork is an orphan from a host that ended. Reaped
+        when it ends, and whatever it started is then adopted and swept in turn."""
+        for pid in _children(os.getpid()):
+            if everything or pid not in self.hosts:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
     def become_host(self, fd: int, message: dict[str, Any]) -> int:
         signal.set_wakeup_fd(-1)
@@ -134,6 +156,7 @@ class _Zygote:
         os.close(self.wake_w)
         self.control.close()
         os.setsid()  # its own process group: the supervisor can end everything it started
+        _subreaper()  # and what leaves the group is adopted here, then by the zygote
         sock = socket.socket(fileno=fd)
         spec_input: dict[str, Any] = message["sandbox"]
         try:
@@ -163,6 +186,33 @@ class _Zygote:
         return runtime.serve(sock, options, {"sandbox": report.to_json()})
 
 
+def _children(parent: int) -> list[int]:
+    """Return the pids whose parent is `parent` (from /proc; those that vanish are skipped)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == parent:
+            found.append(int(entry.name))
+    return found
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _subreaper() -> None:
+    """Adopt this process's orphaned descendants (prctl PR_SET_CHILD_SUBREAPER)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
 def _hello_failure(code: str, message: str) -> bytes:
     from aisoc_plugind.engine.hosts.protocol import Kind, encode
 
@@ -183,6 +233,7 @@ def _arm_parent_death(parent: int) -> None:
     libc.mallopt(_M_ARENA_MAX, HOST_MALLOC_ARENAS)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: hosts cannot ptrace or read our memory
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of ended hosts come here
     if os.getppid() != parent:
         sys.exit(1)
 
