@@ -277,3 +277,58 @@ async def test_a_discovery_through_workers_equals_one_without(
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][0] and outcomes[0][1]  # some loaded, some failed
     assert len(from_workers) == POOL_MIN + 9  # the first discovery was scanned by workers
+
+
+@pytest.mark.parametrize("workers", [2, 0], ids=["in workers", "here"])
+async def test_the_scan_makes_the_state_directories_of_admitted_plugins_only(
+    env: Env, plugins: PluginFactory, tmp_path: Path, workers: int
+) -> None:
+    """For process isolation the scan makes each admitted version's `state_dir/<id>/` (0700)
+    as it goes, in the workers and here, so the host's start does not make them all at
+    once; a refused, invalid or broken directory gets none."""
+    paths = _variety(plugins, POOL_MIN + 33)
+    state = tmp_path / "state"
+    out: list[Scanned] = []
+    pool = ScanPool(workers, help_locally=False)
+    async with pool.session(
+        paths, TrustMode.STRICT, _keys(env), compile_code=True, state_root=state
+    ) as session:
+        while (chunk := await session.next_chunk()) is not None:
+            out.extend(chunk)
+        by_workers = session.scanned_by_workers
+    assert (by_workers > 0) == (workers > 0)
+    allowed = {i.manifest.id for i in out if i.manifest and i.decision and i.decision.allowed}
+    refused = {i.manifest.id for i in out if i.manifest and i.decision and not i.decision.allowed}
+    assert allowed and refused
+    assert {p.name for p in state.iterdir()} == allowed
+    assert all((state / i).stat().st_mode & 0o777 == 0o700 for i in allowed)
+
+
+def test_no_state_root_means_no_state_directories(
+    env: Env, plugins: PluginFactory, tmp_path: Path
+) -> None:
+    """In-process mode asks for none: the scan writes nothing."""
+    paths = _variety(plugins, 7)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    scan_here(paths, TrustMode.STRICT, _keys(env), True)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("plugin_id", ["", ".", "..", "../escape", "a/b", "nul\0id"])
+def test_a_state_directory_is_never_made_outside_the_root(tmp_path: Path, plugin_id: str) -> None:
+    """The id comes from a checked manifest; even so, no id reaches outside the root."""
+    from aisoc_plugind.engine.scan import make_state_dir
+
+    root = tmp_path / "state"
+    root.mkdir()
+    make_state_dir(root, plugin_id)
+    assert list(root.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_a_state_directory_that_cannot_be_made_is_left_to_the_host(tmp_path: Path) -> None:
+    """A root that is a file: no error here (the host's start reports it)."""
+    from aisoc_plugind.engine.scan import make_state_dir
+
+    (tmp_path / "state").write_text("not a directory")
+    make_state_dir(tmp_path / "state", "acme.geoip")
+    assert (tmp_path / "state").read_text() == "not a directory"

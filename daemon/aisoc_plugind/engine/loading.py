@@ -60,14 +60,23 @@ class Preparer:
     async def scan(self, path: Path) -> Scanned:
         """Read, parse, check the signature of (and, in process, compile) one directory."""
         found = await anyio.to_thread.run_sync(
-            scan_here, [path], self.trust.mode, self.trust.keys, self.host.wants_code
+            scan_here,
+            [path],
+            self.trust.mode,
+            self.trust.keys,
+            self.host.wants_code,
+            self.host.state_root,
         )
         return found[0]
 
     def session(self, paths: Sequence[Path]) -> AbstractAsyncContextManager[Session]:
         """Scan many directories (worker processes when there are many); see ScanPool."""
         return self.pool.session(
-            paths, self.trust.mode, self.trust.keys, compile_code=self.host.wants_code
+            paths,
+            self.trust.mode,
+            self.trust.keys,
+            compile_code=self.host.wants_code,
+            state_root=self.host.state_root,
         )
 
     def admit(self, scanned: Scanned, caller: Caller) -> LoadRequest:

@@ -15,6 +15,7 @@ disk: what runs is still exactly what the signature covers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import marshal
 import os
@@ -88,8 +89,13 @@ def scan(
     keys: Mapping[str, nacl.signing.VerifyKey],
     *,
     compile_code: bool,
+    state_root: Path | None = None,
 ) -> Scanned:
-    """Scan one plugin directory (blocking: call it from a worker thread or process)."""
+    """Scan one plugin directory (blocking: call it from a worker thread or process).
+
+    With `state_root`, an admitted version's state directory `<state_root>/<id>/` is made
+    here (mode 0700) when missing, so that a plugin host can start without making them all
+    at once; failing to make it is left to the host's start, which reports it."""
     try:
         bundle = read_bundle(path)
     except OSError as exc:  # e.g. a subdirectory that cannot be listed
@@ -108,6 +114,8 @@ def scan(
     digest = digest_of(manifest.plain, bundle.sources)
     decision = decide(digest=digest, signature_file=bundle.signature, keys=keys, mode=mode)
     code = compile_sources(bundle) if compile_code and decision.allowed else None
+    if state_root is not None and decision.allowed:
+        make_state_dir(state_root, manifest.id)
     return Scanned(
         path=path,
         bundle=bundle,
@@ -117,6 +125,14 @@ def scan(
         # A refused version never loads: its (hostile, maybe costly) schema is not checked.
         schema_checked=decision.allowed and schema_valid(manifest.plain.get("config_schema")),
     )
+
+
+def make_state_dir(state_root: Path, plugin_id: str) -> None:
+    """Make `<state_root>/<plugin_id>/` (0700) unless it exists; errors are ignored here."""
+    if not plugin_id or plugin_id in (".", "..") or "/" in plugin_id or "\0" in plugin_id:
+        return  # never a valid id (the manifest check refuses these): nothing outside
+    with contextlib.suppress(OSError):
+        os.makedirs(state_root / plugin_id, mode=0o700, exist_ok=True)
 
 
 def compile_sources(bundle: Bundle) -> dict[str, CodeType]:
@@ -227,7 +243,8 @@ def worker_main() -> int:
     """Answer scan requests on stdin with results on stdout until stdin closes.
 
     First message out: `{"magic": MAGIC, "pid": ...}`. Each request: `{"job": n, "paths":
-    [...], "mode": ..., "keys": {id: raw key}, "compile": bool}`; each answer: `{"job": n,
+    [...], "mode": ..., "keys": {id: raw key}, "compile": bool, "state_root": path or
+    None}`; each answer: `{"job": n,
     "items": [to_wire(...), ...]}` in the order of the paths. Nothing here runs plugin code.
     """
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -245,10 +262,18 @@ def worker_main() -> int:
             raw_keys = request["keys"]
             keys = {k: nacl.signing.VerifyKey(v) for k, v in request["keys"].items()}
         mode = TrustMode(request["mode"])
+        root = request.get("state_root")
+        state_root = Path(root) if isinstance(root, str) else None
         items = []
         for path in request["paths"]:
             try:
-                found = scan(Path(path), mode, keys, compile_code=request["compile"])
+                found = scan(
+                    Path(path),
+                    mode,
+                    keys,
+                    compile_code=request["compile"],
+                    state_root=state_root,
+                )
             except Exception as exc:  # a bug here fails that directory, never the worker
                 found = Scanned(
                     path=Path(path),

@@ -59,6 +59,7 @@ class Session:
     mode: TrustMode
     keys: Mapping[str, nacl.signing.VerifyKey]
     compile_code: bool
+    state_root: Path | None = None  # where to make admitted plugins' state directories
     chunks: list[list[Path]] = field(init=False)
     todo: deque[int] = field(init=False)
     results: dict[int, list[Scanned]] = field(default_factory=dict)
@@ -132,9 +133,13 @@ class ScanPool:
         keys: Mapping[str, nacl.signing.VerifyKey],
         *,
         compile_code: bool,
+        state_root: Path | None = None,
     ) -> AsyncIterator[Session]:
-        """Scan `paths`; the session's `next_chunk()` gives the results in order."""
-        session = Session(paths=paths, mode=mode, keys=keys, compile_code=compile_code)
+        """Scan `paths`; the session's `next_chunk()` gives the results in order (see
+        `scan.scan` for `state_root`)."""
+        session = Session(
+            paths=paths, mode=mode, keys=keys, compile_code=compile_code, state_root=state_root
+        )
         async with anyio.create_task_group() as tasks:
             workers = self.workers if self.command and len(paths) >= POOL_MIN else 0
             session.workers_alive = workers
@@ -210,6 +215,7 @@ async def _serve(
                 "mode": session.mode.value,
                 "keys": raw_keys,
                 "compile": session.compile_code,
+                "state_root": None if session.state_root is None else str(session.state_root),
             }
             await process.stdin.send(frame(request))
         if not inflight:
@@ -242,6 +248,7 @@ async def _local(session: Session, while_starting: bool) -> None:
                 session.mode,
                 session.keys,
                 session.compile_code,
+                session.state_root,
                 abandon_on_cancel=True,
             )
         except BaseException:
@@ -255,12 +262,13 @@ def scan_here(
     mode: TrustMode,
     keys: Mapping[str, nacl.signing.VerifyKey],
     compile_code: bool,
+    state_root: Path | None = None,
 ) -> list[Scanned]:
 
     out = []
     for path in paths:
         try:
-            out.append(scan(path, mode, keys, compile_code=compile_code))
+            out.append(scan(path, mode, keys, compile_code=compile_code, state_root=state_root))
         except Exception as exc:  # a bug fails that directory, never the scan
             error = PluginLoadError(
                 f"scanning failed unexpectedly ({type(exc).__name__})", code="plugin_load_error"

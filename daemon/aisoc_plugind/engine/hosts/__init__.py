@@ -90,6 +90,11 @@ class PluginHost(Protocol):
     def loads_together(self) -> bool:
         """Return True when one `load_many` of a whole discovery beats one per scan chunk."""
 
+    @property
+    def state_root(self) -> Path | None:
+        """Return where each admitted plugin's state directory (`<root>/<id>/`) must exist
+        before the plugin loads, for the scan to make them ahead (None: not needed)."""
+
     def warm_up(self) -> None:
         """Start, in the background, what the first load will need (call on the event loop;
         a failure shows at that load)."""

@@ -226,6 +226,11 @@ class InProcessHost:
         """Return False: loading chunk by chunk lets scanning and importing overlap."""
         return False
 
+    @property
+    def state_root(self) -> None:
+        """Return None: plugins in this process get no state directory of their own."""
+        return None
+
     def warm_up(self) -> None:
         """Do nothing: plugins load in this process."""
 
