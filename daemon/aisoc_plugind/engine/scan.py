@@ -44,6 +44,7 @@ __all__ = [
     "compile_sources",
     "frame",
     "from_wire",
+    "make_state_dir",
     "scan",
     "to_wire",
     "unframe",
