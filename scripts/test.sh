@@ -60,6 +60,9 @@ run_pytest .venv/bin/python -m pytest -n "$WORKERS" --cov=aisoc_plugind \
 
 # The same suite on every other CPython >= 3.11 on this machine, and once more with every
 # runtime dependency at its declared floor (scripts/floors.py): a floor is a tested version.
+# These runs leave out the tests marked `slow` (long end-to-end scenarios: hostile deploys
+# through the watcher, the sdist's own suite, fuzzing, generated plugin projects; the main
+# run above has them) to keep the whole command within CI's time.
 # AISOC_TEST_MATRIX=0 skips both (a quick local run); CI always runs them.
 if [ "${AISOC_TEST_MATRIX:-1}" = 0 ] && [ "${CI:-}" != true ]; then
     echo "== skipped: other interpreters and dependency floors (AISOC_TEST_MATRIX=0)"
@@ -82,11 +85,13 @@ for candidate in python3.11 python3.12 python3.13 python3.14 python3.15 \
     seen[$version]=1
     echo "== pytest (Python $version: $python)"
     matrix_venv ".venv-py$version" "$python"
-    run_pytest ".venv-py$version/bin/python" -m pytest -q -n "$WORKERS" -p no:cacheprovider "$@"
+    run_pytest ".venv-py$version/bin/python" -m pytest -q -n "$WORKERS" -m "not slow" \
+        -p no:cacheprovider "$@"
 done
 echo "== pytest (Python $main_version, runtime dependencies at their floors)"
 .venv/bin/python scripts/floors.py > .venv/floors.txt
 matrix_venv .venv-floors "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" \
     -c .venv/floors.txt
 .venv-floors/bin/python -m pip list --format=freeze | grep -i -F -f <(cut -d= -f1 .venv/floors.txt)
-run_pytest .venv-floors/bin/python -m pytest -q -n "$WORKERS" -p no:cacheprovider "$@"
+run_pytest .venv-floors/bin/python -m pytest -q -n "$WORKERS" -m "not slow" -p no:cacheprovider \
+    "$@"

@@ -25,6 +25,10 @@ from aisoc_plugind.engine.keyring import load_keyring
 from aisoc_plugind.engine.manager import PluginManager
 from aisoc_plugind.service.wiring import make_manager
 
+# Long end-to-end scenarios: the main test run has them; the interpreter and
+# dependency-floor runs of scripts/test.sh skip them (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 TYPES = sorted(PLUGIN_TYPES)
 
 

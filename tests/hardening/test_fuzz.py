@@ -25,7 +25,8 @@ from aisoc_plugind.errors import ManifestError
 from tests.api_fixtures import ECHO_ID, api_in_thread
 from tests.conftest import Env, PluginFactory
 
-pytestmark = pytest.mark.timeout(120)
+# Slow: the main test run has it; the interpreter and dependency-floor runs skip it.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 BOUND_S = 3.0  # one parse of at most 64 KiB; it takes milliseconds
 

@@ -24,6 +24,10 @@ import pytest
 from tests.conftest import VECTOR_PUB, PluginFactory
 from tests.live import LiveDaemon, live_daemon, wait_until
 
+# Long end-to-end scenarios: the main test run has them; the interpreter and
+# dependency-floor runs of scripts/test.sh skip them (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 DEBOUNCE_MS = 500
 QUIET_S = 1.0  # after the awaited event: long enough for a second (unwanted) reload to show
 FAILURES = ("plugin.load.failed", "plugin.reload.failed", "watcher.error")

@@ -114,6 +114,7 @@ def test_the_sdist_carries_service_files_docs_examples_and_tests(sdist: Path) ->
     assert "License-Expression: Apache-2.0" in pkg_info
 
 
+@pytest.mark.slow
 def test_the_test_suite_runs_from_the_unpacked_sdist(sdist: Path, tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path, filter="data")

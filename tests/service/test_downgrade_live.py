@@ -20,6 +20,10 @@ import pytest
 from tests.conftest import VECTOR_PUB, PluginFactory
 from tests.live import LiveDaemon, live_daemon
 
+# Long end-to-end scenarios: the main test run has them; the interpreter and
+# dependency-floor runs of scripts/test.sh skip them (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 PLUGIN = "test.a"
 
 

@@ -22,6 +22,10 @@ from aisoc_plugind.core.signing import private_key_pem, public_key_pem
 from tests.conftest import VECTOR_PUB, PluginFactory
 from tests.live import LiveDaemon, live_daemon, wait_until
 
+# Long end-to-end scenarios: the main test run has them; the interpreter and
+# dependency-floor runs of scripts/test.sh skip them (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 A, B = "test.a", "test.b"  # a: signed by vector-signer; b: signed by the second key
 FEW_SECONDS = 5.0
 
