@@ -20,6 +20,7 @@ import anyio
 from aisoc_plugind.audit import names
 from aisoc_plugind.audit.log import EventLog
 from aisoc_plugind.config.settings import Settings
+from aisoc_plugind.core.gcpause import BULK_LOAD
 from aisoc_plugind.core.records import SERVING, PluginRecord, State
 from aisoc_plugind.core.redact import Redactor
 from aisoc_plugind.core.revocation import RevocationList
@@ -221,7 +222,7 @@ class PluginManager:
 
     async def discover(self, caller: Caller = SYSTEM) -> DiscoverResult:
         """Scan `plugins.dir`; load what is new, retry what failed, flag what vanished."""
-        async with self._lock:
+        async with self._lock, BULK_LOAD:  # (see core.gcpause)
             self._loads.flag_missing()
             self._host.warm_up()
             loaded: list[str] = []

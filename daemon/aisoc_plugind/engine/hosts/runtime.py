@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Any, cast
 
+from aisoc_plugind.core.gcpause import BULK_LOAD
 from aisoc_plugind.core.redact import NO_REDACTION, Redactor
 from aisoc_plugind.engine.hosts.faults import (
     Raised,
@@ -145,6 +146,12 @@ class _Host:
         task = asyncio.ensure_future(self.guarded(handler, call_id, frame))
         self.calls[call_id] = task
         task.add_done_callback(functools.partial(self.finished, call_id))
+        if frame.kind is Kind.LOAD:
+            # A discovery sends a group's loads at once: the collector stays off from the
+            # first one's arrival until the last one is answered (see core.gcpause).
+            pause = BULK_LOAD
+            pause.__enter__()
+            task.add_done_callback(lambda _: pause.__exit__(None, None, None))
 
     def finished(self, call_id: int, task: asyncio.Task[None]) -> None:
         self.calls.pop(call_id, None)
