@@ -408,3 +408,28 @@ def test_a_host_that_cannot_start_says_why_in_its_hello() -> None:
     assert (length, Kind(kind)) == (len(data) - 4, Kind.HELLO)
     header = json.loads(data[_PREFIX.size : _PREFIX.size + head])
     assert header["error"] == {"code": "sandbox_failed", "message": "no Landlock"}
+
+
+def test_the_zygote_finds_its_children_and_copes_without_proc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep of orphans lists a parent's children from /proc; without /proc it finds
+    none (and the zygote keeps running) rather than failing."""
+    import subprocess
+    import sys
+
+    from aisoc_plugind.engine.hosts import zygote
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in zygote._children(os.getpid())
+        assert child.pid not in zygote._children(child.pid)
+
+        def no_proc(path: str) -> Any:
+            raise FileNotFoundError(path)
+
+        monkeypatch.setattr(zygote.os, "scandir", no_proc)
+        assert zygote._children(os.getpid()) == []
+    finally:
+        child.kill()
+        child.wait()

@@ -187,9 +187,14 @@ class _Zygote:
 
 
 def _children(parent: int) -> list[int]:
-    """Return the pids whose parent is `parent` (from /proc; those that vanish are skipped)."""
-    found = []
-    for entry in os.scandir("/proc"):
+    """Return the pids whose parent is `parent` (from /proc; those that vanish are skipped;
+    none without /proc: then orphans are left to the process group kill and to systemd)."""
+    found: list[int] = []
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return found
+    for entry in entries:
         if not entry.name.isdigit():
             continue
         try:
