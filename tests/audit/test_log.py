@@ -11,11 +11,13 @@ import itertools
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from aisoc_plugind.audit import sink
 from aisoc_plugind.audit.chain import GENESIS, line_hash
 from aisoc_plugind.audit.log import EventLog, LogOptions
 from aisoc_plugind.audit.render import MAX_LINE_BYTES
@@ -123,8 +125,19 @@ def test_audit_file_is_private_and_appended_across_restarts(logs: Logs) -> None:
     assert len(_lines(logs.path)) == 2
 
 
-def test_a_rename_by_logrotate_is_followed_without_losing_a_line(logs: Logs) -> None:
-    """After the file is moved away the next line goes to a new file, chained to the old."""
+@pytest.fixture
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A rotation grace short enough for a test to wait it out."""
+    monkeypatch.setattr(sink, "ROTATION_GRACE_S", 0.2)
+    return 0.2
+
+
+def test_a_rename_by_logrotate_is_followed_without_losing_a_line(
+    logs: Logs, short_grace: float
+) -> None:
+    """While the path is missing after a rename, lines go on in the renamed file (for the
+    rotation grace: the rotator creates the new file meanwhile); once the grace ended with
+    no new file, the next line goes to a new file, chained to the old."""
     log = logs.make()
     log.emit("a.one")
     log.flush()
@@ -132,19 +145,64 @@ def test_a_rename_by_logrotate_is_followed_without_losing_a_line(logs: Logs) -> 
     logs.path.rename(rotated)
     log.emit("a.two")
     log.flush()
+    assert not logs.path.exists()  # not created under the rotator's feet
+    time.sleep(short_grace + 0.05)
+    log.emit("a.three")
+    log.flush()
     old, new = _lines(rotated), _lines(logs.path)
-    assert [e["event"] for e in old] == ["a.one"]
-    assert [e["event"] for e in new] == ["audit.reopened", "a.two"]
+    assert [e["event"] for e in old] == ["a.one", "a.two"]
+    assert [e["event"] for e in new] == ["audit.reopened", "a.three"]
     assert new[0]["reason"] == "file_missing"
-    assert new[0]["prev"] == line_hash(rotated.read_bytes().rstrip(b"\n"))
+    assert new[0]["prev"] == line_hash(rotated.read_bytes().rstrip(b"\n").split(b"\n")[-1])
+
+
+def test_a_rotators_create_never_meets_a_file_of_ours(logs: Logs) -> None:
+    """logrotate renames, then creates the new file with O_EXCL (if that fails it moves the
+    file it finds aside as `<name>-<date>.backup`, where no shipper reads it). Lines written
+    in between go to the renamed file; the new file is taken once it is there."""
+    log = logs.make()
+    log.emit("a.one")
+    log.flush()
+    rotated = logs.path.with_name("audit.jsonl-20261126-220221")
+    logs.path.rename(rotated)
+    for n in range(5):
+        log.emit(f"b.{n}")
+        log.reopen()  # a SIGHUP that arrives between the rename and the create
+        log.flush()
+    os.close(os.open(logs.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # succeeds
+    log.emit("a.two")
+    log.flush()
+    old, new = _lines(rotated), _lines(logs.path)
+    assert [e["event"] for e in old] == ["a.one", *(f"b.{n}" for n in range(5))]
+    assert [(e["event"], e.get("reason")) for e in new] == [
+        ("audit.reopened", "rotated"),
+        ("a.two", None),
+    ]
+    assert new[0]["prev"] == line_hash(rotated.read_bytes().rstrip(b"\n").split(b"\n")[-1])
+
+
+def test_a_deleted_file_is_replaced_at_once(logs: Logs) -> None:
+    """A deleted file (no name left) would swallow every later line: no grace."""
+    log = logs.make()
+    log.emit("a.one")
+    log.flush()
+    logs.path.unlink()
+    log.emit("a.two")
+    log.flush()
+    assert [(e["event"], e.get("reason")) for e in _lines(logs.path)] == [
+        ("audit.reopened", "file_missing"),
+        ("a.two", None),
+    ]
 
 
 def test_reopen_writes_audit_reopened_first(logs: Logs) -> None:
-    """reopen() (SIGHUP) starts the path again with audit.reopened, reason sighup."""
+    """reopen() (SIGHUP) after a rotation starts the new file with audit.reopened, reason
+    sighup."""
     log = logs.make()
     log.emit("a.one")
     log.flush()
     os.rename(logs.path, logs.tmp / "old.jsonl")
+    os.close(os.open(logs.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     log.reopen()
     log.emit("a.two")
     log.flush()

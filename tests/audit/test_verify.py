@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ def _write_chain(directory: Path) -> Chain:
             log.emit("plugin.enabled", plugin_id=f"p{i}")
         log.flush()
         rotated = directory / "audit.jsonl.1"
-        path.rename(rotated)
+        path.rename(rotated)  # as logrotate does: rename, then create the new file
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         for i in range(8):
             log.emit("plugin.disabled", plugin_id=f"p{i}")
     finally:

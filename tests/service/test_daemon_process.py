@@ -89,7 +89,8 @@ def test_stdout_carries_the_same_events(env: Env, daemon: subprocess.Popen[str])
 def test_sighup_reopens_rotated_audit_file(env: Env, daemon: subprocess.Popen[str]) -> None:
     """After rename + SIGHUP the old file is complete and the new file continues the seq."""
     rotated = env.audit.with_name("audit.jsonl.1")
-    env.audit.rename(rotated)
+    env.audit.rename(rotated)  # as logrotate does: rename, create, then SIGHUP
+    os.close(os.open(env.audit, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     daemon.send_signal(signal.SIGHUP)
     _wait_for(env.audit, "audit.reopened")
     daemon.send_signal(signal.SIGTERM)

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,10 @@ __all__ = ["AuditFile", "HeadStore", "Opened", "WriteFailed"]
 
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
 _TAIL_BYTES = 32 * 1024  # lines are at most 8 KiB: the last complete one is in here
+# How long a renamed audit file is kept writing while its path is missing: logrotate renames
+# the file, then creates the new one (O_EXCL). Creating the path ourselves in between makes
+# logrotate move our new file aside as `<name>-<date>.backup`, where no shipper reads it.
+ROTATION_GRACE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,10 +52,12 @@ class WriteFailed(OSError):
 class AuditFile:
     """The audit file at one path, as the writer thread sees it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, rotation_grace_s: float | None = None) -> None:
         self.path = path
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
+        self._grace_s = ROTATION_GRACE_S if rotation_grace_s is None else rotation_grace_s
+        self._renamed_at: float | None = None  # when the path was first seen missing
 
     @property
     def is_open(self) -> bool:
@@ -73,6 +80,7 @@ class AuditFile:
             os.close(fd)
             raise
         self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        self._renamed_at = None
         return Opened(
             created=created, dir_created=dir_created, tail_hash=tail_hash, fragment=fragment
         )
@@ -91,18 +99,52 @@ class AuditFile:
             return os.open(self.path, _OPEN_FLAGS), False
 
     def moved(self) -> str | None:
-        """Return why the path no longer names the open file (rotated, deleted), or None."""
+        """Return why the path no longer names the open file (rotated, deleted), or None.
+
+        A path that is missing because the open file was just renamed (a rotation between
+        its rename and its `create`) is not a reason yet: the file is still written under
+        its new name for up to `rotation_grace_s`, until the new file appears (then
+        "rotated") or the grace ends (then "file_missing": we create it)."""
         try:
             st = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
-            return "file_missing" if self.path.parent.is_dir() else "directory_missing"
+            if not self.path.parent.is_dir():
+                return "directory_missing"
+            return None if self._renamed_moment_ago() else "file_missing"
         except NotADirectoryError:
             return "directory_missing"
         except OSError:
             return "unreachable"
+        self._renamed_at = None
         if not stat.S_ISREG(st.st_mode):
             return "replaced"
         return "rotated" if (st.st_dev, st.st_ino) != self._ident else None
+
+    def rotating(self) -> bool:
+        """Return True while the path is missing because the open file was renamed a
+        moment ago (see `moved`): a reopen now would race the rotator's `create`."""
+        try:
+            os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return self.path.parent.is_dir() and self._renamed_moment_ago()
+        except OSError:
+            return False
+        return False
+
+    def _renamed_moment_ago(self) -> bool:
+        """The open file still has a name (renamed, not deleted: a deleted one takes every
+        later line with it, so it is replaced at once), and the grace has not ended."""
+        if self._fd is None or self._grace_s <= 0:
+            return False
+        try:
+            if os.fstat(self._fd).st_nlink == 0:
+                return False
+        except OSError:
+            return False
+        now = time.monotonic()
+        if self._renamed_at is None:
+            self._renamed_at = now
+        return now - self._renamed_at < self._grace_s
 
     def write(self, data: bytes) -> None:
         """Append `data`; raise WriteFailed saying how many bytes were written."""

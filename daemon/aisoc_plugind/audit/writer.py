@@ -303,6 +303,8 @@ class AuditWriter:
                 self._switch("recovered")
                 return True
             return False
+        if reopen and self._file.rotating():
+            return False  # renamed a moment ago: switch once the rotator's new file is there
         reason = "sighup" if reopen else self._file.moved()
         if reason is not None:
             self._switch(reason)
