@@ -52,11 +52,11 @@ class WriteFailed(OSError):
 class AuditFile:
     """The audit file at one path, as the writer thread sees it."""
 
-    def __init__(self, path: Path, *, rotation_grace_s: float | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
-        self._grace_s = ROTATION_GRACE_S if rotation_grace_s is None else rotation_grace_s
+        self._grace_s = ROTATION_GRACE_S
         self._renamed_at: float | None = None  # when the path was first seen missing
 
     @property
@@ -103,7 +103,7 @@ class AuditFile:
 
         A path that is missing because the open file was just renamed (a rotation between
         its rename and its `create`) is not a reason yet: the file is still written under
-        its new name for up to `rotation_grace_s`, until the new file appears (then
+        its new name for up to `ROTATION_GRACE_S`, until the new file appears (then
         "rotated") or the grace ends (then "file_missing": we create it)."""
         try:
             st = os.stat(self.path, follow_symlinks=False)
@@ -123,13 +123,11 @@ class AuditFile:
     def rotating(self) -> bool:
         """Return True while the path is missing because the open file was renamed a
         moment ago (see `moved`): a reopen now would race the rotator's `create`."""
-        try:
-            os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
-            return self.path.parent.is_dir() and self._renamed_moment_ago()
-        except OSError:
-            return False
-        return False
+        return (
+            not os.path.lexists(self.path)
+            and self.path.parent.is_dir()
+            and self._renamed_moment_ago()
+        )
 
     def _renamed_moment_ago(self) -> bool:
         """The open file still has a name (renamed, not deleted: a deleted one takes every

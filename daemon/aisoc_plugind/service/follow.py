@@ -150,7 +150,6 @@ class Follower:
         resolve: Resolver,
         state: FollowState,
     ) -> None:
-        self.entries = entries
         self.events = events
         self.manager = manager
         self._resolve = resolve

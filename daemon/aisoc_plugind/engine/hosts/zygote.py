@@ -212,7 +212,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 
 def _subreaper() -> None:
-    """Adopt this process's orphaned descendants (prctl PR_SET_CHILD_SUBREAPER)."""
+    """Adopt this process's orphaned descendants (prctl PR_SET_CHILD_SUBREAPER; not
+    inherited across fork, so the zygote and each host set it)."""
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -238,7 +239,7 @@ def _arm_parent_death(parent: int) -> None:
     libc.mallopt(_M_ARENA_MAX, HOST_MALLOC_ARENAS)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: hosts cannot ptrace or read our memory
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of ended hosts come here
+    _subreaper()  # orphans of ended hosts come here
     if os.getppid() != parent:
         sys.exit(1)
 
